@@ -1,0 +1,2 @@
+"""qrunlearn: quantization-robust LLM unlearning."""
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from qrunlearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""MUSE corpora from the Hugging Face hub (`muse-bench/MUSE-News`, `muse-bench/MUSE-Books`).
+
+The hub dataset holds one config per MUSE folder (raw, verbmem, knowmem, privleak) with one split per file;
+`export_hub_corpus` writes them in the on-disk layout so everything downstream reads one format.
+Needs network access to the hub; offline it fails with one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qrunlearn.data.muse import MuseCorpus, QAPair, VerbMemItem, load_corpus, write_corpus
+from qrunlearn.errors import UserError
+
+KNOWN_DATASETS = ("muse-bench/MUSE-News", "muse-bench/MUSE-Books")
+
+# config -> (split names, kind)
+_CONFIGS = {
+    "raw": ("forget", "retain1", "retain2", "holdout"),
+    "verbmem": ("forget",),
+    "knowmem": ("forget_qa", "retain_qa", "forget_qa_icl", "retain_qa_icl"),
+    "privleak": ("forget", "retain", "holdout"),
+}
+
+
+def export_hub_corpus(dataset_id: str, out: Path | str) -> MuseCorpus:
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError("loading from the hub needs the 'datasets' package: pip install datasets") from None
+    corpus = MuseCorpus(root=Path(out))
+    for config, splits in _CONFIGS.items():
+        for split in splits:
+            try:
+                rows = load_dataset(dataset_id, config, split=split)
+            except Exception as err:  # the hub client raises many types; all mean "not reachable / not there"
+                raise UserError(f"{dataset_id}: cannot load config '{config}' split '{split}' "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+            if config in ("raw", "privleak"):
+                texts = [row["text"] for row in rows]
+                (corpus.raw if config == "raw" else corpus.privleak)[split] = texts
+            elif config == "verbmem":
+                corpus.verbmem = [VerbMemItem(row["prompt"], row["gt"]) for row in rows]
+            else:
+                corpus.knowmem[split] = [QAPair(row["question"], row["answer"]) for row in rows]
+    write_corpus(corpus, out)
+    return load_corpus(out)  # validate what was written
+
+
+def resolve_data(spec: str | Path, cache_dir: Path | str = Path(".cache/qrunlearn/data")) -> MuseCorpus:
+    """A local folder, or a hub id (downloaded once into `cache_dir`)."""
+    path = Path(spec)
+    if path.exists():
+        return load_corpus(path)
+    if str(spec) in KNOWN_DATASETS or str(spec).count("/") == 1:
+        target = Path(cache_dir) / str(spec).replace("/", "__")
+        if target.exists():
+            return load_corpus(target)
+        return export_hub_corpus(str(spec), target)
+    raise UserError(f"{spec}: data folder not found")

@@ -1,0 +1,38 @@
+"""User-facing errors: one line on stderr, exit code 2, no traceback.
+
+Anything a user can get wrong (a file, a spec, a flag) raises `UserError`; the CLI catches it and prints
+`error: <message>`. Programming errors still raise normally so that bugs stay visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input. `str(err)` is a complete one-line message."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """A malformed data file: names the file, the item index and the field."""
+
+    def __init__(self, path: Path | str, message: str, index: int | None = None, field: str | None = None):
+        self.path = Path(path)
+        self.index = index
+        self.field = field
+        where = str(self.path)
+        if index is not None:
+            where += f": item {index}"
+        if field is not None:
+            where += f": field '{field}'"
+        super().__init__(f"{where}: {message}")
+
+
+class MissingDependencyError(UserError):
+    """An optional backend is not installed; the message carries the install command."""
+
+    def __init__(self, package: str, feature: str, extra: str | None = None):
+        hint = f"pip install 'qrunlearn[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{feature} needs the optional package '{package}': {hint}")

@@ -1,0 +1,128 @@
+"""Load any Hugging Face causal LM (local folder or hub id) with safe, device-appropriate defaults.
+
+- safetensors only (`use_safetensors=True`), `trust_remote_code=False` unless the caller asks;
+- fp32 on CPU and bf16 on CUDA unless a dtype is given;
+- a pad token is set when the tokenizer has none (eos, else a new `<pad>`), since batched evaluation and
+  training pad.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from qrunlearn.errors import UserError
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from; `is_local` says whether it is a folder on disk."""
+
+    name_or_path: str
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).exists()
+
+    def check(self) -> None:
+        """Fail with one line when a local folder is not a loadable causal LM."""
+        if not self.is_local:
+            if self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.count("/") > 1:
+                raise UserError(f"{self.name_or_path}: model folder not found")
+            return  # a hub id: let the hub client decide
+        path = Path(self.name_or_path)
+        if not path.is_dir():
+            raise UserError(f"{path}: not a model folder")
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise UserError(f"{config_path}: missing (not a Hugging Face model folder)")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{config_path}: invalid JSON ({err.msg})") from None
+        architectures = config.get("architectures") or []
+        if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+            raise UserError(f"{config_path}: field 'architectures' is {architectures}, not a causal LM")
+        has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+        if not has_weights:
+            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+                raise UserError(f"{path}: only pickle weights (.bin/.pt) found; qrunlearn loads safetensors only")
+            raise UserError(f"{path}: no *.safetensors weights found")
+
+    def check_tokenizer(self) -> None:
+        if not self.is_local:
+            return
+        path = Path(self.name_or_path)
+        names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        if not any((path / name).exists() for name in names):
+            raise UserError(f"{path}: missing tokenizer (none of {', '.join(names)})")
+
+
+def ensure_pad_token(tokenizer) -> None:
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    source = ModelSource(str(name_or_path))
+    source.check_tokenizer()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{name_or_path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+    ensure_pad_token(tokenizer)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_causal_lm(
+    name_or_path: str | Path,
+    dtype: DTypeName = "auto",
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+):
+    """Return `(model, tokenizer)` (tokenizer None when `with_tokenizer=False`), model in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = ModelSource(str(name_or_path))
+    source.check()
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{name_or_path}: cannot load as a causal LM ({str(err).splitlines()[0]})") from None
+    model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code) if with_tokenizer else None
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
