@@ -1,0 +1,189 @@
+"""Batched greedy decoding with a KV cache, for any Hugging Face causal LM (plain, quantized or merged).
+
+Prompts are left-padded so that every row's next token sits in the last column; position ids are counted
+from each row's first real token, so a padded row sees exactly the positions it would see alone. Rows stop at
+an end-of-sequence token (as `model.generate` does) or, when a `should_stop` test is given, as soon as the text
+generated so far settles the final answer (KnowMem's stop strings), which saves the remaining steps without
+changing the cut text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("qrunlearn.eval")
+
+
+def _cache_argument_name() -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated); use whichever the
+    # installed version's outputs carry.
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+_CACHE_ARG = _cache_argument_name()
+
+
+def input_device(model) -> torch.device:
+    """Where inputs must go: the input embeddings' device (quantized linears may hold no float weights)."""
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    return next(model.parameters()).device
+
+
+def context_length(model, override: int | None = None) -> int | None:
+    """The model's maximum sequence length (None when the config does not say)."""
+    if override is not None:
+        return override
+    value = getattr(model.config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids `model.generate` stops on: the generation config's eos (int or list), else the tokenizer's."""
+    generation_config = getattr(model, "generation_config", None)
+    value = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if value is None:
+        value = tokenizer.eos_token_id
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def pad_token_id(tokenizer, eos_ids: Sequence[int]) -> int:
+    """Any valid id works as padding (it is masked out); prefer the tokenizer's pad token."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(eos_ids[0]) if eos_ids else 0
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids per text and whether each was truncated to fit the model's context."""
+
+    ids: list[list[int]]
+    truncated: list[bool]
+
+    @property
+    def n_truncated(self) -> int:
+        return sum(self.truncated)
+
+
+def _keeps_bos(tokenizer, ids: list[int]) -> bool:
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
+def encode(tokenizer, texts: Sequence[str], max_tokens: int | None, keep: str) -> Encoded:
+    """Tokenise with special tokens (BOS for Llama, as MUSE does). Texts longer than `max_tokens` keep their
+    last tokens (`keep="last"`, for prompts: the model continues the end) or their first (`keep="first"`,
+    for scored texts); a leading BOS is kept in both cases."""
+    if keep not in ("first", "last"):
+        raise ValueError(f"keep must be 'first' or 'last', not {keep!r}")
+    all_ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    out_ids: list[list[int]] = []
+    truncated: list[bool] = []
+    for ids in all_ids:
+        ids = list(ids)
+        if max_tokens is None or len(ids) <= max_tokens:
+            out_ids.append(ids)
+            truncated.append(False)
+            continue
+        if keep == "first":
+            out_ids.append(ids[:max_tokens])
+        elif _keeps_bos(tokenizer, ids):
+            out_ids.append(ids[:1] + ids[len(ids) - (max_tokens - 1):])
+        else:
+            out_ids.append(ids[len(ids) - max_tokens:])
+        truncated.append(True)
+    return Encoded(out_ids, truncated)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            cache=None, last_only: bool = False):
+    """One forward pass with explicit positions and an optional KV cache (returned as `(logits, cache)`)."""
+    extra = {_CACHE_ARG: cache} if cache is not None else {}
+    if last_only and _accepts_logits_to_keep(model):
+        extra["logits_to_keep"] = 1  # prefill: only the last position's logits are needed
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                **extra)
+    return out.logits, getattr(out, _CACHE_ARG)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return input_ids, mask
+
+
+@torch.inference_mode()
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+                   eos_ids: Sequence[int], should_stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuations of a batch of tokenised prompts. Each row's new tokens end with its eos (kept,
+    like `generate`) or stop after `max_new_tokens`, or once `should_stop(tokens_so_far)` is true."""
+    device = input_device(model)
+    input_ids, mask = left_pad(prompts, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, cache = forward(model, input_ids, mask, positions, last_only=True)
+    eos = set(int(e) for e in eos_ids)
+    rows = len(prompts)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    ones = torch.ones((rows, 1), dtype=mask.dtype, device=device)
+    for step in range(max_new_tokens):
+        next_tokens = logits[:, -1, :].argmax(dim=-1).tolist()
+        for row, token in enumerate(next_tokens):
+            if done[row]:
+                continue
+            generated[row].append(token)
+            if token in eos or (should_stop is not None and should_stop(generated[row])):
+                done[row] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        # finished rows keep feeding a pad token; their outputs are ignored and cannot affect other rows
+        feed = [pad_id if done[row] else next_tokens[row] for row in range(rows)]
+        mask = torch.cat([mask, ones], dim=1)
+        positions = positions[:, -1:] + 1
+        logits, cache = forward(model, torch.tensor(feed, device=device).unsqueeze(1), mask, positions, cache)
+    return generated
+
+
+def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
+                    eos_ids: Sequence[int], batch_size: int,
+                    should_stop: Callable[[list[int]], bool] | None = None,
+                    progress: bool = False, desc: str = "generate") -> list[list[int]]:
+    """`generate_batch` over all prompts, longest first (similar lengths share a batch, so little padding),
+    results returned in the input order."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for first in range(0, len(order), batch_size):
+            chunk = order[first:first + batch_size]
+            outputs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, pad_id, eos_ids,
+                                     should_stop)
+            for index, tokens in zip(chunk, outputs):
+                results[index] = tokens
+            bar.update(len(chunk))
+    return results

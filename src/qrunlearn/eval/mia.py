@@ -1,0 +1,36 @@
+"""ROC AUCs of membership-inference scores, exactly as MUSE computes them.
+
+MUSE labels the first split 0 ("non-member") and the second 1 ("member") and ranks by the negated score:
+`roc_curve(y, -score)`. For PrivLeak the pair is (privleak/forget, privleak/holdout): a model that has
+memorised the forget texts gives them lower scores than the holdout texts, so the AUC falls towards 0; a
+model that never saw either sits near 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def muse_auc(first: np.ndarray, second: np.ndarray) -> float:
+    """AUC of `roc_curve([0]*len(first) + [1]*len(second), -scores)` (sklearn, trapezoidal), as MUSE."""
+    from sklearn.metrics import auc, roc_curve
+
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    scores = np.concatenate([first, second])
+    labels = np.concatenate([np.zeros(len(first)), np.ones(len(second))])
+    fpr, tpr, _ = roc_curve(labels, -scores)
+    return float(auc(fpr, tpr))
+
+
+def pair_wins(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(len(first), len(second)) matrix: 1 where the second split's text ranks above the first's (a lower
+    score), 0.5 on ties, else 0. Its mean is the trapezoidal ROC AUC (the Mann-Whitney statistic), which
+    is what lets bootstrap resamples be scored without re-running the ROC."""
+    first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    diff = first[:, None] - second[None, :]
+    return (diff > 0).astype(np.float64) + 0.5 * (diff == 0)
+
+
+def privleak(auc: float, retrain_auc: float) -> float:
+    """MUSE's PrivLeak: (AUC - AUC_retrain) / AUC_retrain x 100."""
+    return (auc - retrain_auc) / retrain_auc * 100.0

@@ -1,0 +1,87 @@
+"""Settings of one unlearning run, with the paper's defaults and the built-in tiny model's defaults.
+
+Every default lives here, visible in one place. `UnlearnConfig` is a pydantic model, so it validates its
+fields, serialises to JSON (it is written into every output folder) and can be rebuilt from that JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Method = Literal["ga", "npo", "simnpo"]
+Reg = Literal["none", "gdr", "klr"]
+Adapter = Literal["full", "lora"]
+SaveDType = Literal["source", "float32", "bfloat16"]
+
+# Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
+# table; MUSE's own baselines use 1, so SimNPO gets 1.
+PAPER_ALPHA: dict[Method, float] = {"ga": 100.0, "npo": 0.1, "simnpo": 1.0}
+PAPER_LR: dict[Adapter, float] = {"full": 1e-5, "lora": 1e-4}
+# (batch per device, grad accum) on one device: full FT effective batch 16; LoRA batch 4 x grad-accum 8.
+PAPER_BATCH: dict[Adapter, tuple[int, int]] = {"full": (4, 4), "lora": (4, 8)}
+
+# Built-in tiny model (PRESETS["small"], ~4.3M params, memorised forget + retain1). Chosen by measurement:
+# see TINY_DEFAULTS_NOTE and benchmarks/RESULTS.md (<!-- unlearn -->).
+TINY_LR: dict[Adapter, float] = {"full": 1e-4, "lora": 1e-3}
+TINY_ALPHA: dict[Method, float] = {"ga": 1.0, "npo": 1.0, "simnpo": 1.0}
+TINY_EPOCHS = 5
+TINY_BATCH = 8
+TINY_MAX_LENGTH = 256
+TINY_DEFAULTS_NOTE = "placeholder"
+
+
+class UnlearnConfig(BaseModel):
+    """One unlearning run. loss = gamma * forget_loss(method) + alpha * retain_loss(reg)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = "ga"
+    reg: Reg = "gdr"
+    adapter: Adapter = "full"
+    lr: float = Field(1e-5, gt=0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch (forget; retain the same)")
+    grad_accum: int = Field(4, ge=1)
+    max_length: int = Field(2048, ge=2, description="tokens per chunk, BOS included (MUSE: 2048)")
+    alpha: float = Field(1.0, ge=0, description="retain weight")
+    gamma: float = Field(1.0, ge=0, description="forget weight")
+    beta: float = Field(0.1, gt=0, description="NPO / SimNPO inverse temperature")
+    delta: float = Field(0.0, description="SimNPO margin")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off); 1.0 is HF Trainer's "
+                                                        "default, which MUSE's and the seed's code inherit")
+    lora_r: int = Field(32, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: Optional[list[str]] = Field(None, description="module names; None = every linear layer "
+                                                                "except the output head")
+    seed: int = 0
+    save_every_epoch: bool = False
+    forget_split: str = "forget"
+    retain_split: str = "retain1"
+    save_dtype: SaveDType = Field("source", description="dtype of saved weights; 'source' = the input model's")
+    stop_knowmem_f: Optional[float] = Field(
+        None, description="MUSE selection: stop at the first epoch whose hook metric 'knowmem_forget' is <= this "
+                          "(the retrain model's KnowMem-forget); needs an epoch_hook")
+
+    @property
+    def uses_reference(self) -> bool:
+        """NPO and KLR compare against the model before unlearning."""
+        return self.method == "npo" or self.reg == "klr"
+
+    @classmethod
+    def paper_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
+        """The paper's settings for real models: full FT lr 1e-5, LoRA lr 1e-4 r=32 alpha=32 dropout 0.05,
+        AdamW, constant schedule, 5 epochs, max length 2048, alpha per method from paper.md."""
+        batch, accum = PAPER_BATCH[adapter]
+        return cls(method=method, reg=reg, adapter=adapter, lr=PAPER_LR[adapter], epochs=5, batch_size=batch,
+                   grad_accum=accum, max_length=2048, alpha=PAPER_ALPHA[method] if reg != "none" else 0.0)
+
+    @classmethod
+    def tiny_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
+        """Settings for the built-in ~4.3M-param model on the built-in corpus (see TINY_DEFAULTS_NOTE)."""
+        return cls(method=method, reg=reg, adapter=adapter, lr=TINY_LR[adapter], epochs=TINY_EPOCHS,
+                   batch_size=TINY_BATCH, grad_accum=1, max_length=TINY_MAX_LENGTH,
+                   alpha=TINY_ALPHA[method] if reg != "none" else 0.0)

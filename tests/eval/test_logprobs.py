@@ -1,0 +1,79 @@
+"""Token statistics and MIA scores: hand-built values, and batched == one text at a time."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from qrunlearn.eval.logprobs import TokenStats, mia_scores, score_texts, token_stats
+
+
+def _stats(rows: list[list[float]]) -> TokenStats:
+    width = max(len(r) for r in rows)
+    logprob = torch.zeros((len(rows), width))
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        logprob[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    return TokenStats(logprob=logprob, mu=torch.zeros_like(logprob), sigma=torch.ones_like(logprob), mask=mask)
+
+
+def test_min_k_loss_and_zlib_hand_built():
+    # 10 log-probs; int(0.4 * 10) = 4 lowest: -5, -4, -3, -2 -> Min-40% = 3.5; int(0.05 * 10) = 0 -> lowest one
+    row = [-1.0, -5.0, -0.5, -4.0, -0.1, -3.0, -0.2, -2.0, -0.3, -0.4]
+    scores = mia_scores(_stats([row, row[:3]]), torch.tensor([20.0, 10.0]))
+    assert scores["min_k_40"][0].item() == pytest.approx(3.5)
+    assert scores["min_k_5"][0].item() == pytest.approx(5.0)
+    assert scores["min_k_60"][0].item() == pytest.approx((5 + 4 + 3 + 2 + 1 + 0.5) / 6)
+    assert scores["loss"][0].item() == pytest.approx(-sum(row) / 10)
+    assert scores["zlib"][0].item() == pytest.approx(-sum(row) / 10 / 20)
+    # the padded second row (3 tokens): int(0.4 * 3) = 1 -> its lowest, -5; padding never counts
+    assert scores["min_k_40"][1].item() == pytest.approx(5.0)
+    assert scores["n_tokens"].tolist() == [10, 3]
+
+
+def test_min_k_pp_standardises_by_the_model_distribution():
+    stats = _stats([[-1.0, -2.0, -3.0, -4.0, -5.0]])
+    stats = TokenStats(stats.logprob, mu=torch.full_like(stats.logprob, -1.0), sigma=torch.full_like(stats.logprob, 2.0),
+                       mask=stats.mask)
+    scores = mia_scores(stats, torch.tensor([1.0]))
+    # z = (lp + 1) / 2 = [0, -0.5, -1, -1.5, -2]; int(0.4 * 5) = 2 lowest: -2, -1.5
+    assert scores["min_k_pp"][0].item() == pytest.approx(1.75)
+
+
+def test_token_stats_match_a_direct_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    stats = token_stats(logits, ids, mask)
+    log_p = torch.log_softmax(logits, -1)
+    assert stats.logprob[0, 2].item() == pytest.approx(log_p[0, 2, ids[0, 3]].item(), abs=1e-6)
+    p = log_p[1, 1].exp()
+    mean = (p * log_p[1, 1]).sum()
+    assert stats.mu[1, 1].item() == pytest.approx(mean.item(), abs=1e-6)
+    assert stats.sigma[1, 1].item() == pytest.approx(((p * (log_p[1, 1] - mean) ** 2).sum()).sqrt().item(), abs=1e-5)
+    assert stats.mask.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_batched_scores_equal_one_at_a_time(tiny_model_dir, tiny_corpus):
+    from qrunlearn.models.loading import load_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    texts = tiny_corpus.privleak["forget"][:5] + ["A short one."]
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    zl = [len(zlib.compress(t.encode())) for t in texts]
+    batched = score_texts(model, ids, zl, tokenizer.pad_token_id, batch_size=4)
+    for i in range(len(texts)):
+        single = score_texts(model, [ids[i]], [zl[i]], tokenizer.pad_token_id, batch_size=1)
+        for name, values in batched.items():
+            assert values[i] == pytest.approx(single[name][0], rel=1e-5, abs=1e-6), name
+    # and the loss equals the model's own mean cross-entropy on the unpadded text
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids[0]]), labels=torch.tensor([ids[0]]))
+    assert batched["loss"][0] == pytest.approx(out.loss.item(), rel=1e-5)
+    assert np.all(np.isfinite(batched["min_k_pp"])) and not math.isnan(batched["zlib"][0])
