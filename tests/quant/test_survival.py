@@ -81,3 +81,19 @@ def test_fp_spec_and_shape_mismatch_are_user_errors(tiny_model):
     other.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(torch.zeros(64, 128))
     with pytest.raises(UserError, match="weight shapes differ"):
         survival_report(tiny_model, other, "rtn:w4g64")
+
+
+def test_merged_peft_lora_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(tiny_model)
+    lora = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:  # B starts at zero; give the adapters a visible update
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    merged = lora.merge_and_unload()
+    report = survival_report(base, merged, "rtn:w4g64")
+    assert len(report.layers) == 14 and all(layer.projection is not None for layer in report.layers)
+    assert report.overall["codes_changed_frac"] > 0.01 and 0 < report.overall["cosine"] <= 1

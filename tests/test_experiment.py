@@ -1,0 +1,77 @@
+"""The main job end to end on a very small grid: every output file, resume skips, overwrite refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from qrunlearn.cli import main
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    config = {
+        "name": "tiny-grid", "seed": 0,
+        "data": {"synth": {"size": "tiny", "seed": 0}},
+        "models": {"size": "tiny", "epochs": 3},
+        "methods": ["ga_gdr", "npo_klr"], "adapters": ["full", "lora"], "precisions": ["fp", "nf4"],
+        "hparams": {"full": {"epochs": 1}, "lora": {"epochs": 1}},
+        "eval": {"limit": 4, "batch_size": 8, "bootstrap": 50},
+    }
+    path = root / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = root / "out"
+    code = main(["run", str(path), "--out", str(out), "--no-progress"])
+    return path, out, code
+
+
+def test_grid_writes_every_output(grid):
+    _, out, code = grid
+    assert code == 0
+    for name in ("results.json", "table.md", "table.csv", "report.md", "plots/tradeoff.png", "config.resolved.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 4
+    rows = results["rows"]
+    # 2 reference models x 2 precisions + 4 cells x 2 precisions
+    assert len(rows) == 2 * 2 + 4 * 2
+    for row in rows:
+        for key in ("VerbMem", "KnowMem-forget", "Utility"):
+            assert 0.0 <= row[key] <= 100.0
+    quantized = [r for r in rows if r["precision"] == "nf4" and r["adapter"]]
+    assert all(0.0 <= r["codes changed"] <= 1.0 for r in quantized)
+    assert len(list((out / "plots").glob("survival_*.png"))) == 4
+    table = (out / "table.md").read_text()
+    assert table.count("\n") == 2 + len(rows)
+    report = (out / "report.md").read_text()
+    assert "Finding at this scale" in report and "configs/muse-news-llama2-7b.yaml" in report
+    assert results["finding"] in report
+
+
+def test_resume_skips_finished_cells(grid):
+    path, out, _ = grid
+    result_file = out / "cells" / "ga_gdr-full" / "result.json"
+    before = result_file.stat().st_mtime_ns
+    assert main(["run", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert result_file.stat().st_mtime_ns == before
+
+
+def test_overwrite_refused(grid, capsys):
+    path, out, _ = grid
+    table = (out / "table.md").read_text()
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and err.count("\n") == 1
+    assert (out / "table.md").read_text() == table
+
+
+def test_cell_out_of_range_and_bad_config(grid, tmp_path, capsys):
+    path, out, _ = grid
+    assert main(["run", str(path), "--out", str(out), "--cell", "99", "--no-progress"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [ga_gdr]\nadapters: [ful]\n")
+    assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "field 'adapters.0'" in capsys.readouterr().err
