@@ -103,8 +103,7 @@ def main() -> None:
     parser.add_argument("--skip-big", action="store_true", help="only the 4.3M built-in target size")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 models on both)")
-    parser.add_argument("--big-methods", default="rtn:w4g64,rtn:w8g64,nf4,fp4,int8",
-                        help="methods for the ~100M model (HQQ's optimiser takes minutes there on CPU)")
+    parser.add_argument("--big-methods", default=",".join(METHODS), help="methods for the ~100M model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m for m in METHODS if available_methods()[parse_spec(m).method]]

@@ -181,8 +181,8 @@ def unlearn_command(
 @app.command("quantize")
 def quantize(
     model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors).")],
-    method: Annotated[str, typer.Option(help="Spec: fp, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, "
-                                             "hqq:w{bits}g{group}, gptq:w{bits}[g{group}].")],
+    method: Annotated[str, typer.Option(help="Spec: fp, rtn:w4g64 / rtn:w8 (per-channel) / rtn:w4g64:sym, nf4, "
+                                             "fp4, int8, hqq:w4g64, gptq:w4g128 (bits 2-8; hqq 2/3/4/8).")],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="GPTQ only: corpus folder whose retain1 split calibrates.")] = None,
@@ -195,8 +195,10 @@ def quantize(
     plus qrunlearn_quant.json, and `load_quantized` re-applies the spec on load. A group size must divide every
     quantized layer's input width (error otherwise, naming the layer)."""
     from qrunlearn.quant import parse_spec, save_quantized
+    from qrunlearn.quant.registry import require_backend
 
     spec = parse_spec(method)
+    require_backend(spec)
     calibration = None
     if spec.method == "gptq":
         from qrunlearn.data.muse import load_corpus

@@ -130,7 +130,7 @@ class Experiment:
 
         settings = self.config.eval
         return EvalConfig(metrics=tuple(settings.metrics), limit=settings.limit, batch_size=settings.batch_size,
-                          bootstrap=settings.bootstrap, seed=self.config.seed)
+                          bootstrap_samples=settings.bootstrap, seed=self.config.seed)
 
     def _load(self, model_dir: str, precision: str):
         from qrunlearn.models.loading import load_causal_lm
@@ -244,7 +244,8 @@ class Experiment:
             from qrunlearn.eval import EvalConfig, evaluate
 
             quick = EvalConfig(metrics=("knowmem_f",), limit=self.config.eval.limit,
-                               batch_size=self.config.eval.batch_size, bootstrap=0, seed=self.config.seed)
+                               batch_size=self.config.eval.batch_size, bootstrap_samples=1, mia=False,
+                               seed=self.config.seed)
 
             def hook(epoch: int, model, tokenizer) -> dict[str, Any]:
                 metrics = evaluate(model, tokenizer, self.corpus(), quick, progress=False).metrics

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from qrunlearn.cli import main
 
 
@@ -34,3 +36,15 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error: ") and fragment in err
     assert not any(tmp_path.iterdir())
+
+
+def test_missing_backend_exits_2(tiny_model_dir, tmp_path, capsys):
+    from qrunlearn.quant import available_methods
+
+    if available_methods()["gptq"]:
+        pytest.skip("llmcompressor is installed here")
+    argv = ["quantize", "--model", str(tiny_model_dir), "--method", "gptq:w4g64", "--out", str(tmp_path / "g")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: GPTQ (in its own environment: make gptq-venv) needs the optional package "
+                   "'llmcompressor': pip install 'qrunlearn[gptq]'")

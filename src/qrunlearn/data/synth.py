@@ -166,7 +166,8 @@ def _split_qa(people: list[Person], rng: random.Random) -> tuple[list[QAPair], l
 def _verbmem_item(article: str) -> VerbMemItem:
     words = article.split(" ")
     cut = max(8, len(words) // 3)
-    return VerbMemItem(prompt=" ".join(words[:cut]), gt=" " + " ".join(words[cut:]))
+    # the prompt keeps the space before the continuation, as the tokenizer attaches whitespace to the word before
+    return VerbMemItem(prompt=" ".join(words[:cut]) + " ", gt=" ".join(words[cut:]))
 
 
 def generate_corpus(config: SynthConfig = SynthConfig()) -> MuseCorpus:

@@ -51,6 +51,7 @@ class EvalConfig:
     seed: int = 0
     mia: bool = True  # also the LOSS / zlib / Min-K / Min-K++ AUCs (same forward passes)
     max_context: int | None = None  # override the model config's max_position_embeddings
+    share_prefix: bool = True  # compute a prompt prefix common to all items (the few-shot block) once
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRIC_NAMES]
@@ -137,7 +138,8 @@ def _generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, s
     encoded = encode(tokenizer, prompts, budget, keep="last")
     _warn_truncated(f"{label} prompts", encoded.n_truncated, len(prompts), budget)
     outputs = greedy_generate(model, encoded.ids, max_new_tokens, setup.pad, setup.eos, config.batch_size,
-                              should_stop=should_stop, progress=progress, desc=label)
+                              should_stop=should_stop, share_prefix=config.share_prefix, progress=progress,
+                              desc=label)
     return encoded, decode(tokenizer, outputs)
 
 

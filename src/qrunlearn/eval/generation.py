@@ -5,6 +5,11 @@ from each row's first real token, so a padded row sees exactly the positions it 
 an end-of-sequence token (as `model.generate` does) or, when a `should_stop` test is given, as soon as the text
 generated so far settles the final answer (KnowMem's stop strings), which saves the remaining steps without
 changing the cut text.
+
+Prompts that share a long token prefix (KnowMem's ten few-shot examples) compute that prefix's keys and values
+once; each batch copies the cache and runs only its own suffixes, padded between prefix and suffix (masked, with
+positions counted as if there were no padding). The prefix is found on the token ids of the full prompts, so
+tokenisation is exactly that of each whole prompt.
 """
 
 from __future__ import annotations
@@ -135,18 +140,72 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return input_ids, mask
 
 
+# Below this many shared tokens, copying the prefix cache is not worth it.
+MIN_SHARED_PREFIX = 32
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    length = 0
+    for column in zip(*sequences):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+@dataclass
+class SharedPrefix:
+    """Keys and values (batch size 1) of the first `length` tokens, which every prompt of a call starts with."""
+
+    length: int
+    cache: object
+
+
+@torch.inference_mode()
+def build_shared_prefix(model, prefix: Sequence[int]) -> SharedPrefix | None:
+    """The prefix's cache, or None where the cache does not expose per-layer keys and values."""
+    device = input_device(model)
+    input_ids = torch.tensor([list(prefix)], device=device)
+    mask = torch.ones_like(input_ids)
+    _, cache = forward(model, input_ids, mask, torch.arange(len(prefix), device=device)[None], last_only=True)
+    if not all(hasattr(layer, "keys") for layer in getattr(cache, "layers", [None])):
+        return None  # a cache whose per-layer keys and values cannot be read back: no sharing
+    return SharedPrefix(len(prefix), cache)
+
+
+def new_cache(model, max_length: int, rows: int, prefix: SharedPrefix | None):
+    """A preallocated (static) KV cache of `max_length` positions, holding `prefix` repeated over `rows` when
+    given. A growing cache re-copies all keys and values at every step (torch.cat), which dominated decoding
+    time on CPU; a static one writes each step in place."""
+    from transformers import DynamicCache, StaticCache
+
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=max_length)
+    except (TypeError, ValueError, AttributeError):  # a config the static cache cannot size: grow instead
+        cache = DynamicCache()
+    if prefix is not None:
+        for index, layer in enumerate(prefix.cache.layers):
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), index)
+    return cache
+
+
 @torch.inference_mode()
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
-                   eos_ids: Sequence[int], should_stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                   eos_ids: Sequence[int], should_stop: Callable[[list[int]], bool] | None = None,
+                   prefix: SharedPrefix | None = None) -> list[list[int]]:
     """Greedy continuations of a batch of tokenised prompts. Each row's new tokens end with its eos (kept,
-    like `generate`) or stop after `max_new_tokens`, or once `should_stop(tokens_so_far)` is true."""
+    like `generate`) or stop after `max_new_tokens`, or once `should_stop(tokens_so_far)` is true. With a
+    `prefix`, every prompt must start with its tokens and be longer than it."""
     device = input_device(model)
-    input_ids, mask = left_pad(prompts, pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits, cache = forward(model, input_ids, mask, positions, last_only=True)
-    eos = set(int(e) for e in eos_ids)
     rows = len(prompts)
+    shared = prefix.length if prefix is not None else 0
+    input_ids, suffix_mask = left_pad([p[shared:] for p in prompts], pad_id)
+    cache = new_cache(model, shared + input_ids.shape[1] + max_new_tokens, rows, prefix)
+    mask = torch.cat([torch.ones((rows, shared), dtype=suffix_mask.dtype), suffix_mask], dim=1)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    logits, cache = forward(model, input_ids, mask, positions, cache=cache, last_only=True)
+    eos = set(int(e) for e in eos_ids)
     generated: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     ones = torch.ones((rows, 1), dtype=mask.dtype, device=device)
@@ -170,19 +229,26 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
                     eos_ids: Sequence[int], batch_size: int,
-                    should_stop: Callable[[list[int]], bool] | None = None,
+                    should_stop: Callable[[list[int]], bool] | None = None, share_prefix: bool = True,
                     progress: bool = False, desc: str = "generate") -> list[list[int]]:
     """`generate_batch` over all prompts, longest first (similar lengths share a batch, so little padding),
-    results returned in the input order."""
+    results returned in the input order. With `share_prefix`, a token prefix common to all prompts (at least
+    MIN_SHARED_PREFIX long) is computed once."""
     from tqdm.auto import tqdm
 
+    prefix = None
+    if share_prefix and len(prompts) > 1:
+        # keep at least one token per prompt outside the prefix: it yields the first new token's logits
+        length = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+        if length >= MIN_SHARED_PREFIX:
+            prefix = build_shared_prefix(model, prompts[0][:length])
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
             outputs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, pad_id, eos_ids,
-                                     should_stop)
+                                     should_stop, prefix)
             for index, tokens in zip(chunk, outputs):
                 results[index] = tokens
             bar.update(len(chunk))

@@ -35,12 +35,21 @@ PRESETS: dict[str, ModelPreset] = {
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path | str | None = None):
     """A byte-level BPE with <pad>/<s>/</s>; encoding adds <s> in front (like Llama), so MUSE's
-    'tokenise with special tokens' convention holds. A tiny corpus may stop below `vocab_size`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    'tokenise with special tokens' convention holds. A tiny corpus may stop below `vocab_size`.
+
+    Words carry their *trailing* whitespace ("Answer:Ġ", "Drudrendstead"), not a leading one as in GPT-2. MUSE's
+    KnowMem prompt ends in "Answer: ": with GPT-2-style pieces that trailing space becomes a lone token the model
+    never saw before an answer word, and a model trained from scratch answers nothing (measured: KnowMem 0.0 on a
+    target that reproduced its articles verbatim). With trailing whitespace the prompt's last token is exactly the
+    one that precedes every answer in training."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s*\S+\s*"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], min_frequency=2,

@@ -15,7 +15,6 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -75,7 +74,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, calibration=None) ->
     spec = parse_spec(spec)
     if spec.is_noop:
         return model
-    _check_available(spec)
+    require_backend(spec)
     if spec.method == "gptq":
         return _module(spec).quantize_model(model, spec, calibration)
     model = _module(spec).quantize_model(model, spec)
@@ -143,7 +142,7 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
     spec = parse_spec(spec)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     device = torch.device(device) if device is not None else default_device()
-    _check_available(spec)
+    require_backend(spec)
     model, tokenizer = load_causal_lm(model_dir, device=device)
     # Validate the spec against this model (group sizes) before writing anything.
     check_group_divides(model, spec.group_size if spec.method in ("rtn", "hqq", "gptq") else None, spec.label)
@@ -166,7 +165,7 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
     return f"{summary}\nwrote {out_dir} ({meta['format']})"
 
 
-def _check_available(spec: QuantSpec) -> None:
+def require_backend(spec: QuantSpec) -> None:
     """Raise the one-line install hint when the spec's backend package is missing."""
     if spec.is_noop:
         return
@@ -195,7 +194,7 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
         raise UserError(f"{model_dir}: holds a {saved.label} model, not {wanted.label}")
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
     if "quantization_config" in config:
-        _check_available(wanted)
+        require_backend(wanted)
         if wanted.method == "gptq":  # transformers reads compressed-tensors folders when llmcompressor is installed
             return load_causal_lm(model_dir, device=device)
         if _backend(wanted).module != "bnb":
@@ -205,7 +204,7 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         return model, tokenizer
-    _check_available(wanted)
+    require_backend(wanted)
     model, tokenizer = load_causal_lm(model_dir, device=device)
     return quantize_model(model, wanted), tokenizer
 

@@ -26,6 +26,8 @@ def chunk_documents(tokenizer, docs: list[str], max_length: int) -> list[list[in
     bos = tokenizer.bos_token_id
     body = max_length - 1 if bos is not None else max_length
     chunks: list[list[int]] = []
+    if not docs:
+        return chunks
     for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
         for start in range(0, len(ids), body):
             piece = list(ids[start:start + body])
@@ -41,18 +43,29 @@ class UnlearnData:
     retain: list[list[int]]  # empty when the run has no retain term
 
 
+def check_texts(corpus: MuseCorpus, forget_split: str, retain_split: str, needs_retain: bool) -> None:
+    """Fail fast (before any model is loaded) on an empty forget set or a retain term without retain text."""
+    if not any(d.strip() for d in corpus.require_raw(forget_split)):
+        raise UserError(f"{corpus.root / 'raw' / forget_split}: empty forget set (no text to unlearn)")
+    if not needs_retain:
+        return
+    if retain_split not in corpus.raw:
+        raise UserError(f"{corpus.root / 'raw' / retain_split}.json: missing, but the retain term needs "
+                        f"retain data (use --reg none to unlearn without one)")
+    if not any(d.strip() for d in corpus.raw[retain_split]):
+        raise UserError(f"{corpus.root / 'raw' / retain_split}: empty, but the retain term needs retain "
+                        f"data (use --reg none to unlearn without one)")
+
+
 def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_split: str, needs_retain: bool,
                       max_length: int) -> UnlearnData:
     """Tokenised chunks; one-line errors for an empty forget set or a retain term without retain data."""
-    forget_docs = corpus.require_raw(forget_split)
-    forget = chunk_documents(tokenizer, [d for d in forget_docs if d.strip()], max_length)
+    check_texts(corpus, forget_split, retain_split, needs_retain)
+    forget = chunk_documents(tokenizer, [d for d in corpus.raw[forget_split] if d.strip()], max_length)
     if not forget:
-        raise UserError(f"{corpus.root / 'raw' / forget_split}: empty forget set (no text to unlearn)")
+        raise UserError(f"{corpus.root / 'raw' / forget_split}: empty forget set (no tokens to unlearn)")
     retain: list[list[int]] = []
     if needs_retain:
-        if retain_split not in corpus.raw:
-            raise UserError(f"{corpus.root / 'raw' / retain_split}.json: missing, but the retain term needs "
-                            f"retain data (use --reg none to unlearn without one)")
         retain = chunk_documents(tokenizer, [d for d in corpus.raw[retain_split] if d.strip()], max_length)
         if not retain:
             raise UserError(f"{corpus.root / 'raw' / retain_split}: empty, but the retain term needs retain "

@@ -36,7 +36,7 @@ from qrunlearn.errors import UserError
 from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata, set_seed
 from qrunlearn.unlearn import objectives
 from qrunlearn.unlearn.config import UnlearnConfig
-from qrunlearn.unlearn.data import Step, UnlearnData, collate, epoch_schedule, load_unlearn_data
+from qrunlearn.unlearn.data import Step, UnlearnData, check_texts, collate, epoch_schedule, load_unlearn_data
 from qrunlearn.unlearn.select import select_epoch
 
 EpochHook = Callable[[int, Any, Any], "dict[str, Any] | None"]
@@ -244,11 +244,12 @@ def unlearn(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, o
 
     model_path = str(model_path)
     out_dir = Path(out_dir)
-    accelerator = _accelerator()
-    set_seed(config.seed)
     if config.stop_knowmem_f is not None and epoch_hook is None:
         raise UserError("stop_knowmem_f (MUSE selection) needs an epoch hook that reports 'knowmem_forget'")
+    accelerator = _accelerator()
+    set_seed(config.seed)
 
+    check_texts(corpus, config.forget_split, config.retain_split, needs_retain=config.reg != "none")
     model, tokenizer = load_causal_lm(model_path, dtype="float32", device=accelerator.device)
     source_dtype = _source_dtype(model_path)
     data = load_unlearn_data(corpus, tokenizer, config.forget_split, config.retain_split,
@@ -262,6 +263,7 @@ def unlearn(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, o
         raise UserError(f"{out_dir / STATE_FILE}: {out_dir} holds a different run (other model, data or "
                         f"settings); choose another output folder or start over (--no-resume)")
 
+    metadata = run_metadata(config.model_dump(mode="json"), config.seed)  # versions, commit: once per run
     pad_id = tokenizer.pad_token_id
     ref_nll = reference_sequence_nll(model, data, config.batch_size, pad_id) if config.method == "npo" else None
     reference = _Reference(config, model)
@@ -364,7 +366,7 @@ def unlearn(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, o
                 stopped_reason = (f"selected: epoch {epoch} knowmem_forget {summary['knowmem_forget']:.2f} <= "
                                   f"retrain {config.stop_knowmem_f:.2f} (MUSE rule)")
         record = _record(config, fingerprint, model_path, lora_targets, losses, epoch_metrics, epochs_run,
-                         "running", stopped_reason, tokens, seconds, data, accelerator)
+                         "running", stopped_reason, tokens, seconds, data, accelerator, metadata)
         if config.save_every_epoch:
             _save_model_folder(accelerator, model, tokenizer, config, source_dtype,
                                out_dir / "epochs" / f"epoch_{epoch:03d}", record, merge=config.adapter == "lora")
@@ -384,7 +386,7 @@ def unlearn(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, o
         if accelerator.is_main_process:
             print(f"warning: {stopped_reason}")
     record = _record(config, fingerprint, model_path, lora_targets, losses, epoch_metrics, epochs_run,
-                     "finished", stopped_reason, tokens, seconds, data, accelerator)
+                     "finished", stopped_reason, tokens, seconds, data, accelerator, metadata)
     record["selected_epoch"] = selected
     adapter_dir = None
     if config.adapter == "lora":
@@ -415,7 +417,8 @@ def _restore_last_good(accelerator, out_dir: Path, fingerprint: str, reason: str
 
 def _record(config: UnlearnConfig, fingerprint: str, model_path: str, lora_targets: list[str] | None,
             losses: list[dict[str, float]], epoch_metrics: list[dict[str, Any]], epochs_run: int, status: str,
-            stopped_reason: str, tokens: int, seconds: float, data: UnlearnData, accelerator) -> dict[str, Any]:
+            stopped_reason: str, tokens: int, seconds: float, data: UnlearnData, accelerator,
+            metadata: dict[str, Any]) -> dict[str, Any]:
     return {
         "status": status,
         "fingerprint": fingerprint,
@@ -432,7 +435,7 @@ def _record(config: UnlearnConfig, fingerprint: str, model_path: str, lora_targe
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "epoch_metrics": epoch_metrics,
         "losses": losses,
-        **run_metadata(config.model_dump(mode="json"), config.seed),
+        **metadata,
     }
 
 
