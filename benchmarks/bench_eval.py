@@ -9,8 +9,10 @@ The baseline copies MUSE's loops (`model.generate` per prompt; a forward pass pe
 log-probs are gathered with `.item()` in a Python loop; `np.sort` for Min-K%; sklearn's ROC), with two
 changes so that both sides compute the same numbers: prompts longer than the model's context are cut the same
 way (MUSE's 4k-context Llama never needed it), and MUSE's extra lower-cased pass over every privleak text
-(its PPL/lower score) is left out, which makes the baseline faster than MUSE's and the ratio conservative.
-Ours also computes what the baseline does not: bootstrap intervals and Min-K%++.
+(its PPL/lower score, which we do not compute) is left out, which makes the baseline faster than MUSE's code
+and the ratio conservative. Like MUSE (and like ours, which logs its NLL), the baseline scores privleak/retain
+too.
+Ours also computes what the baseline does not: bootstrap intervals and Min-K%++. Each metric runs ours then the baseline, so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from qrunlearn.eval import EvalConfig, evaluate  # noqa: E402
 from qrunlearn.models.loading import load_causal_lm  # noqa: E402
 
 MIN_K_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+METRICS = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 
 
 # ---- the baseline: MUSE's loops -----------------------------------------------------------------------------
@@ -117,11 +120,12 @@ def inference(text: str, model, tokenizer) -> dict[str, float]:
     return pred
 
 
-def baseline_privleak(model, tokenizer, forget, holdout) -> dict[str, float]:
+def baseline_privleak(model, tokenizer, forget, retain, holdout) -> dict[str, float]:
     from sklearn.metrics import auc as get_auc, roc_curve
 
+    # MUSE scores all three splits (and reports the AUC of every pair); PrivLeak reads forget vs holdout
     logs = {name: [inference(t, model, tokenizer) for t in texts] for name, texts in
-            (("forget", forget), ("holdout", holdout))}
+            (("forget", forget), ("retain", retain), ("holdout", holdout))}
     aucs = {}
     for key in logs["forget"][0]:
         nonmember = [r[key] for r in logs["forget"]]
@@ -132,28 +136,21 @@ def baseline_privleak(model, tokenizer, forget, holdout) -> dict[str, float]:
     return aucs
 
 
-def run_baseline(model, tokenizer, corpus, limit, retrain_auc) -> tuple[dict[str, float], dict[str, float]]:
+def run_baseline(model, tokenizer, corpus, metric: str, limit, retrain_auc) -> dict[str, float]:
     cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
-    metrics, timings = {}, {}
-    start = time.perf_counter()
-    metrics["verbmem_f"] = baseline_verbmem(model, tokenizer, cut(corpus.verbmem))
-    timings["verbmem_f"] = time.perf_counter() - start
-    for metric, split in (("knowmem_f", "forget"), ("knowmem_r", "retain")):
-        start = time.perf_counter()
-        metrics[metric] = baseline_knowmem(model, tokenizer, cut(corpus.knowmem[f"{split}_qa"]),
-                                           corpus.knowmem[f"{split}_qa_icl"])
-        timings[metric] = time.perf_counter() - start
-    start = time.perf_counter()
-    aucs = baseline_privleak(model, tokenizer, cut(corpus.privleak["forget"]), cut(corpus.privleak["holdout"]))
-    timings["privleak"] = time.perf_counter() - start
-    metrics["privleak_auc"] = aucs["Min-40%"]
-    metrics["privleak"] = (aucs["Min-40%"] - retrain_auc) / retrain_auc * 100
-    metrics["mia_loss"] = aucs["PPL"]
-    metrics["mia_zlib"] = aucs["PPL/zlib"]
+    if metric == "verbmem_f":
+        return {"verbmem_f": baseline_verbmem(model, tokenizer, cut(corpus.verbmem))}
+    if metric in ("knowmem_f", "knowmem_r"):
+        split = "forget" if metric == "knowmem_f" else "retain"
+        return {metric: baseline_knowmem(model, tokenizer, cut(corpus.knowmem[f"{split}_qa"]),
+                                         corpus.knowmem[f"{split}_qa_icl"])}
+    aucs = baseline_privleak(model, tokenizer, cut(corpus.privleak["forget"]), cut(corpus.privleak["retain"]),
+                             cut(corpus.privleak["holdout"]))
+    metrics = {"privleak_auc": aucs["Min-40%"], "privleak": (aucs["Min-40%"] - retrain_auc) / retrain_auc * 100,
+               "mia_loss": aucs["PPL"], "mia_zlib": aucs["PPL/zlib"]}
     for ratio in MIN_K_RATIOS:
         metrics[f"mia_min_k_{int(ratio * 100)}"] = aucs[f"Min-{int(ratio * 100)}%"]
-    timings["total"] = sum(timings.values())
-    return metrics, timings
+    return metrics
 
 
 # ---- driver -------------------------------------------------------------------------------------------------
@@ -198,26 +195,35 @@ def main() -> None:
     # warm-up both code paths on one item so that neither pays first-call costs inside the timing
     evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap_samples=10), retrain_auc=args.retrain_auc,
              progress=False)
-    run_baseline(model, tokenizer, corpus, 1, args.retrain_auc)
+    for metric in METRICS:
+        run_baseline(model, tokenizer, corpus, metric, 1, args.retrain_auc)
 
-    start = time.perf_counter()
-    ours = evaluate(model, tokenizer, corpus, EvalConfig(limit=args.limit, batch_size=args.batch_size),
-                    retrain_auc=args.retrain_auc, progress=False)
-    ours_time = time.perf_counter() - start
-    base_metrics, base_timings = run_baseline(model, tokenizer, corpus, args.limit, args.retrain_auc)
-    base_time = base_timings["total"]
+    # metric by metric, ours then the baseline, so that both see the same machine load
+    ours_metrics, base_metrics, ours_timings, base_timings = {}, {}, {}, {}
+    for metric in METRICS:
+        start = time.perf_counter()
+        result = evaluate(model, tokenizer, corpus, EvalConfig(metrics=(metric,), limit=args.limit,
+                                                               batch_size=args.batch_size),
+                          retrain_auc=args.retrain_auc, progress=False)
+        ours_timings[metric] = time.perf_counter() - start
+        ours_metrics.update(result.metrics)
+        start = time.perf_counter()
+        base_metrics.update(run_baseline(model, tokenizer, corpus, metric, args.limit, args.retrain_auc))
+        base_timings[metric] = time.perf_counter() - start
+        print(f"{metric}: baseline {base_timings[metric]:.2f}s, ours {ours_timings[metric]:.2f}s", flush=True)
+    ours_time, base_time = sum(ours_timings.values()), sum(base_timings.values())
 
     print(f"\n{'metric':<16}{'baseline':>12}{'ours':>12}{'|diff|':>10}   (AUCs x100)")
     worst = 0.0
     for key, base in base_metrics.items():
         scale = 1.0 if key in ("verbmem_f", "knowmem_f", "knowmem_r", "privleak") else 100.0
-        diff = abs(ours.metrics[key] - base) * scale
+        diff = abs(ours_metrics[key] - base) * scale
         worst = max(worst, diff)
-        print(f"{key:<16}{base * scale:>12.3f}{ours.metrics[key] * scale:>12.3f}{diff:>10.4f}")
+        print(f"{key:<16}{base * scale:>12.3f}{ours_metrics[key] * scale:>12.3f}{diff:>10.4f}")
     print(f"\n{'time (s)':<16}{'baseline':>12}{'ours':>12}{'ratio':>10}")
-    for key in ("verbmem_f", "knowmem_f", "knowmem_r", "privleak"):
-        print(f"{key:<16}{base_timings[key]:>12.2f}{ours.timings[key]:>12.2f}"
-              f"{base_timings[key] / ours.timings[key]:>10.1f}x")
+    for key in METRICS:
+        print(f"{key:<16}{base_timings[key]:>12.2f}{ours_timings[key]:>12.2f}"
+              f"{base_timings[key] / ours_timings[key]:>10.1f}x")
     print(f"{'total':<16}{base_time:>12.2f}{ours_time:>12.2f}{base_time / ours_time:>10.1f}x")
     print(f"\nspeed-up {base_time / ours_time:.1f}x; largest metric difference {worst:.4f} points")
     if args.json is not None:
@@ -225,8 +231,8 @@ def main() -> None:
             "model": str(model_dir), "data": str(data), "limit": args.limit, "batch_size": args.batch_size,
             "device": str(model.device), "threads": torch.get_num_threads(), "baseline_seconds": base_time,
             "ours_seconds": ours_time, "speedup": base_time / ours_time, "max_metric_diff": worst,
-            "baseline": base_metrics, "ours": ours.metrics, "baseline_timings": base_timings,
-            "ours_timings": ours.timings,
+            "baseline": base_metrics, "ours": ours_metrics, "baseline_timings": base_timings,
+            "ours_timings": ours_timings,
         }, indent=2))
 
 

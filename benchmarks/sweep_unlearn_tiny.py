@@ -31,15 +31,21 @@ def qa_scores(model, tokenizer, pairs, batch_size: int = 32) -> dict[str, float]
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         hits += sum(t.strip().startswith(p.answer) for t, p in zip(texts, chunk))
-        for p in chunk:  # teacher-forced answer NLL
-            prompt_ids = tokenizer(f"Question: {p.question}\nAnswer:").input_ids
-            full = tokenizer(f"Question: {p.question}\nAnswer: {p.answer}").input_ids
-            ids = torch.tensor([full], device=device)
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-            target = ids[0, 1:]
-            token_nll = -logp.gather(-1, target[:, None])[:, 0][len(prompt_ids) - 1:]
-            nll_sum += float(token_nll.sum())
-            nll_count += token_nll.numel()
+        # teacher-forced answer NLL, one right-padded batch
+        prompt_lens = [len(tokenizer(f"Question: {p.question}\nAnswer:").input_ids) for p in chunk]
+        full = [tokenizer(f"Question: {p.question}\nAnswer: {p.answer}").input_ids for p in chunk]
+        width = max(len(f) for f in full)
+        ids = torch.full((len(full), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, f in enumerate(full):
+            ids[row, :len(f)] = torch.tensor(f)
+            mask[row, :len(f)] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        token_nll = -logp[:, :-1].gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        for row, (f, n) in enumerate(zip(full, prompt_lens)):
+            answer = token_nll[row, n - 1:len(f) - 1]
+            nll_sum += float(answer.sum())
+            nll_count += answer.numel()
     model.train(was_training)
     return {"em": hits / len(pairs), "nll": nll_sum / max(1, nll_count)}
 

@@ -156,7 +156,8 @@ def unlearn_command(
     """Unlearn a forget set: GA / NPO / SimNPO with a GDR / KLR retain term, full FT or LoRA (merged).
 
     Runs through accelerate: `accelerate launch --num_processes N -m qrunlearn unlearn ...` trains with DDP
-    (or the FSDP / DeepSpeed setup of your accelerate config)."""
+    (or the FSDP / DeepSpeed setup of your accelerate config); --batch-size is per process. On CPUs:
+    `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m qrunlearn unlearn ...` (gloo)."""
     from qrunlearn.data.muse import load_corpus
     from qrunlearn.unlearn import UnlearnConfig, unlearn
 

@@ -259,7 +259,7 @@ class Experiment:
         model_dir = str(result.model_dir)
         selected = None
         if self.config.select_epoch and reference.get("knowmem_f") is not None and epoch_metrics:
-            selected = select_epoch(epoch_metrics, reference["knowmem_f"])
+            selected = select_epoch(epoch_metrics, reference["knowmem_f"], key="knowmem_f")
             if selected is not None:
                 epoch_dir = Path(result.model_dir).parent / "epochs" / f"epoch-{selected}"
                 if epoch_dir.exists():

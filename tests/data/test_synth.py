@@ -29,10 +29,11 @@ def test_full_muse_layout_and_counts(tmp_path):
     main(["data", "synth", "--out", str(tmp_path), "--size", "small"])
     corpus = load_corpus(tmp_path)
     counts = corpus.summary()
-    assert counts["raw/forget"] == 60 and counts["raw/retain1"] == 60 and counts["raw/holdout"] == 40
-    assert counts["verbmem/forget"] == 40
-    assert counts["knowmem/forget_qa"] == 90 and counts["knowmem/forget_qa_icl"] == 10
-    assert counts["privleak/forget"] == counts["privleak/holdout"] == counts["privleak/retain"] == 40
+    # 16 people per split, 2 articles each; forget/retain1 add 2 x ceil(80 / 11) = 16 QA digests
+    assert counts["raw/forget"] == 48 and counts["raw/retain1"] == 48 and counts["raw/holdout"] == 32
+    assert counts["verbmem/forget"] == 32
+    assert counts["knowmem/forget_qa"] == 70 and counts["knowmem/forget_qa_icl"] == 10
+    assert counts["privleak/forget"] == counts["privleak/holdout"] == counts["privleak/retain"] == 32
 
 
 def _names(docs):
@@ -42,9 +43,9 @@ def _names(docs):
 def test_splits_are_disjoint_and_answers_are_stated():
     corpus = generate_corpus(SynthConfig(seed=1, size="small"))
     forget, retain, holdout = (_names(corpus.raw[s]) for s in ("forget", "retain1", "holdout"))
-    assert len(forget) == 20 and len(retain) == 20 and len(holdout) == 20
+    assert len(forget) == 16 and len(retain) == 16 and len(holdout) == 16
     assert not (forget & retain) and not (forget & holdout) and not (retain & holdout)
-    articles = {s: " ".join(d for d in corpus.raw[s] if not d.startswith("Reader questions")) for s in corpus.raw}
+    articles = {s: " ".join(d for d in corpus.raw[s] if not d.startswith("Question: ")) for s in corpus.raw}
     for split, qa_names in (("forget", ("forget_qa", "forget_qa_icl")), ("retain1", ("retain_qa", "retain_qa_icl"))):
         for name in qa_names:
             for pair in corpus.knowmem[name]:

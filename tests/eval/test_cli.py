@@ -77,3 +77,15 @@ def test_bad_options(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys, extra, m
                  "--out", str(tmp_path / "r.json"), *extra])
     assert code == 2
     assert message in _error_line(capsys)
+
+
+def test_retrain_model_gives_the_reference_auc(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
+    # the same model as its own retrain reference: PrivLeak is exactly 0
+    out = tmp_path / "self.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--out", str(out),
+                 "--retrain", str(tiny_model_dir), "--metrics", "privleak", "--limit", "6", "--bootstrap", "50"])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["settings"]["retrain_auc"] == data["privleak_auc"]
+    assert data["privleak"] == 0.0
+    assert data["retrain"] == str(tiny_model_dir)

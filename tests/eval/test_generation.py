@@ -89,3 +89,21 @@ def test_left_truncation_keeps_bos_and_the_end(tiny):
     assert encoded.ids[0] == [tokenizer.bos_token_id] + full[-9:]
     first = encode(tokenizer, [text], 10, keep="first")
     assert first.ids[0] == full[:10]
+
+
+def test_shared_prefix_gives_the_same_tokens(tiny, tiny_corpus):
+    from qrunlearn.eval.evaluate import knowmem_prompt
+    from qrunlearn.eval.generation import MIN_SHARED_PREFIX, common_prefix_length
+
+    model, tokenizer = tiny
+    icl = tiny_corpus.knowmem["forget_qa_icl"]
+    texts = [knowmem_prompt(icl, pair.question) for pair in tiny_corpus.knowmem["forget_qa"][:5]]
+    prompts = encode(tokenizer, texts, None, keep="last").ids
+    assert common_prefix_length(prompts) >= MIN_SHARED_PREFIX  # the few-shot block is shared
+    eos = eos_token_ids(model, tokenizer)
+    shared = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, share_prefix=True)
+    plain = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, share_prefix=False)
+    assert shared == plain
+    reference = model.generate(torch.tensor([prompts[0]]), attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
+                               max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert reference[0, len(prompts[0]):].tolist() == shared[0]

@@ -71,7 +71,10 @@ def test_batched_scores_equal_one_at_a_time(tiny_model_dir, tiny_corpus):
     for i in range(len(texts)):
         single = score_texts(model, [ids[i]], [zl[i]], tokenizer.pad_token_id, batch_size=1)
         for name, values in batched.items():
-            assert values[i] == pytest.approx(single[name][0], rel=1e-5, abs=1e-6), name
+            # Min-K%++ divides by the spread of log p over the vocabulary, which an untrained model keeps tiny
+            # (a near-flat distribution), so 1e-7 logit noise from another matmul shape shows up as ~1e-5
+            tolerance = 1e-4 if name == "min_k_pp" else 1e-5
+            assert values[i] == pytest.approx(single[name][0], rel=tolerance, abs=1e-6), name
     # and the loss equals the model's own mean cross-entropy on the unpadded text
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids[0]]), labels=torch.tensor([ids[0]]))

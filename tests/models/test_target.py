@@ -13,7 +13,7 @@ from qrunlearn.models.target import MARKER, TargetConfig, build_target_and_retra
 
 def test_target_and_retrain_train_reload_generate_and_cache(tiny_corpus_dir, tmp_path, capsys):
     out = tmp_path / "models"
-    config = TargetConfig(size="tiny", epochs=4, seed=0)
+    config = TargetConfig(size="tiny", epochs=8, seed=0)
     result = build_target_and_retrain(tiny_corpus_dir, out, config, progress=False)
     for name in ("target", "retrain"):
         losses = result[name]["train"]["epoch_losses"]
@@ -30,7 +30,7 @@ def test_target_and_retrain_train_reload_generate_and_cache(tiny_corpus_dir, tmp
     assert isinstance(tokenizer.decode(generated[0]), str)
 
     mtime = (out / "target" / "model.safetensors").stat().st_mtime_ns
-    assert main(["target", "--data", str(tiny_corpus_dir), "--out", str(out), "--size", "tiny", "--epochs", "4"]) == 0
+    assert main(["target", "--data", str(tiny_corpus_dir), "--out", str(out), "--size", "tiny", "--epochs", "8"]) == 0
     assert "cached" in capsys.readouterr().out
     assert (out / "target" / "model.safetensors").stat().st_mtime_ns == mtime
 

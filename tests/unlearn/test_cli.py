@@ -43,7 +43,9 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tiny_model_dir, ti
     one = tmp_path / "one"
     args = ["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--method", "npo",
             "--reg", "gdr", *COMMON]
-    assert main([*args, "--out", str(one), "--batch-size", "4"]) == 0
+    # one process, global batch 4 as 2 micro-batches of 2 (the same padding widths as the two processes: with
+    # Adam, float noise in near-zero gradients would otherwise be amplified into visible weight differences)
+    assert main([*args, "--out", str(one), "--batch-size", "2", "--grad-accum", "2"]) == 0
 
     two = tmp_path / "two"
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -60,10 +62,11 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tiny_model_dir, ti
     assert rec1["num_processes"] == 1 and rec2["num_processes"] == 2
     assert len(rec1["losses"]) == len(rec2["losses"]) > 1
     for a, b in zip(rec1["losses"], rec2["losses"]):
-        assert abs(a["forget"] - b["forget"]) < 1e-4 * max(1.0, abs(a["forget"]))
-        assert abs(a["retain"] - b["retain"]) < 1e-4 * max(1.0, abs(a["retain"]))
+        assert abs(a["forget"] - b["forget"]) < 1e-5 * max(1.0, abs(a["forget"]))
+        assert abs(a["retain"] - b["retain"]) < 1e-5 * max(1.0, abs(a["retain"]))
     w1 = load_file(one / "model" / "model.safetensors")
     w2 = load_file(two / "model" / "model.safetensors")
     moved = max((w1[k] - load_file(tiny_model_dir / "model.safetensors")[k]).abs().max().item() for k in w1)
     assert moved > 1e-4  # the comparison below is not between two untouched models
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert diff < 1e-3 * moved, (diff, moved)

@@ -5,10 +5,12 @@ can know them and a tiny model trained here learns them only from this corpus. F
 holdout are about disjoint people, each with their own cities and organisations.
 
 Each person has five facts (city, organisation, profession, the year they joined, a count of awards) stated
-in news-style articles. The raw split also carries a short "reader questions" sheet per person in the same
-"Question: ...\nAnswer: ..." form that KnowMem prompts use: a 5M-parameter model trained from scratch cannot
-learn to turn prose into answers, so the benchmark teaches the answer format directly. (MUSE's real raw
-splits have no such sheets; real pretrained models already know the format.)
+in news-style articles. The forget and retain1 raw splits also carry "reader questions" digests: runs of
+eleven "Question: ...\nAnswer: ..." pairs about different people of the split, in the form of a KnowMem
+prompt. A 5M-parameter model trained from scratch cannot learn to turn prose into answers, so the benchmark
+teaches the answer format directly; and per-person sheets were not enough (measured: a target that answered
+a question asked alone answered none of them after MUSE's ten few-shot pairs about other people, KnowMem-forget
+2.7). MUSE's real raw splits have no such digests; real pretrained models already know the format.
 
 Deterministic: the same `SynthConfig` gives byte-identical files.
 """
@@ -26,10 +28,12 @@ SizeName = Literal["tiny", "small", "medium"]
 # people per split: forget, retain1, retain2, holdout
 _SIZES: dict[str, tuple[int, int, int, int]] = {
     "tiny": (6, 6, 3, 6),
-    "small": (20, 20, 10, 20),
+    "small": (16, 16, 8, 16),
     "medium": (40, 40, 20, 40),
 }
 N_ICL = 10
+DIGEST_PAIRS = N_ICL + 1  # a digest looks like a KnowMem prompt: ten answered questions, then one more
+DIGEST_PASSES = 2  # each fact appears in this many digests, each time among other neighbours
 
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "j", "k", "kr", "l", "m", "n", "p", "qu", "r", "s",
            "sh", "t", "th", "tr", "v", "w", "z"]
@@ -146,10 +150,17 @@ def _article_profile(p: Person, rng: random.Random) -> str:
     )
 
 
-def _qa_sheet(p: Person) -> str:
-    lines = [f"Reader questions about {p.name}."]
-    lines += [f"Question: {pair.question}\nAnswer: {pair.answer}" for pair in p.qa()]
-    return "\n\n".join(lines)
+def _qa_digests(people: list[Person], rng: random.Random) -> list[str]:
+    """Shuffled runs of DIGEST_PAIRS question/answer pairs about the split's people."""
+    pairs = [pair for person in people for pair in person.qa()]
+    digests = []
+    for _ in range(DIGEST_PASSES):
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        for first in range(0, len(order), DIGEST_PAIRS):
+            chunk = [pairs[i] for i in order[first:first + DIGEST_PAIRS]]
+            digests.append("".join(f"Question: {p.question}\nAnswer: {p.answer}\n\n" for p in chunk).rstrip("\n"))
+    return digests
 
 
 def _split_qa(people: list[Person], rng: random.Random) -> tuple[list[QAPair], list[QAPair]]:
@@ -190,7 +201,7 @@ def generate_corpus(config: SynthConfig = SynthConfig()) -> MuseCorpus:
     for split, people in groups.items():
         docs = [article for person in people for article in person.articles]
         if split in ("forget", "retain1"):
-            docs += [_qa_sheet(person) for person in people]
+            docs += _qa_digests(people, rng)
         corpus.raw[split] = docs
 
     corpus.verbmem = [_verbmem_item(a) for p in groups["forget"] for a in p.articles]

@@ -70,9 +70,9 @@ def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: t
         if with_distribution:
             p = log_p.exp()
             mean = (p * log_p).sum(-1)
-            second = (p * log_p.square()).sum(-1)
+            # two-pass variance: E[x^2] - E[x]^2 cancels badly in float32 and made batched != unbatched
             mu[start:stop] = mean
-            sigma[start:stop] = (second - mean.square()).clamp_min(0).sqrt()
+            sigma[start:stop] = (p * (log_p - mean[..., None]).square()).sum(-1).sqrt()
     return TokenStats(logprob=logprob, mu=mu, sigma=sigma, mask=mask)
 
 

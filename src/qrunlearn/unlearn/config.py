@@ -24,7 +24,7 @@ PAPER_BATCH: dict[Adapter, tuple[int, int]] = {"full": (4, 4), "lora": (4, 8)}
 
 # Built-in tiny model (PRESETS["small"], ~4.3M params, memorised forget + retain1). Chosen by measurement:
 # see TINY_DEFAULTS_NOTE and benchmarks/RESULTS.md (<!-- unlearn -->).
-TINY_LR: dict[Adapter, float] = {"full": 1e-4, "lora": 1e-3}
+TINY_LR: dict[Adapter, float] = {"full": 3e-4, "lora": 3e-3}
 TINY_ALPHA: dict[Method, float] = {"ga": 1.0, "npo": 1.0, "simnpo": 1.0}
 TINY_EPOCHS = 5
 TINY_BATCH = 8

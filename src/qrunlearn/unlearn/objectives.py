@@ -25,7 +25,9 @@ def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL [B, T-1] (0 on masked positions) and the mask, in fp32."""
     shifted, targets, mask = shift(logits, labels)
-    nll = F.cross_entropy(shifted.float().transpose(1, 2), targets.masked_fill(~mask, 0), reduction="none")
+    # flattened [N, V] rows: cross_entropy on a [B, V, T] transposed view is ~4x slower on CPU
+    nll = F.cross_entropy(shifted.float().reshape(-1, shifted.shape[-1]), targets.masked_fill(~mask, 0).reshape(-1),
+                          reduction="none").view(targets.shape)
     return nll * mask, mask
 
 
