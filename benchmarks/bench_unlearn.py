@@ -61,7 +61,8 @@ def _trainer_ga(model_dir: Path, corpus, config, out: Path) -> float:
         output_dir=str(out), per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=1,
         num_train_epochs=config.epochs, learning_rate=config.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=config.max_grad_norm, report_to=[], save_strategy="no",
-        logging_strategy="no", dataloader_num_workers=0, use_cpu=True, seed=config.seed, disable_tqdm=True)
+        logging_strategy="no", dataloader_num_workers=0, remove_unused_columns=False, use_cpu=True,
+        seed=config.seed, disable_tqdm=True)
     dataset = [{"ids": ids} for ids in data.forget]
     trainer = GATrainer(model=model, args=args, train_dataset=dataset,
                         data_collator=lambda rows: collate([r["ids"] for r in rows], tok.pad_token_id))

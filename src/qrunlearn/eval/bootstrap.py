@@ -37,9 +37,8 @@ def auc_samples(first: np.ndarray, second: np.ndarray, resamples: int, seed: int
 
 def _draw_counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
     picks = rng.integers(0, n, size=(resamples, n))
-    counts = np.zeros((resamples, n), dtype=np.float64)
-    np.add.at(counts, (np.repeat(np.arange(resamples), n), picks.ravel()), 1.0)
-    return counts
+    flat = (np.arange(resamples)[:, None] * n + picks).ravel()
+    return np.bincount(flat, minlength=resamples * n).reshape(resamples, n).astype(np.float64)
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

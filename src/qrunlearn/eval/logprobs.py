@@ -30,7 +30,9 @@ MIN_K_PP_RATIO = 0.4
 _STATS_ELEMENT_BUDGET = 1 << 26
 # Most logits elements (rows x tokens x vocabulary) one forward pass may produce: long texts with a large
 # vocabulary get fewer rows per batch (a 7B Llama on 2k-token texts: 4 rows) instead of running out of memory.
-_LOGITS_ELEMENT_BUDGET = 1 << 29
+# On CPU the budget is smaller: there a forward pass is compute-bound and big batches of long texts ran slower
+# than small ones (measured: 16 x 512 tokens, 2.2 s batched vs 1.7 s one at a time).
+_LOGITS_ELEMENT_BUDGET = {"cuda": 1 << 29, "cpu": 1 << 22}
 
 
 def min_k_name(ratio: float) -> str:
@@ -131,13 +133,18 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
     with tqdm(total=len(order), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
         first = 0
         while first < len(order):
-            rows = min(batch_size, max(1, _LOGITS_ELEMENT_BUDGET // (len(token_ids[order[first]]) * vocab)))
+            budget = _LOGITS_ELEMENT_BUDGET.get(device.type, _LOGITS_ELEMENT_BUDGET["cuda"])
+            rows = min(batch_size, max(1, budget // (len(token_ids[order[first]]) * vocab)))
             chunk = order[first:first + rows]
             first += rows
             input_ids, mask = right_pad([token_ids[i] for i in chunk], pad_id)
             input_ids, mask = input_ids.to(device), mask.to(device)
             positions = torch.arange(input_ids.shape[1], device=device).expand_as(input_ids)
-            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            # no padding in this batch (equal lengths, e.g. texts cut to the context): no mask, so attention can
+            # take its causal fast path
+            attention = None if bool(mask.all()) else mask
+            logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                           use_cache=False).logits
             stats = token_stats(logits, input_ids, mask, with_distribution=with_extra)
             del logits
             zl = torch.tensor([zlib_lengths[i] for i in chunk], dtype=torch.float64)
