@@ -261,7 +261,7 @@ class Experiment:
         if self.config.select_epoch and reference.get("knowmem_f") is not None and epoch_metrics:
             selected = select_epoch(epoch_metrics, reference["knowmem_f"], key="knowmem_f")
             if selected is not None:
-                epoch_dir = Path(result.model_dir).parent / "epochs" / f"epoch-{selected}"
+                epoch_dir = Path(result.model_dir).parent / "epochs" / f"epoch_{selected:03d}"
                 if epoch_dir.exists():
                     model_dir = str(epoch_dir)
 
