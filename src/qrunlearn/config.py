@@ -58,7 +58,7 @@ class ModelsConfig(_Strict):
 class EvalSettings(_Strict):
     metrics: tuple[str, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
     limit: int | None = None
-    batch_size: int = 32
+    batch_size: int = 64
     bootstrap: int = 1000
 
 

@@ -108,8 +108,11 @@ def load_causal_lm(
     """Return `(model, tokenizer)` (tokenizer None when `with_tokenizer=False`), model in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     source = ModelSource(str(name_or_path))
     source.check()
+    hf_logging.disable_progress_bar()  # a bar per load floods a grid's output; qrunlearn shows its own progress
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     try:
