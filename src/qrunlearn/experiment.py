@@ -307,6 +307,19 @@ class Experiment:
         return 2 * n if cell.kind == "reference" else n + 1
 
 
+class _CellTicker:
+    """Progress inside a cell: each stage announces itself; starting a stage completes the one before it."""
+
+    def __init__(self, describe: Callable[[str], None], advance: Callable[[], None], units: int):
+        self.describe, self.advance, self.units, self.started = describe, advance, units, 0
+
+    def __call__(self, message: str) -> None:
+        self.describe(message)
+        if 0 < self.started < self.units:
+            self.advance()
+        self.started += 1
+
+
 def _add_privleak(metrics: dict[str, Any], retrain_auc: float | None) -> None:
     auc = metrics.get("privleak_auc")
     if retrain_auc and auc is not None and metrics.get("privleak") is None:
@@ -336,6 +349,9 @@ def run_experiment(config: ExperimentConfig, out: Path | str, *, resume: bool = 
 
     from qrunlearn.report import build_report
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load/save bars would break the grid's own live display
     out = Path(out)
     if cell_index is None and not prepare_only:
         check_output_folder(out, resume, force)
@@ -357,16 +373,8 @@ def run_experiment(config: ExperimentConfig, out: Path | str, *, resume: bool = 
                 bar.advance(task, experiment.units(cell))
                 continue
             started_units = bar.tasks[0].completed
-
-            def tick(message: str, _start=started_units, _cell=cell) -> None:
-                done_in_cell = bar.tasks[0].completed - _start
-                if done_in_cell < experiment.units(_cell) and message:
-                    bar.update(task, description=message)
-                    if getattr(tick, "seen", False):
-                        bar.advance(task, 1)
-                    tick.seen = True  # type: ignore[attr-defined]
-
-            tick.seen = False  # type: ignore[attr-defined]
+            tick = _CellTicker(lambda message: bar.update(task, description=message),
+                               lambda: bar.advance(task, 1), experiment.units(cell))
             experiment.run_cell(cell, tick, force=force)
             bar.update(task, completed=started_units + experiment.units(cell), description=f"{cell.id} done")
     if all(experiment.is_done(c) for c in experiment.cells):
