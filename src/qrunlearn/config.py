@@ -80,7 +80,7 @@ class UnlearnOverrides(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = "qrunlearn-experiment"
+    name: str = "built-in benchmark"
     seed: int = 0
     data: DataConfig = DataConfig(synth=SynthData())
     models: ModelsConfig = ModelsConfig()
