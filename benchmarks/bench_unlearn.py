@@ -91,6 +91,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rss-child", nargs=4, metavar=("MODEL", "DATA", "ADAPTER", "OUT"))
+    parser.add_argument("--rss-hidden", type=int, default=BIG["hidden_size"],
+                        help="hidden size of the memory model (512: 27.8M params; 1024 with --rss-inter 2816: 107M)")
+    parser.add_argument("--rss-inter", type=int, default=BIG["intermediate_size"])
     args = parser.parse_args()
     if args.rss_child:
         _rss_child(*args.rss_child)
@@ -106,7 +109,9 @@ def main() -> None:
     write_corpus(generate_corpus(SynthConfig(seed=0, size="small")), work / "data")
     corpus = load_corpus(work / "data")
     _make_model(work / "small", corpus, PRESETS[SMALL])
-    _make_model(work / "big", corpus, ModelPreset(**BIG))
+    big = {**BIG, "hidden_size": args.rss_hidden, "intermediate_size": args.rss_inter,
+           "num_attention_heads": args.rss_hidden // 64}
+    _make_model(work / "big", corpus, ModelPreset(**big))
     n_big = sum(p.numel() for p in __import__("safetensors.torch").torch.load_file(
         str(work / "big" / "model.safetensors")).values())
 
@@ -131,7 +136,7 @@ def main() -> None:
     print(f"  full FT {best['full']:.0f} tok/s, LoRA {best['lora']:.0f} tok/s, LoRA/full {best['lora'] / best['full']:.2f}x")
     print(f"  GA step: ours {best['ours_ga']:.0f} tok/s, HF Trainer {best['trainer_ga']:.0f} tok/s, "
           f"ours/Trainer {best['ours_ga'] / best['trainer_ga']:.2f}x (goal >= 1.0x)")
-    print(f"model h512 L8 ({n_big / 1e6:.1f}M params), NPO+KLR, peak RSS:")
+    print(f"model h{args.rss_hidden} L8 ({n_big / 1e6:.1f}M params), NPO+KLR, peak RSS:")
     print(f"  full {rss['full']['peak_mb']:.0f} MB (+{delta['full']:.0f} over pre-run), "
           f"LoRA {rss['lora']['peak_mb']:.0f} MB (+{delta['lora']:.0f})")
     print(f"  LoRA/full: whole process {rss['lora']['peak_mb'] / rss['full']['peak_mb']:.2f}x, "
