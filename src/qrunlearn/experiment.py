@@ -321,9 +321,12 @@ class _CellTicker:
 
 
 def _add_privleak(metrics: dict[str, Any], retrain_auc: float | None) -> None:
+    """Reference rows are evaluated before the retrain AUC is known; fill PrivLeak in afterwards."""
+    from qrunlearn.eval.mia import privleak
+
     auc = metrics.get("privleak_auc")
     if retrain_auc and auc is not None and metrics.get("privleak") is None:
-        metrics["privleak"] = (auc - retrain_auc) / retrain_auc * 100
+        metrics["privleak"] = privleak(auc, retrain_auc)
 
 
 def _replace(obj, updates: dict[str, Any]):
