@@ -18,7 +18,7 @@ import torch
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.unlearn.objectives import IGNORE_INDEX
+from qrunlearn.models.tiny import collate  # right-padded batch, labels -100 on padding
 
 
 def chunk_documents(tokenizer, docs: list[str], max_length: int) -> list[list[int]]:
@@ -71,18 +71,6 @@ def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_s
             raise UserError(f"{corpus.root / 'raw' / retain_split}: empty, but the retain term needs retain "
                             f"data (use --reg none to unlearn without one)")
     return UnlearnData(forget=forget, retain=retain)
-
-
-def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels -100 on padding."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[row, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention,
-            "labels": input_ids.masked_fill(attention == 0, IGNORE_INDEX)}
 
 
 @dataclass(frozen=True)
