@@ -163,12 +163,9 @@ class Experiment:
         cache = self.out / "cells" / "retrain_reference.json"
         if cache.exists():
             return json.loads(cache.read_text())
-        if isinstance(models.retrain_auc, str):
-            from qrunlearn.eval import RETRAIN_AUC_PRESETS
-
-            return {"auc": RETRAIN_AUC_PRESETS[models.retrain_auc], "knowmem_f": None, "source": models.retrain_auc}
-        if isinstance(models.retrain_auc, float):
-            return {"auc": models.retrain_auc, "knowmem_f": None, "source": "config"}
+        if models.retrain_auc is not None:
+            source = models.retrain_auc if isinstance(models.retrain_auc, str) else "config"
+            return {"auc": self._preset_auc(), "knowmem_f": None, "source": source}
         _, retrain = self.model_paths(progress=False)
         if retrain is None:
             raise UserError("config field 'models.retrain': give a retrain model or models.retrain_auc")
@@ -267,20 +264,20 @@ class Experiment:
 
         evals: dict[str, Any] = {}
         survival: dict[str, Any] = {}
+        pair = None  # (target, unlearned) at full precision, loaded once for every quantizer's survival report
         for precision in self.config.precisions:
             tick(f"{cell.id} @ {precision}")
             evals[precision] = self._evaluate(model_dir, precision, reference["auc"])
             if not is_full_precision(precision):
-                spec = parse_spec(precision)
-                base_model, _ = self._load(target, "fp")
-                unlearned_model, _ = self._load(model_dir, "fp")
-                report = survival_report(base_model, unlearned_model, spec)
+                if pair is None:
+                    pair = (self._load(target, "fp")[0], self._load(model_dir, "fp")[0])
+                report = survival_report(*pair, parse_spec(precision))
                 survival[precision] = report.to_dict()
                 png = self.out / "plots" / f"survival_{cell.id}_{_slug(precision)}.png"
                 plot_survival(report, png)
                 survival[precision]["plot"] = str(png.relative_to(self.out))
-                del base_model, unlearned_model
-                gc.collect()
+        del pair
+        gc.collect()
         return {
             "cell": cell.id, "method": cell.method, "adapter": cell.adapter,
             "unlearn_config": config.model_dump(mode="json") if hasattr(config, "model_dump") else vars(config),
