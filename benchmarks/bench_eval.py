@@ -1,4 +1,4 @@
-"""Evaluation speed: a one-prompt-at-a-time loop written like MUSE's reference code vs `qrunlearn.eval.evaluate`,
+"""Evaluation speed: a one-prompt-at-a-time loop written like MUSE's reference code vs `qrunlearn.eval.muse`,
 same model, same data, one process. Prints both wall times, their ratio, every metric side by side and the
 largest difference (ROUGE metrics and PrivLeak in points, AUCs x100).
 
@@ -193,7 +193,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
 
     # warm-up both code paths on one item so that neither pays first-call costs inside the timing
-    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap_samples=10), retrain_auc=args.retrain_auc,
+    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap=10), retrain_auc=args.retrain_auc,
              progress=False)
     for metric in METRICS:
         run_baseline(model, tokenizer, corpus, metric, 1, args.retrain_auc)

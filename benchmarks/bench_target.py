@@ -49,7 +49,7 @@ def main() -> None:
                              TargetConfig(size=args.model_size, seed=args.seed, epochs=args.epochs))
     print(f"threads: {torch.get_num_threads()}")
     print(f"benchmark build ({args.size}): {synth_seconds:.2f} s")
-    config = EvalConfig(metrics=("knowmem_f", "knowmem_r", "privleak"), batch_size=32, bootstrap_samples=200)
+    config = EvalConfig(metrics=("knowmem_f", "knowmem_r", "privleak"), batch_size=32, bootstrap=200)
     summary = {"synth_seconds": synth_seconds}
     for name in ("target", "retrain"):
         marker = json.loads((args.out / "models" / name / MARKER).read_text())

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--specs", required=True, help="JSON list of {method, reg, adapter, ...overrides}")
     args = parser.parse_args()
     corpus = load_corpus(args.data)
-    quick = EvalConfig(metrics=("knowmem_f", "knowmem_r"), batch_size=64, bootstrap_samples=1, mia=False)
+    quick = EvalConfig(metrics=("knowmem_f", "knowmem_r"), batch_size=64, bootstrap=1, mia=False)
     if args.retrain:
         model, tokenizer = load_causal_lm(args.retrain, device="cpu")
         m = evaluate(model, tokenizer, corpus, quick, progress=False).metrics
@@ -42,7 +42,7 @@ def main() -> None:
         def hook(epoch, model, tokenizer):
             m = evaluate(model, tokenizer, corpus, quick, progress=False).metrics
             rows.append(f"e{epoch}: {m['knowmem_f']:.1f}/{m['knowmem_r']:.1f}")
-            return {"knowmem_forget": m["knowmem_f"]}
+            return {"knowmem_f": m["knowmem_f"]}
 
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:

@@ -39,10 +39,10 @@ def test_grid_writes_every_output(grid):
     # 2 reference models x 2 precisions + 4 cells x 2 precisions
     assert len(rows) == 2 * 2 + 4 * 2
     for row in rows:
-        for key in ("VerbMem", "KnowMem-forget", "Utility"):
-            assert 0.0 <= row[key] <= 100.0
+        for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
+            assert 0.0 <= row["metrics"][key] <= 100.0
     quantized = [r for r in rows if r["precision"] == "nf4" and r["adapter"]]
-    assert all(0.0 <= r["codes changed"] <= 1.0 for r in quantized)
+    assert all(0.0 <= r["survival"]["codes_changed_frac"] <= 1.0 for r in quantized)
     assert len(list((out / "plots").glob("survival_*.png"))) == 4
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows)

@@ -1,15 +1,44 @@
-"""The `qrunlearn` command line. Each subcommand is a typed function: its parameters are the options,
-its docstring is the `--help` text. User errors print one line (`error: ...`) and exit with code 2."""
+"""The `qrunlearn` command line. Each subcommand is a typed function: its parameters are the options, its
+docstring is the `--help` text. The settings of a run (`UnlearnConfig`, `EvalConfig`) become options by
+generation from their pydantic fields, so each setting is declared once. User errors print one line
+(`error: ...`) and exit with code 2."""
 
 from __future__ import annotations
 
+import errno
+import inspect
+import logging
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
+from pydantic import BaseModel, ValidationError
 
-from qrunlearn.errors import UserError
+from qrunlearn.config import load_config
+from qrunlearn.errors import UserError, validation_message
+from qrunlearn.eval.config import EvalConfig
+from qrunlearn.lazy import lazy_module
+from qrunlearn.unlearn.config import UnlearnConfig
+
+# The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after
+# ~5 s of importing torch, transformers and peft.
+experiment = lazy_module("qrunlearn.experiment")
+eval_run = lazy_module("qrunlearn.eval.run")
+hub = lazy_module("qrunlearn.data.hub")
+io = lazy_module("qrunlearn.io")
+loading = lazy_module("qrunlearn.models.loading")
+muse = lazy_module("qrunlearn.data.muse")
+quant = lazy_module("qrunlearn.quant")
+recipe = lazy_module("qrunlearn.unlearn.recipe")
+report_module = lazy_module("qrunlearn.report")
+stats = lazy_module("qrunlearn.data.stats")
+synth = lazy_module("qrunlearn.data.synth")
+target_module = lazy_module("qrunlearn.models.target")
+gptq = lazy_module("qrunlearn.quant.gptq")
+registry = lazy_module("qrunlearn.quant.registry")
 
 app = typer.Typer(
     name="qrunlearn",
@@ -24,23 +53,52 @@ data_app = typer.Typer(help="MUSE-layout data: validate a folder, or generate th
 app.add_typer(data_app, name="data")
 
 
-# ---- data (issue 2) -------------------------------------------------------------------------------------------
+# ---- options generated from a settings record -----------------------------------------------------------------
+def settings_options(record: type[BaseModel], names: tuple[str, ...],
+                     default_note: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one option per field of `record` in `names` to a command whose last parameter is `**settings`.
+
+    Each option takes the field's type (so typer rejects a bad choice or number) and its description as help;
+    it defaults to None, meaning "keep the record's (or the default set's) value", and the command receives
+    only the options the user gave."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)
+        fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        generated = []
+        for name in names:
+            field = record.model_fields[name]
+            note = default_note or f"default: {field.default}"
+            help_text = f"{(field.description or name).capitalize()} [{note}]"
+            annotation = Annotated[Optional[field.annotation], typer.Option(help=help_text, show_default=False)]
+            generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                               annotation=annotation))
+        params = fixed + generated
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def build_settings(record: type[BaseModel], base: dict[str, Any], given: dict[str, Any]) -> Any:
+    """`record` from `base` overlaid with the options the user gave; a bad value names its option."""
+    try:
+        return record.model_validate({**base, **{k: v for k, v in given.items() if v is not None}})
+    except ValidationError as err:
+        raise UserError(validation_message(err, option_style=True)) from None
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
 @data_app.command("check")
 def data_check(
     data_dir: Annotated[Path, typer.Argument(help="A corpus folder in MUSE's layout.")],
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (folder or hub id) for token-length stats.")] = None,
 ) -> None:
     """Validate a MUSE-layout folder; print item counts and character (and token) length stats."""
-    from qrunlearn.data.stats import corpus_stats, format_stats
-    from qrunlearn.data.muse import load_corpus
-
-    corpus = load_corpus(data_dir)
-    tok = None
-    if tokenizer is not None:
-        from qrunlearn.models.loading import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
-    typer.echo(format_stats(corpus_stats(corpus, tok)))
+    corpus = muse.load_corpus(data_dir)
+    tok = loading.load_tokenizer(tokenizer) if tokenizer is not None else None
+    typer.echo(stats.format_stats(stats.corpus_stats(corpus, tok)))
     typer.echo(f"ok: {data_dir} is a valid MUSE corpus")
 
 
@@ -51,11 +109,8 @@ def data_synth(
     size: Annotated[Literal["tiny", "small", "medium"], typer.Option(help="World size (tiny is for tests).")] = "small",
 ) -> None:
     """Generate the built-in benchmark: a fictional news world in MUSE's full layout."""
-    from qrunlearn.data.synth import SynthConfig, generate_corpus
-    from qrunlearn.data.muse import write_corpus
-
-    corpus = generate_corpus(SynthConfig(seed=seed, size=size))
-    write_corpus(corpus, out)
+    corpus = synth.generate_corpus(synth.SynthConfig(seed=seed, size=size))
+    muse.write_corpus(corpus, out)
     counts = corpus.summary()
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
@@ -66,13 +121,11 @@ def data_fetch(
     out: Annotated[Path, typer.Option(help="Folder to write the corpus to (MUSE layout).")],
 ) -> None:
     """Download a MUSE corpus from the Hugging Face hub into a local folder (needs network)."""
-    from qrunlearn.data.hub import export_hub_corpus
-
-    export_hub_corpus(dataset, out)
+    hub.export_hub_corpus(dataset, out)
     typer.echo(f"wrote {out}")
 
 
-# ---- target / retrain models (issue 2) -------------------------------------------------------------------------
+# ---- target / retrain models ----------------------------------------------------------------------------------
 @app.command("target")
 def target(
     data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/forget and raw/retain1.")],
@@ -85,16 +138,15 @@ def target(
     """Train the built-in target (forget + retain1) and retrain (retain1 only) Llamas on a corpus.
 
     Cached: the same data, config and seed reuse the finished checkpoints."""
-    from qrunlearn.models.target import TargetConfig, build_target_and_retrain
-
-    config = TargetConfig(size=size, seed=seed, epochs=epochs)
-    result = build_target_and_retrain(data, out, config, force=force)
+    config = target_module.TargetConfig(size=size, seed=seed, epochs=epochs)
+    result = target_module.build_target_and_retrain(data, out, config, force=force)
     for name, info in result.items():
         typer.echo(f"{name}: {info['path']} ({info['status']})")
 
 
-# ---- eval (issue 3) --------------------------------------------------------------------------------------------
+# ---- eval -----------------------------------------------------------------------------------------------------
 @app.command("eval")
+@settings_options(EvalConfig, ("limit", "batch_size", "bootstrap", "seed", "mia", "max_context"))
 def eval_cmd(
     model: Annotated[Path, typer.Option(help="Model folder: a Hugging Face causal LM with safetensors + tokenizer.")],
     data: Annotated[Path, typer.Option(help="Corpus folder in MUSE's layout.")],
@@ -102,26 +154,25 @@ def eval_cmd(
     retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder: its privleak AUC is PrivLeak's reference.")] = None,
     retrain_auc: Annotated[Optional[str], typer.Option(help="Reference AUC instead of --retrain: a number, or news (0.4772) / books (0.5393).")] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,privleak.")] = "verbmem_f,knowmem_f,knowmem_r,privleak",
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of each evaluated file.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts (or texts) per batch.")] = 16,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
-    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
-    mia: Annotated[bool, typer.Option(help="Also report LOSS/zlib/Min-K/Min-K++ AUCs (same forward passes).")] = True,
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option(help="Weights dtype (auto: fp32 CPU, bf16 CUDA).")] = "auto",
+    **settings: Any,
 ) -> None:
     """MUSE evaluation: VerbMem, KnowMem (forget, retain), PrivLeak, plus MIA AUCs, batched."""
-    from qrunlearn.eval.evaluate import EvalConfig
-    from qrunlearn.eval.run import eval_folder, format_summary, parse_metrics
-
-    config = EvalConfig(metrics=parse_metrics(metrics), limit=limit, batch_size=batch_size,
-                        bootstrap_samples=bootstrap, seed=seed, mia=mia)
-    result = eval_folder(model, data, out, config, retrain_path=retrain, retrain_auc=retrain_auc, dtype=dtype)
-    typer.echo(format_summary(result))
+    names = tuple(name.strip() for name in metrics.split(",") if name.strip())
+    config = build_settings(EvalConfig, {"metrics": names}, settings)
+    result = eval_run.eval_folder(model, data, out, config, retrain_path=retrain, retrain_auc=retrain_auc,
+                                  dtype=dtype)
+    typer.echo(eval_run.format_summary(result))
     typer.echo(f"wrote {out} ({result.timings['total']:.1f}s)")
 
 
-# ---- unlearn (issue 4) -----------------------------------------------------------------------------------------
+# ---- unlearn --------------------------------------------------------------------------------------------------
+UNLEARN_OPTIONS = tuple(name for name in UnlearnConfig.model_fields if name not in ("method", "reg", "adapter",
+                                                                                     "stop_knowmem_f"))
+
+
 @app.command("unlearn")
+@settings_options(UnlearnConfig, UNLEARN_OPTIONS, default_note="default: from --defaults")
 def unlearn_command(
     model: Annotated[str, typer.Option(help="Model to unlearn from (HF folder or hub id).")],
     data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/<forget-split> (and retain).")],
@@ -132,53 +183,25 @@ def unlearn_command(
     adapter: Annotated[Literal["full", "lora"], typer.Option(help="Full fine-tuning or LoRA merged at the end.")] = "full",
     defaults: Annotated[Literal["paper", "tiny"], typer.Option(help="Default set: the paper's (real models) or "
                                                                     "the built-in tiny model's.")] = "paper",
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (AdamW, constant).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the forget set.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Forget (and retain) chunks per device per micro-batch.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per chunk, BOS included.")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Retain weight.")] = None,
-    gamma: Annotated[Optional[float], typer.Option(help="Forget weight.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="NPO / SimNPO beta.")] = None,
-    delta: Annotated[Optional[float], typer.Option(help="SimNPO margin.")] = None,
-    lora_r: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    lora_alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (scale alpha / r).")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option(help="LoRA dropout.")] = None,
-    lora_targets: Annotated[Optional[str], typer.Option(help="Comma-separated module names (default: every "
-                                                              "linear layer but the output head).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed (data order, LoRA init, dropout).")] = None,
-    save_every_epoch: Annotated[bool, typer.Option(help="Also write epochs/epoch_NNN/ model folders.")] = False,
-    forget_split: Annotated[str, typer.Option(help="Raw split to forget.")] = "forget",
-    retain_split: Annotated[str, typer.Option(help="Raw split to retain.")] = "retain1",
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run in --out (or reuse a finished one).")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    **settings: Any,
 ) -> None:
     """Unlearn a forget set: GA / NPO / SimNPO with a GDR / KLR retain term, full FT or LoRA (merged).
 
     Runs through accelerate: `accelerate launch --num_processes N -m qrunlearn unlearn ...` trains with DDP
     (or the FSDP / DeepSpeed setup of your accelerate config); --batch-size is per process. On CPUs:
     `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m qrunlearn unlearn ...` (gloo)."""
-    from qrunlearn.data.muse import load_corpus
-    from qrunlearn.unlearn import UnlearnConfig, unlearn
-
-    base = (UnlearnConfig.paper_defaults if defaults == "paper" else UnlearnConfig.tiny_defaults)(method, reg, adapter)
-    given = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
-             "alpha": alpha, "gamma": gamma, "beta": beta, "delta": delta, "lora_r": lora_r, "lora_alpha": lora_alpha,
-             "lora_dropout": lora_dropout, "seed": seed,
-             "lora_targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None}
-    updates = {k: v for k, v in given.items() if v is not None}
-    updates.update(save_every_epoch=save_every_epoch, forget_split=forget_split, retain_split=retain_split)
-    try:
-        config = UnlearnConfig.model_validate({**base.model_dump(), **updates})
-    except ValueError as err:  # pydantic's ValidationError: name the first bad field in one line
-        first = err.errors()[0] if hasattr(err, "errors") else {"loc": ("?",), "msg": str(err)}
-        raise UserError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    result = unlearn(model, load_corpus(data), config, out, progress=progress, resume=resume)
+    if settings.get("lora_targets"):  # accept --lora-targets q_proj,v_proj as well as repeated options
+        settings["lora_targets"] = [t.strip() for item in settings["lora_targets"] for t in item.split(",") if t.strip()]
+    base = UnlearnConfig.defaults(defaults, method, reg, adapter).model_dump()
+    config = build_settings(UnlearnConfig, base, settings)
+    result = recipe.unlearn(model, muse.load_corpus(data), config, out, progress=progress, resume=resume)
     typer.echo(f"{result.stopped_reason}: {result.epochs_run} epoch(s); model {result.model_dir}"
                + (f", adapter {result.adapter_dir}" if result.adapter_dir else ""))
 
 
-# ---- quantize / survival (issue 5) -----------------------------------------------------------------------------
+# ---- quantize / survival --------------------------------------------------------------------------------------
 @app.command("quantize")
 def quantize(
     model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors).")],
@@ -195,22 +218,16 @@ def quantize(
     bitsandbytes (nf4/fp4/int8) and GPTQ write a quantized HF folder; RTN and HQQ write the full-precision weights
     plus qrunlearn_quant.json, and `load_quantized` re-applies the spec on load. A group size must divide every
     quantized layer's input width (error otherwise, naming the layer)."""
-    from qrunlearn.quant import parse_spec, save_quantized
-    from qrunlearn.quant.registry import require_backend
-
-    spec = parse_spec(method)
-    require_backend(spec)
+    spec = quant.parse_spec(method)
+    registry.require_backend(spec)
     calibration = None
     if spec.method == "gptq":
-        from qrunlearn.data.muse import load_corpus
-        from qrunlearn.models.loading import load_tokenizer
-        from qrunlearn.quant.gptq import Calibration
-
         if data is None:
             raise UserError("gptq needs calibration data: pass --data DIR (a corpus with raw/retain1)")
-        texts = tuple(load_corpus(data).require_raw("retain1"))
-        calibration = Calibration(texts=texts, tokenizer=load_tokenizer(model), n_samples=calib_samples, seed=seed)
-    typer.echo(save_quantized(model, spec, out, device=device, calibration=calibration))
+        texts = tuple(muse.load_corpus(data).require_raw("retain1"))
+        calibration = gptq.Calibration(texts=texts, tokenizer=loading.load_tokenizer(model), n_samples=calib_samples,
+                                       seed=seed)
+    typer.echo(quant.save_quantized(model, spec, out, device=device, calibration=calibration))
 
 
 @app.command("survival")
@@ -223,23 +240,19 @@ def survival(
 ) -> None:
     """How much of the unlearning update (unlearned - base) survives quantization, per layer and overall:
     share of codes changed, projection sum(dQ*dW)/sum(dW^2), cosine(dQ, dW), mean |dW| in quantization steps."""
-    from qrunlearn.io import atomic_write_json, run_metadata
-    from qrunlearn.models.loading import load_causal_lm
-    from qrunlearn.quant import parse_spec, plot_survival, survival_report
-
-    spec = parse_spec(method)
-    base_model, _ = load_causal_lm(base, device=device, with_tokenizer=False)
-    unlearned_model, _ = load_causal_lm(unlearned, device=device, with_tokenizer=False)
-    report = survival_report(base_model, unlearned_model, spec)
-    report.metadata = run_metadata({"base": str(base), "unlearned": str(unlearned), "spec": spec.label}, None)
+    spec = quant.parse_spec(method)
+    base_model, _ = loading.load_causal_lm(base, device=device, with_tokenizer=False)
+    unlearned_model, _ = loading.load_causal_lm(unlearned, device=device, with_tokenizer=False)
+    report = quant.survival_report(base_model, unlearned_model, spec)
+    report.metadata = io.run_metadata({"base": str(base), "unlearned": str(unlearned), "spec": spec.label}, None)
     typer.echo(report.verdict)
     if out is not None:
-        atomic_write_json(out, report.to_dict())
-        png = plot_survival(report, out.with_suffix(".png"))
+        io.atomic_write_json(out, report)
+        png = quant.plot_survival(report, out.with_suffix(".png"))
         typer.echo(f"wrote {out} and {png}")
 
 
-# ---- run (issue 6) ---------------------------------------------------------------------------------------------
+# ---- run / report ---------------------------------------------------------------------------------------------
 @app.command("run")
 def run(
     config: Annotated[Optional[Path], typer.Argument(help="Experiment YAML (default: the built-in benchmark grid).")] = None,
@@ -253,16 +266,13 @@ def run(
 ) -> None:
     """Run the paper's grid: unlearn each (method, adapter), evaluate target, retrain and every cell at every
     precision, compute survival diagnostics, and write results.json, table.md/.csv, plots/ and report.md."""
-    from qrunlearn.config import load_config
-    from qrunlearn.experiment import plan_cells, run_experiment
-
     experiment_config = load_config(config)
     if list_cells:
-        for item in plan_cells(experiment_config):
+        for item in experiment.plan_cells(experiment_config):
             typer.echo(f"{item.index}\t{item.id}")
         return
-    folder = run_experiment(experiment_config, out, resume=resume, force=force, cell_index=cell,
-                            prepare_only=prepare, progress=progress, config_path=config)
+    folder = experiment.run_experiment(experiment_config, out, resume=resume, force=force, cell_index=cell,
+                            prepare_only=prepare, progress=progress)
     table = folder / "table.md"
     if table.exists() and cell is None and not prepare:
         typer.echo(table.read_text())
@@ -273,39 +283,65 @@ def run(
 def report(out: Annotated[Path, typer.Argument(help="An experiment output folder.")],
            config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: built-in).")] = None) -> None:
     """Rebuild table.md, table.csv, plots and report.md from an experiment folder's finished cells."""
-    from qrunlearn.config import load_config
-    from qrunlearn.experiment import Experiment
-    from qrunlearn.report import build_report
-
-    experiment = Experiment(load_config(config), out)
-    missing = [c.id for c in experiment.cells if not experiment.is_done(c)]
-    if missing:
-        raise UserError(f"{out}: cells not finished: {', '.join(missing)}")
-    build_report(experiment)
+    experiment_config = load_config(config)
+    finished = experiment.Experiment(experiment_config, out)
+    report_module.build_report(out, experiment_config, finished.references(), finished.unlearn_results())
     typer.echo((out / "table.md").read_text())
 
 
+# ---- entry point ----------------------------------------------------------------------------------------------
+def configure_logging() -> None:
+    """Quiet what is noise for a command-line user; the library itself configures nothing on import."""
+    # peft imports torchao when it is installed; on a CPU-only torch, torchao logs that its CUDA kernels cannot
+    # load, torch logs pytree deprecations and bitsandbytes that an optional kernel package is absent.
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # peft asks transformers whether gradient checkpointing is on through a name transformers 5 deprecated; the
+    # warning repeats on every LoRA run and is not actionable.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def _is_usage_error(err: BaseException) -> bool:
+    """Typer's and click's usage errors, wherever the installed typer keeps them (typer >= 0.29 vendors click as
+    `typer._click`; older versions raise click's own classes): matched by class name, not by module."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return bool(names & {"ClickException", "UsageError", "TyperException"}) and hasattr(err, "format_message")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
+    configure_logging()
     try:
         app(args=argv, standalone_mode=False)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    except ValidationError as err:
+        print(f"error: {validation_message(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
+            raise
+        print(f"error: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare `qrunlearn` or `qrunlearn data`: the help
+            print(err.format_message())  # type: ignore[attr-defined]
+            return 0
+        if _is_usage_error(err):
+            print(f"error: {_one_line(err.format_message())}", file=sys.stderr)  # type: ignore[attr-defined]
             return 2
-        if isinstance(err, click.exceptions.Abort):
-            return 1
+        if type(err).__name__ in ("Abort", "Exit"):
+            return int(getattr(err, "exit_code", 1))
         raise
     return 0
 

@@ -4,12 +4,21 @@ silently falls back to a default."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
-from qrunlearn.errors import UserError
+from qrunlearn.errors import UserError, validation_message
+from qrunlearn.eval.config import EvalConfig
+from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
 
 MethodName = Literal["ga_gdr", "ga_klr", "npo_gdr", "npo_klr", "ga", "npo", "simnpo", "simnpo_gdr", "simnpo_klr"]
 AdapterName = Literal["full", "lora"]
@@ -55,45 +64,51 @@ class ModelsConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-class EvalSettings(_Strict):
-    metrics: tuple[str, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
-    limit: int | None = None
-    batch_size: int = 64
-    bootstrap: int = 1000
+def _optional(name: str) -> tuple[object, object]:
+    """An UnlearnConfig field as an optional override: same type and constraints, default None."""
+    field = UnlearnConfig.model_fields[name]
+    annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    return Optional[annotation], Field(None, description=field.description)
 
 
-class UnlearnOverrides(_Strict):
-    """Per-cell hyperparameters layered over the chosen defaults. None = keep the default."""
-
-    lr: float | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    grad_accum: int | None = None
-    max_length: int | None = None
-    alpha: float | None = None
-    gamma: float | None = None
-    beta: float | None = None
-    delta: float | None = None
-    lora_r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
+UnlearnOverrides = create_model(
+    "UnlearnOverrides", __base__=_Strict, __doc__="Per-cell settings layered over the chosen defaults; None keeps "
+    "the default. Generated from `UnlearnConfig` (the fields in `unlearn.config.TUNABLE`).",
+    **{name: _optional(name) for name in TUNABLE})
 
 
 class ExperimentConfig(_Strict):
     name: str = "built-in benchmark"
-    seed: int = 0
+    seed: int = Field(0, description="seeds the data order, LoRA initialisation and the bootstrap")
     data: DataConfig = DataConfig(synth=SynthData())
     models: ModelsConfig = ModelsConfig()
     methods: tuple[MethodName, ...] = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
     adapters: tuple[AdapterName, ...] = ("full", "lora")
     precisions: tuple[str, ...] = ("fp", "int8", "nf4")
-    defaults: Literal["tiny", "paper"] = "tiny"
-    hparams: dict[str, UnlearnOverrides] = Field(
+    defaults: DefaultsName = "tiny"
+    hparams: dict[str, UnlearnOverrides] = Field(  # type: ignore[valid-type]
         default_factory=dict,
         description="Overrides keyed 'method/adapter' (e.g. 'npo_klr/lora'), 'method' or 'adapter'.")
-    eval: EvalSettings = EvalSettings()
+    eval: EvalConfig = EvalConfig(batch_size=64)
     select_epoch: bool = Field(
         default=False, description="MUSE's rule: keep the first epoch whose KnowMem-forget <= the retrain's.")
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluation settings with the experiment's seed as the bootstrap seed."""
+        return self.eval.model_copy(update={"seed": self.seed})
+
+    def unlearn_config(self, method: str, adapter: AdapterName) -> UnlearnConfig:
+        """A cell's settings: the default set, then the overrides from least to most specific."""
+        forget, reg = split_method(method)
+        updates: dict[str, object] = {"seed": self.seed}
+        for key in (adapter, method, f"{method}/{adapter}"):
+            override = self.hparams.get(key)
+            if override is not None:
+                updates.update(override.model_dump(exclude_none=True))
+        if self.select_epoch:
+            updates["save_every_epoch"] = True
+        base = UnlearnConfig.defaults(self.defaults, forget, reg, adapter)
+        return UnlearnConfig.model_validate({**base.model_dump(), **updates})
 
 
 def split_method(method: str) -> tuple[str, str]:
@@ -119,6 +134,4 @@ def load_config(path: Path | str | None) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise UserError(f"{path}: field '{field}': {first['msg']}") from None
+        raise UserError(f"{path}: {validation_message(err)}") from None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
+
 
 class UserError(Exception):
     """A problem with the user's input. `str(err)` is a complete one-line message."""
@@ -36,3 +38,15 @@ class MissingDependencyError(UserError):
     def __init__(self, package: str, feature: str, extra: str | None = None):
         hint = f"pip install 'qrunlearn[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{feature} needs the optional package '{package}': {hint}")
+
+
+def validation_message(err: ValidationError, option_style: bool = False) -> str:
+    """The first problem of a pydantic validation error as one line: "field 'eval.limit': <why>", or with
+    `option_style` "--batch-size: <why>" (for settings that came from command-line options)."""
+    first = err.errors()[0]
+    location = [str(part) for part in first["loc"]]
+    if option_style and location:
+        where = "--" + location[0].replace("_", "-")
+    else:
+        where = f"field '{'.'.join(location) or '(top level)'}'"
+    return f"{where}: {first['msg']}"

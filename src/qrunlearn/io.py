@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,9 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 TRACKED_PACKAGES = (
     "qrunlearn", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
@@ -77,9 +81,21 @@ def atomic_write_json(path: Path | str, obj: Any) -> Path:
     return atomic_write_text(path, to_json(obj))
 
 
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final` in one rename; an existing `final` is swapped out first and
+    removed afterwards, so at every moment `final` is either the old folder or the new one."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextmanager
 def atomic_directory(final: Path | str, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
+    """Yield a temporary directory beside `final`; on success it replaces `final` (`replace_directory`).
 
     On failure the temporary directory is removed and `final` (if any) is left untouched.
     """
@@ -88,15 +104,9 @@ def atomic_directory(final: Path | str, overwrite: bool = True) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        if final.exists() and not overwrite:
+            raise FileExistsError(final)
+        replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -130,8 +140,6 @@ def git_commit(start: Path | str | None = None) -> str | None:
 
 def run_metadata(config: Any = None, seed: int | None = None) -> dict[str, Any]:
     """What makes a run reproducible: its resolved config, seed, package versions, commit, host."""
-    import torch
-
     return {
         "config": config,
         "seed": seed,
@@ -146,11 +154,6 @@ def run_metadata(config: Any = None, seed: int | None = None) -> dict[str, Any]:
 
 
 def set_seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

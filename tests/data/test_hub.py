@@ -18,15 +18,13 @@ def _fake_rows(config: str, split: str) -> list[dict]:
 
 
 def test_export_writes_muse_layout(tmp_path, monkeypatch):
-    import datasets
-
     calls = []
 
     def fake_load_dataset(dataset_id, config, split):
         calls.append((dataset_id, config, split))
         return _fake_rows(config, split)
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(hub, "load_dataset", fake_load_dataset)
     corpus = hub.export_hub_corpus("muse-bench/MUSE-News", tmp_path / "news")
     assert len(calls) == 4 + 1 + 4 + 3 and all(c[0] == "muse-bench/MUSE-News" for c in calls)
     assert (tmp_path / "news" / "raw" / "retain2.json").is_file()
@@ -37,12 +35,10 @@ def test_export_writes_muse_layout(tmp_path, monkeypatch):
 
 
 def test_unreachable_hub_is_one_line(tmp_path, monkeypatch):
-    import datasets
-
     def offline(*_args, **_kwargs):
         raise ConnectionError("Couldn't reach 'muse-bench/MUSE-News' on the Hub (LocalEntryNotFoundError)\nmore")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(hub, "load_dataset", offline)
     with pytest.raises(UserError) as info:
         hub.export_hub_corpus("muse-bench/MUSE-News", tmp_path / "news")
     message = str(info.value)

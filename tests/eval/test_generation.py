@@ -92,7 +92,7 @@ def test_left_truncation_keeps_bos_and_the_end(tiny):
 
 
 def test_shared_prefix_gives_the_same_tokens(tiny, tiny_corpus):
-    from qrunlearn.eval.evaluate import knowmem_prompt
+    from qrunlearn.eval.muse import knowmem_prompt
     from qrunlearn.eval.generation import MIN_SHARED_PREFIX, common_prefix_length
 
     model, tokenizer = tiny

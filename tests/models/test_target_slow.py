@@ -22,7 +22,7 @@ def test_default_target_knows_forget_facts_and_retrain_does_not(tmp_path):
     write_corpus(generate_corpus(SynthConfig(seed=0, size="small")), tmp_path / "data")
     corpus = load_corpus(tmp_path / "data")
     build_target_and_retrain(tmp_path / "data", tmp_path / "models", TargetConfig(), progress=False)
-    config = EvalConfig(metrics=("knowmem_f", "knowmem_r", "privleak"), batch_size=64, bootstrap_samples=10)
+    config = EvalConfig(metrics=("knowmem_f", "knowmem_r", "privleak"), batch_size=64, bootstrap=10)
     scores = {}
     for name in ("target", "retrain"):
         model, tokenizer = load_causal_lm(tmp_path / "models" / name, device="cpu")

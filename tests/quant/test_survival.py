@@ -21,7 +21,7 @@ def _perturbed(model, make_delta):
 
 def test_identical_models(tiny_model):
     report = survival_report(tiny_model, copy.deepcopy(tiny_model), "rtn:w4g64")
-    assert report.overall["projection"] is None and report.overall["codes_changed_frac"] == 0.0
+    assert report.overall.projection is None and report.overall.codes_changed_frac == 0.0
     assert "identical" in report.verdict
 
 
@@ -29,14 +29,14 @@ def test_update_far_below_a_step_is_rounded_away_and_large_one_survives(tiny_mod
     gen = torch.Generator().manual_seed(0)
     tiny = _perturbed(tiny_model, lambda w: 1e-7 * torch.randn(w.shape, generator=gen))
     small = survival_report(tiny_model, tiny, "rtn:w4g64")
-    assert small.overall["mean_abs_dw_in_steps"] < 1e-4
-    assert small.overall["codes_changed_frac"] < 1e-3
-    assert abs(small.overall["projection"]) < 0.05  # almost all of the update rounded away
+    assert small.overall.mean_abs_dw_in_steps < 1e-4
+    assert small.overall.codes_changed_frac < 1e-3
+    assert abs(small.overall.projection) < 0.05  # almost all of the update rounded away
     big = survival_report(tiny_model, _perturbed(tiny_model, lambda w: 0.5 * w.std() * torch.randn(
         w.shape, generator=gen)), "rtn:w4g64")
-    assert big.overall["mean_abs_dw_in_steps"] > 1
-    assert big.overall["projection"] > 0.9 and big.overall["cosine"] > 0.9
-    assert big.overall["codes_changed_frac"] > 0.5
+    assert big.overall.mean_abs_dw_in_steps > 1
+    assert big.overall.projection > 0.9 and big.overall.cosine > 0.9
+    assert big.overall.codes_changed_frac > 0.5
 
 
 def test_numbers_match_a_hand_computation(tiny_model):
@@ -56,10 +56,10 @@ def test_numbers_match_a_hand_computation(tiny_model):
     assert math.isclose(layer.mean_abs_dw_in_steps, float((dw.abs() / qa.step.double().flatten()).mean()),
                         rel_tol=1e-9)
     total = sum(l.numel for l in report.layers)
-    assert report.overall["numel"] == total
-    assert math.isclose(report.overall["codes_changed_frac"],
+    assert report.overall.numel == total
+    assert math.isclose(report.overall.codes_changed_frac,
                         sum(l.codes_changed_frac * l.numel for l in report.layers) / total, rel_tol=1e-9)
-    assert report.verdict.startswith(f"nf4 keeps {report.overall['projection'] * 100:.0f}% of the update's projection")
+    assert report.verdict.startswith(f"nf4 keeps {report.overall.projection * 100:.0f}% of the update's projection")
     assert f"of {len(report.layers)} layers keep < 50%" in report.verdict
 
 
@@ -67,7 +67,7 @@ def test_report_serialises_and_plots(tiny_model, tmp_path):
     gen = torch.Generator().manual_seed(2)
     report = survival_report(tiny_model, _perturbed(tiny_model, lambda w: 1e-3 * torch.randn(w.shape, generator=gen)),
                              "int8")
-    data = json.loads(json.dumps(report.to_dict()))
+    data = json.loads(report.model_dump_json())
     assert data["spec"] == "int8" and len(data["layers"]) == 14
     assert set(data["layers"][0]) >= {"name", "codes_changed_frac", "projection", "cosine", "mean_abs_dw_in_steps"}
     png = plot_survival(report, tmp_path / "survival.png")
@@ -96,4 +96,4 @@ def test_merged_peft_lora_model(tiny_model):
     merged = lora.merge_and_unload()
     report = survival_report(base, merged, "rtn:w4g64")
     assert len(report.layers) == 14 and all(layer.projection is not None for layer in report.layers)
-    assert report.overall["codes_changed_frac"] > 0.01 and 0 < report.overall["cosine"] <= 1
+    assert report.overall.codes_changed_frac > 0.01 and 0 < report.overall.cosine <= 1

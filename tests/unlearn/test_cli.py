@@ -60,8 +60,9 @@ def test_two_cpu_processes_match_one_at_the_same_global_batch(tiny_model_dir, ti
     rec1 = json.loads((one / "unlearn.json").read_text())
     rec2 = json.loads((two / "unlearn.json").read_text())
     assert rec1["num_processes"] == 1 and rec2["num_processes"] == 2
-    assert len(rec1["losses"]) == len(rec2["losses"]) > 1
-    for a, b in zip(rec1["losses"], rec2["losses"]):
+    losses1, losses2 = rec1["progress"]["losses"], rec2["progress"]["losses"]
+    assert len(losses1) == len(losses2) > 1
+    for a, b in zip(losses1, losses2):
         assert abs(a["forget"] - b["forget"]) < 1e-5 * max(1.0, abs(a["forget"]))
         assert abs(a["retain"] - b["retain"]) < 1e-5 * max(1.0, abs(a["retain"]))
     w1 = load_file(one / "model" / "model.safetensors")

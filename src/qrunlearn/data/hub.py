@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qrunlearn.data.muse import MuseCorpus, QAPair, VerbMemItem, load_corpus, write_corpus
+from datasets import load_dataset
+
+from qrunlearn.data.muse import (
+    MuseCorpus,
+    QAPair,
+    VerbMemItem,
+    load_corpus,
+    write_corpus,
+)
 from qrunlearn.errors import UserError
 
 KNOWN_DATASETS = ("muse-bench/MUSE-News", "muse-bench/MUSE-Books")
@@ -24,10 +32,6 @@ _CONFIGS = {
 
 
 def export_hub_corpus(dataset_id: str, out: Path | str) -> MuseCorpus:
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise UserError("loading from the hub needs the 'datasets' package: pip install datasets") from None
     corpus = MuseCorpus(root=Path(out))
     for config, splits in _CONFIGS.items():
         for split in splits:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qrunlearn.errors import DataError
+from qrunlearn.io import atomic_write_text
 
 RAW_SPLITS = ("forget", "retain1", "retain2", "holdout")
 PRIVLEAK_SPLITS = ("forget", "retain", "holdout")
@@ -224,8 +225,6 @@ def load_corpus(root: Path | str) -> MuseCorpus:
 
 def write_corpus(corpus: MuseCorpus, root: Path | str) -> Path:
     """Write a corpus in MUSE's layout (JSON everywhere), each file atomically. Deterministic bytes."""
-    from qrunlearn.io import atomic_write_text
-
     root = Path(root)
 
     def dump(rel: str, value: Any) -> None:

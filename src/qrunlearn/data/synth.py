@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from qrunlearn.data.muse import MuseCorpus, QAPair, VerbMemItem
@@ -183,8 +184,6 @@ def _verbmem_item(article: str) -> VerbMemItem:
 
 def generate_corpus(config: SynthConfig = SynthConfig()) -> MuseCorpus:
     """Build the whole world in memory; `write_corpus` puts it on disk."""
-    from pathlib import Path
-
     if config.size not in _SIZES:
         raise ValueError(f"unknown size {config.size!r}")
     rng = random.Random(config.seed)

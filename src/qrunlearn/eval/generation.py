@@ -20,6 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, StaticCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -27,8 +30,6 @@ logger = logging.getLogger("qrunlearn.eval")
 def _cache_argument_name() -> str:
     # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated); use whichever the
     # installed version's outputs carry.
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -177,8 +178,6 @@ def new_cache(model, max_length: int, rows: int, prefix: SharedPrefix | None):
     """A preallocated (static) KV cache of `max_length` positions, holding `prefix` repeated over `rows` when
     given. A growing cache re-copies all keys and values at every step (torch.cat), which dominated decoding
     time on CPU; a static one writes each step in place."""
-    from transformers import DynamicCache, StaticCache
-
     try:
         cache = StaticCache(config=model.config, max_cache_len=max_length)
     except (TypeError, ValueError, AttributeError):  # a config the static cache cannot size: grow instead
@@ -234,8 +233,6 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """`generate_batch` over all prompts, longest first (similar lengths share a batch, so little padding),
     results returned in the input order. With `share_prefix`, a token prefix common to all prompts (at least
     MIN_SHARED_PREFIX long) is computed once."""
-    from tqdm.auto import tqdm
-
     prefix = None
     if share_prefix and len(prompts) > 1:
         # keep at least one token per prompt outside the prefix: it yields the first new token's logits

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from qrunlearn.eval.generation import input_device
 
@@ -122,8 +123,6 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
                 desc: str = "log-probs") -> dict[str, np.ndarray]:
     """MIA scores of tokenised texts (each at least 2 tokens), batched by similar length; arrays in input
     order. Right padding: real tokens never attend to the pads after them, and positions start at 0."""
-    from tqdm.auto import tqdm
-
     if any(len(ids) < 2 for ids in token_ids):
         raise ValueError("every scored text needs at least two tokens")
     device = input_device(model)

@@ -9,12 +9,11 @@ model that never saw either sits near 0.5.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import auc, roc_curve
 
 
 def muse_auc(first: np.ndarray, second: np.ndarray) -> float:
     """AUC of `roc_curve([0]*len(first) + [1]*len(second), -scores)` (sklearn, trapezoidal), as MUSE."""
-    from sklearn.metrics import auc, roc_curve
-
     first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
     scores = np.concatenate([first, second])
     labels = np.concatenate([np.zeros(len(first)), np.ones(len(second))])

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from rouge_score import rouge_scorer
+
 KNOWMEM_STOP_STRINGS: tuple[str, ...] = ("\n\n", "\nQuestion", "Question:")
 
 
@@ -24,8 +26,6 @@ class RougeL:
 
 @lru_cache(maxsize=1)
 def _scorer():
-    from rouge_score import rouge_scorer
-
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 

@@ -6,19 +6,19 @@ import gc
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from qrunlearn.data.muse import load_corpus
 from qrunlearn.errors import UserError
-from qrunlearn.eval.evaluate import (
-    METRIC_NAMES, RETRAIN_AUC_PRESETS, EvalConfig, EvalResult, check_corpus, evaluate, privleak_auc,
+from qrunlearn.eval.config import METRIC_NAMES, RETRAIN_AUC_PRESETS, EvalConfig
+from qrunlearn.eval.muse import (
+    EvalResult,
+    check_corpus,
+    evaluate,
+    privleak_auc,
     write_eval_outputs,
 )
-
-
-def parse_metrics(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in METRIC_NAMES]
-    if unknown or not names:
-        raise UserError(f"--metrics: unknown {unknown or '(empty)'}; choose from {','.join(METRIC_NAMES)}")
-    return names
+from qrunlearn.models.loading import ModelSource, load_causal_lm
 
 
 def parse_retrain_auc(text: str) -> float:
@@ -44,8 +44,6 @@ def quantization_spec(model) -> Any:
 
 
 def _free(model) -> None:
-    import torch
-
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -55,9 +53,6 @@ def _free(model) -> None:
 def eval_folder(model_path: Path, data_path: Path, out: Path, config: EvalConfig, retrain_path: Path | None = None,
                 retrain_auc: str | None = None, dtype: str = "auto", progress: bool = True) -> EvalResult:
     """Evaluate a model folder on a corpus folder and write `out` plus its items file."""
-    from qrunlearn.data.muse import load_corpus
-    from qrunlearn.models.loading import ModelSource, load_causal_lm
-
     if retrain_path is not None and retrain_auc is not None:
         raise UserError("give either --retrain or --retrain-auc, not both")
     reference = parse_retrain_auc(retrain_auc) if retrain_auc is not None else None

@@ -14,21 +14,36 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from qrunlearn.errors import UserError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: DTypeName | str, device: torch.device | str | None = None) -> torch.dtype:
+    """The one place a dtype name becomes a torch dtype: "auto" is bf16 on CUDA and fp32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+        return torch.bfloat16 if torch.device(device or default_device()).type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def source_dtype(name_or_path: str | Path) -> torch.dtype:
+    """The dtype a model's config.json declares (fp32 when it declares none); hub ids read the hub's config."""
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path))
+    except (OSError, ValueError):
+        return torch.float32
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = DTYPES.get(declared)
+    return declared if declared in DTYPES.values() else torch.float32
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,6 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, padding_side: str = "left"):
-    from transformers import AutoTokenizer
-
     source = ModelSource(str(name_or_path))
     source.check_tokenizer()
     try:
@@ -106,10 +119,6 @@ def load_causal_lm(
     with_tokenizer: bool = True,
 ):
     """Return `(model, tokenizer)` (tokenizer None when `with_tokenizer=False`), model in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    from transformers.utils import logging as hf_logging
-
     source = ModelSource(str(name_or_path))
     source.check()
     hf_logging.disable_progress_bar()  # a bar per load floods a grid's output; qrunlearn shows its own progress

@@ -15,10 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import AutoTokenizer
 
 from qrunlearn.data.muse import MuseCorpus, load_corpus
 from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata, set_seed
-from qrunlearn.models.tiny import PRESETS, TrainConfig, build_model, train_causal_lm, train_tokenizer
+from qrunlearn.models.tiny import (
+    PRESETS,
+    TrainConfig,
+    build_model,
+    train_causal_lm,
+    train_tokenizer,
+)
 
 MARKER = "qrunlearn_model.json"
 RECIPE_VERSION = 1  # bump when the training recipe changes so caches are invalidated
@@ -80,8 +87,6 @@ def _cached(path: Path, key: str) -> bool:
 def build_target_and_retrain(data_dir: Path | str, out: Path | str, config: TargetConfig = TargetConfig(),
                              force: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Train (or reuse) out/target and out/retrain; returns {name: {path, status, train}}."""
-    from transformers import AutoTokenizer
-
     corpus = load_corpus(data_dir)
     forget, retain = corpus.require_raw("forget"), corpus.require_raw("retain1")
     out = Path(out)

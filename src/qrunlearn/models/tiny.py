@@ -10,6 +10,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SizeName = Literal["tiny", "small"]
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -42,9 +53,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path | str | Non
     never saw before an answer word, and a model trained from scratch answers nothing (measured: KnowMem 0.0 on a
     target that reproduced its articles verbatim). With trailing whitespace the prompt's last token is exactly the
     one that precedes every answer in training."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\s*\S+\s*"), behavior="isolated"),
@@ -70,8 +78,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path | str | Non
 
 
 def build_model(preset: ModelPreset, vocab_size: int, tokenizer, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     padded_vocab = int(math.ceil(vocab_size / 64) * 64)
     config = LlamaConfig(
         vocab_size=padded_vocab,
@@ -147,8 +153,6 @@ def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc: str = "train",
                     progress: bool = True) -> TrainResult:
     """Next-token training on `docs` until the epochs are done; returns per-epoch mean losses and speed."""
-    from tqdm.auto import tqdm
-
     sequences = encode_documents(tokenizer, docs, config.max_length)
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(sequences) / config.batch_size)

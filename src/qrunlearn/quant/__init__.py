@@ -5,20 +5,15 @@
     report = survival_report(base, unlearned, spec); print(report.verdict)
 """
 
-from qrunlearn.quant.common import QuantizedWeight, target_linear_names
-from qrunlearn.quant.registry import (
-    available_methods,
-    load_quantized,
-    quantize_model,
-    quantize_weight,
-    quantized_codes,
-    save_quantized,
-)
-from qrunlearn.quant.spec import QuantSpec, parse_spec
-from qrunlearn.quant.survival import LayerSurvival, SurvivalReport, plot_survival, survival_report
+from qrunlearn.lazy import lazy_exports
 
-__all__ = [
-    "LayerSurvival", "QuantSpec", "QuantizedWeight", "SurvivalReport", "available_methods", "load_quantized",
-    "parse_spec", "plot_survival", "quantize_model", "quantize_weight", "quantized_codes", "save_quantized",
-    "survival_report", "target_linear_names",
-]
+_EXPORTS = {
+    **{name: "qrunlearn.quant.common" for name in ("QuantizedWeight", "target_linear_names")},
+    **{name: "qrunlearn.quant.registry" for name in ("available_methods", "load_quantized", "quantize_model",
+                                                     "quantize_weight", "quantized_codes", "save_quantized")},
+    **{name: "qrunlearn.quant.spec" for name in ("QuantSpec", "is_full_precision", "parse_spec")},
+    **{name: "qrunlearn.quant.survival" for name in ("LayerSurvival", "SurvivalReport", "plot_survival",
+                                                     "survival_report")},
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qrunlearn.errors import MissingDependencyError, UserError
+from qrunlearn.models.loading import resolve_dtype
 from qrunlearn.quant.common import (
     QuantizedWeight,
     as_linear,
@@ -150,15 +152,13 @@ def codes_from_module(module: nn.Module) -> torch.Tensor | None:
 def save_quantized(model_dir: Path, spec: QuantSpec, out_dir: Path, device: torch.device) -> nn.Module:
     """Write a standard HF bitsandbytes folder: reload `model_dir` with BitsAndBytesConfig and save it."""
     _bnb()
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     if spec.method == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD)
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.method,
                                     bnb_4bit_use_double_quant=False,
-                                    bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+                                    bnb_4bit_compute_dtype=resolve_dtype("auto", device))
+    dtype = resolve_dtype("auto", device)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=config, dtype=dtype,
                                                  device_map=str(device), use_safetensors=True)
     disable_cpu_repacking(model)
@@ -169,9 +169,7 @@ def save_quantized(model_dir: Path, spec: QuantSpec, out_dir: Path, device: torc
 def load_serialised(model_dir: Path, device: torch.device) -> nn.Module:
     """Load a folder written by `save_quantized` (config.json carries its quantization_config)."""
     _bnb()
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = resolve_dtype("auto", device)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, device_map=str(device),
                                                  use_safetensors=True)
     disable_cpu_repacking(model)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from qrunlearn.errors import UserError
 
@@ -32,8 +33,6 @@ class QuantizedWeight:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
     return isinstance(module, Conv1D)
 
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from qrunlearn.errors import MissingDependencyError, UserError
+from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata
+from qrunlearn.models.loading import default_device, load_causal_lm, load_tokenizer
 from qrunlearn.quant.common import (
     FULL_PRECISION_NOTE,
     QuantizedWeight,
@@ -136,9 +138,6 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
     """Write `out_dir` (atomically): a quantized HF folder where the backend serialises (bitsandbytes), otherwise the
     full-precision weights plus `qrunlearn_quant.json` naming the spec that `load_quantized` re-applies.
     Returns a one-line description of what was written."""
-    from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata
-    from qrunlearn.models.loading import default_device, load_causal_lm
-
     spec = parse_spec(spec)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     device = torch.device(device) if device is not None else default_device()
@@ -182,8 +181,6 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
     A folder written by `qrunlearn quantize` is understood: a bnb folder loads as saved; an fp folder with a spec
     file gets that spec re-applied (`spec` may be None; when given, it must match). Any other HF folder: fp weights
     quantized with `spec`."""
-    from qrunlearn.models.loading import default_device, load_causal_lm, load_tokenizer
-
     model_dir = Path(model_dir)
     device = torch.device(device) if device is not None else default_device()
     saved = _saved_spec(model_dir)

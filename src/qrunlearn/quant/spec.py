@@ -56,6 +56,11 @@ class QuantSpec:
         return self.label
 
 
+def is_full_precision(spec: str | QuantSpec) -> bool:
+    """True for the no-op precision ("fp" / "none")."""
+    return parse_spec(spec).is_noop
+
+
 def _bits(spec: str, text: str, allowed) -> int:
     bits = int(text)
     if bits not in allowed:

@@ -12,22 +12,31 @@ Works on any pair of full-precision models with the same architecture (full fine
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from qrunlearn.errors import UserError
-from qrunlearn.quant.common import FULL_PRECISION_NOTE, is_plain_linear, linear_weight, target_linear_names
+from qrunlearn.plotting import pyplot, save_figure
+from qrunlearn.quant.common import (
+    FULL_PRECISION_NOTE,
+    is_plain_linear,
+    linear_weight,
+    target_linear_names,
+)
 from qrunlearn.quant.registry import quantize_weight
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 
 LOW_PROJECTION = 0.5  # a layer "keeps < 50%" of its update below this projection
 
 
-@dataclass(frozen=True)
-class LayerSurvival:
+class LayerSurvival(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
     name: str
     numel: int
     codes_changed_frac: float
@@ -50,18 +59,26 @@ class _Sums:
     abs_dw_steps: float = 0.0
 
 
-@dataclass
-class SurvivalReport:
-    spec: str
-    layers: list[LayerSurvival]
-    overall: dict[str, float | int | None]
-    verdict: str
-    note: str = FULL_PRECISION_NOTE
-    metadata: dict = field(default_factory=dict)
+class SurvivalOverall(BaseModel):
+    """The same quantities over every quantized layer together (sums, not a mean of layer ratios)."""
 
-    def to_dict(self) -> dict:
-        return {"spec": self.spec, "verdict": self.verdict, "overall": self.overall, "note": self.note,
-                "layers": [asdict(layer) for layer in self.layers], "metadata": self.metadata}
+    layers: int
+    numel: int
+    codes_changed_frac: float
+    projection: float | None
+    cosine: float | None
+    mean_abs_dw: float
+    mean_abs_dw_in_steps: float
+    layers_below_half: int
+
+
+class SurvivalReport(BaseModel):
+    spec: str
+    verdict: str
+    overall: SurvivalOverall
+    layers: list[LayerSurvival]
+    note: str = FULL_PRECISION_NOTE
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 def _layer_survival(name: str, w: torch.Tensor, w_new: torch.Tensor, spec: QuantSpec, sums: _Sums) -> LayerSurvival:
@@ -92,15 +109,15 @@ def _ratios(dq_dw: float, dw_dw: float, dq_dq: float) -> tuple[float | None, flo
     return dq_dw / dw_dw, cosine
 
 
-def _verdict(spec: QuantSpec, layers: list[LayerSurvival], overall: dict) -> str:
-    if overall["projection"] is None:
+def _verdict(spec: QuantSpec, layers: list[LayerSurvival], overall: SurvivalOverall) -> str:
+    if overall.projection is None:
         return f"{spec.label}: the two models have identical weights in every quantized layer (no update)"
     changed_layers = [layer for layer in layers if layer.projection is not None]
     low = sum(1 for layer in changed_layers if layer.projection < LOW_PROJECTION)
-    return (f"{spec.label} keeps {overall['projection'] * 100:.0f}% of the update's projection, cosine "
-            f"{overall['cosine']:.2f}; {low} of {len(changed_layers)} layers keep < {LOW_PROJECTION:.0%} "
-            f"({overall['codes_changed_frac'] * 100:.2f}% of codes changed, mean |dW| = "
-            f"{overall['mean_abs_dw_in_steps']:.3f} steps)")
+    return (f"{spec.label} keeps {overall.projection * 100:.0f}% of the update's projection, cosine "
+            f"{overall.cosine:.2f}; {low} of {len(changed_layers)} layers keep < {LOW_PROJECTION:.0%} "
+            f"({overall.codes_changed_frac * 100:.2f}% of codes changed, mean |dW| = "
+            f"{overall.mean_abs_dw_in_steps:.3f} steps)")
 
 
 def survival_report(base_model: nn.Module, unlearned_model: nn.Module, spec: QuantSpec | str) -> SurvivalReport:
@@ -123,24 +140,17 @@ def survival_report(base_model: nn.Module, unlearned_model: nn.Module, spec: Qua
                 raise UserError(f"{name}: weight shapes differ ({tuple(w.shape)} vs {tuple(w_new.shape)})")
             layers.append(_layer_survival(name, w, w_new.to(w.device), spec, sums))
     projection, cosine = _ratios(sums.dq_dw, sums.dw_dw, sums.dq_dq)
-    overall = {"layers": len(layers), "numel": sums.numel, "codes_changed_frac": sums.changed / sums.numel,
-               "projection": projection, "cosine": cosine, "mean_abs_dw": sums.abs_dw / sums.numel,
-               "mean_abs_dw_in_steps": sums.abs_dw_steps / sums.numel,
-               "layers_below_half": sum(1 for l in layers if l.projection is not None and l.projection < LOW_PROJECTION)}
+    overall = SurvivalOverall(
+        layers=len(layers), numel=sums.numel, codes_changed_frac=sums.changed / sums.numel, projection=projection,
+        cosine=cosine, mean_abs_dw=sums.abs_dw / sums.numel, mean_abs_dw_in_steps=sums.abs_dw_steps / sums.numel,
+        layers_below_half=sum(1 for layer in layers if layer.projection is not None
+                              and layer.projection < LOW_PROJECTION))
     return SurvivalReport(spec=spec.label, layers=layers, overall=overall, verdict=_verdict(spec, layers, overall))
 
 
 def plot_survival(report: SurvivalReport, png_path: Path | str) -> Path:
     """Per-layer bars: projection, cosine, codes changed, |dW| in steps (written atomically)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from qrunlearn.io import atomic_write_bytes
-
+    plt = pyplot()
     x = list(range(len(report.layers)))
     panels = [("projection", "projection sum(dQ dW)/sum(dW^2)"), ("cosine", "cosine(dQ, dW)"),
               ("codes_changed_frac", "share of codes changed"), ("mean_abs_dw_in_steps", "mean |dW| / step")]
@@ -156,7 +166,4 @@ def plot_survival(report: SurvivalReport, png_path: Path | str) -> Path:
     axes[-1].set_xticklabels([layer.name.split("layers.")[-1] for layer in report.layers], rotation=90, fontsize=6)
     fig.suptitle(report.verdict, fontsize=8, wrap=True)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(png_path, buffer.getvalue())
+    return save_figure(fig, png_path)

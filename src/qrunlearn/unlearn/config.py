@@ -14,6 +14,7 @@ Method = Literal["ga", "npo", "simnpo"]
 Reg = Literal["none", "gdr", "klr"]
 Adapter = Literal["full", "lora"]
 SaveDType = Literal["source", "float32", "bfloat16"]
+DefaultsName = Literal["paper", "tiny"]
 
 # Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
 # table; MUSE's own baselines use 1, so SimNPO gets 1.
@@ -48,44 +49,52 @@ TINY_BATCH = 8
 TINY_MAX_LENGTH = 256
 
 
+# The settings a grid may override per cell and the CLI exposes as options; `config.UnlearnOverrides` and the
+# `unlearn` command's options are generated from these fields, so each is declared once, here.
+TUNABLE: tuple[str, ...] = (
+    "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
+    "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+)
+
+
 class UnlearnConfig(BaseModel):
     """One unlearning run. loss = gamma * forget_loss(method) + alpha * retain_loss(reg)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Method = "ga"
-    reg: Reg = "gdr"
-    adapter: Adapter = "full"
-    lr: float = Field(1e-5, gt=0)
-    epochs: int = Field(5, ge=1)
+    method: Method = Field("ga", description="forget objective")
+    reg: Reg = Field("gdr", description="retain term: NLL (gdr) or KL to the reference (klr)")
+    adapter: Adapter = Field("full", description="full fine-tuning, or LoRA adapters merged at the end")
+    lr: float = Field(1e-5, gt=0, description="learning rate (AdamW, constant schedule)")
+    epochs: int = Field(5, ge=1, description="passes over the forget set")
     batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch (forget; retain the same)")
-    grad_accum: int = Field(4, ge=1)
+    grad_accum: int = Field(4, ge=1, description="micro-batches per optimizer step")
     max_length: int = Field(2048, ge=2, description="tokens per chunk, BOS included (MUSE: 2048)")
     alpha: float = Field(1.0, ge=0, description="retain weight")
     gamma: float = Field(1.0, ge=0, description="forget weight")
     beta: float = Field(0.1, gt=0, description="NPO / SimNPO inverse temperature")
     delta: float = Field(0.0, description="SimNPO margin")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off); 1.0 is HF Trainer's "
                                                         "default, which MUSE's and the seed's code inherit")
-    lora_r: int = Field(32, ge=1)
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_r: int = Field(32, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     lora_targets: Optional[list[str]] = Field(None, description="module names; None = every linear layer "
                                                                 "except the output head")
-    seed: int = 0
-    save_every_epoch: bool = False
-    forget_split: str = "forget"
-    retain_split: str = "retain1"
+    seed: int = Field(0, description="seed of the data order, LoRA initialisation and dropout")
+    save_every_epoch: bool = Field(False, description="also write epochs/epoch_NNN/ model folders")
+    forget_split: str = Field("forget", description="raw split to forget")
+    retain_split: str = Field("retain1", description="raw split to retain")
     save_dtype: SaveDType = Field("source", description="dtype of saved weights; 'source' = the input model's")
     stop_knowmem_f: Optional[float] = Field(
-        None, description="MUSE selection: stop at the first epoch whose hook metric 'knowmem_forget' is <= this "
+        None, description="MUSE selection: stop at the first epoch whose hook metric 'knowmem_f' is <= this "
                           "(the retrain model's KnowMem-forget); needs an epoch_hook")
 
-    @property
-    def uses_reference(self) -> bool:
-        """NPO and KLR compare against the model before unlearning."""
-        return self.method == "npo" or self.reg == "klr"
+    @classmethod
+    def defaults(cls, name: DefaultsName, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
+        """A named default set: "paper" (real models) or "tiny" (the built-in benchmark's model)."""
+        return (cls.paper_defaults if name == "paper" else cls.tiny_defaults)(method, reg, adapter)
 
     @classmethod
     def paper_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":

@@ -18,7 +18,6 @@ import torch
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.models.tiny import collate  # right-padded batch, labels -100 on padding
 
 
 def chunk_documents(tokenizer, docs: list[str], max_length: int) -> list[list[int]]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers.pytorch_utils import Conv1D
+
+from qrunlearn.errors import UserError
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:
     """Leaf names of every linear projection except the output head: q/k/v/o/gate/up/down for Llama,
     c_attn/c_proj/c_fc (Conv1D) for GPT-2, and so on for other families."""
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings()
     names: set[str] = set()
     for name, module in model.named_modules():
@@ -22,13 +26,9 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
 
 def wrap_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targets: list[str] | None):
     """A peft model with adapters on `targets` (None = `default_lora_targets`); base weights frozen."""
-    from peft import LoraConfig, get_peft_model
-
     resolved = targets if targets is not None else default_lora_targets(model)
     missing = [t for t in resolved if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
     if missing:
-        from qrunlearn.errors import UserError
-
         raise UserError(f"--lora-targets: no module named {', '.join(missing)} in this model "
                         f"(linear layers: {', '.join(default_lora_targets(model))})")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolved,
@@ -38,6 +38,4 @@ def wrap_lora(model: torch.nn.Module, r: int, alpha: float, dropout: float, targ
 
 def merged_copy(peft_model) -> torch.nn.Module:
     """W + (alpha/r) B A as a plain model, leaving `peft_model` untouched (costs one model copy)."""
-    import copy
-
     return copy.deepcopy(peft_model).merge_and_unload()

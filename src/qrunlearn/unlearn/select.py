@@ -3,16 +3,16 @@ retrain model's."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+
+from qrunlearn.unlearn.records import EpochRecord
 
 
-def select_epoch(epoch_metrics: Sequence[Mapping[str, Any]], retrain_knowmem_f: float,
-                 key: str = "knowmem_forget") -> int | None:
-    """The first row's "epoch" whose `key` <= `retrain_knowmem_f`; None when no epoch qualifies (or none has
-    the metric). Rows are per-epoch dicts with an "epoch" field, in training order."""
-    for row in epoch_metrics:
-        value = row.get(key)
-        if value is not None and float(value) <= retrain_knowmem_f:
-            return int(row["epoch"])
+def select_epoch(epochs: Sequence[EpochRecord], retrain_knowmem_f: float, key: str = "knowmem_f") -> int | None:
+    """The first epoch whose metric `key` <= `retrain_knowmem_f`; None when no epoch qualifies (or none has the
+    metric). `epochs` in training order."""
+    for record in epochs:
+        value = record.metrics.get(key)
+        if value is not None and value <= retrain_knowmem_f:
+            return record.epoch
     return None

@@ -7,7 +7,9 @@ import logging
 
 import pytest
 
-from qrunlearn.errors import DataError, UserError
+from pydantic import ValidationError
+
+from qrunlearn.errors import DataError, UserError, validation_message
 from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate, privleak_auc, write_eval_outputs
 from qrunlearn.eval.mia import muse_auc
 
@@ -22,7 +24,7 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="module")
 def result(tiny, tiny_corpus):
     model, tokenizer = tiny
-    return evaluate(model, tokenizer, tiny_corpus, EvalConfig(limit=5, batch_size=4, bootstrap_samples=200),
+    return evaluate(model, tokenizer, tiny_corpus, EvalConfig(limit=5, batch_size=4, bootstrap=200),
                     retrain_auc=0.5, progress=False)
 
 
@@ -54,7 +56,7 @@ def test_metrics_are_consistent_with_the_item_logs(result, tiny_corpus):
 
 def test_batched_equals_batch_size_one(tiny, tiny_corpus, result):
     model, tokenizer = tiny
-    single = evaluate(model, tokenizer, tiny_corpus, EvalConfig(limit=5, batch_size=1, bootstrap_samples=200),
+    single = evaluate(model, tokenizer, tiny_corpus, EvalConfig(limit=5, batch_size=1, bootstrap=200),
                       retrain_auc=0.5, progress=False)
     for key, value in result.metrics.items():
         assert single.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
@@ -65,7 +67,7 @@ def test_batched_equals_batch_size_one(tiny, tiny_corpus, result):
 def test_truncation_path_warns_and_counts(tiny, tiny_corpus, caplog):
     model, tokenizer = tiny
     config = EvalConfig(metrics=("verbmem_f", "privleak"), limit=4, max_context=48, max_new_tokens_verbmem=16,
-                        bootstrap_samples=50)
+                        bootstrap=50)
     with caplog.at_level(logging.WARNING, logger="qrunlearn.eval"):
         out = evaluate(model, tokenizer, tiny_corpus, config, progress=False)
     verbmem = [i for i in out.items if i["metric"] == "verbmem_f"]
@@ -96,11 +98,13 @@ def test_missing_split_names_the_file(tiny, tiny_corpus):
         evaluate(model, tokenizer, corpus, EvalConfig(), progress=False)
 
 
-def test_bad_config_values_are_user_errors():
-    with pytest.raises(UserError, match="unknown metric"):
+def test_bad_config_values_are_rejected_naming_the_field():
+    with pytest.raises(ValidationError) as info:
         EvalConfig(metrics=("verbmem",))
-    with pytest.raises(UserError, match="limit"):
+    assert validation_message(info.value).startswith("field 'metrics.0': Input should be 'verbmem_f'")
+    with pytest.raises(ValidationError) as info:
         EvalConfig(limit=0)
+    assert validation_message(info.value, option_style=True) == "--limit: Input should be greater than or equal to 1"
     assert RETRAIN_AUC_PRESETS == {"news": 0.4772, "books": 0.5393}
 
 

@@ -12,10 +12,11 @@ counted in `settings["truncated"]` and logged as warnings.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,45 +25,36 @@ import numpy as np
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import DataError, UserError
 from qrunlearn.eval.bootstrap import auc_samples, mean_interval, percentile_interval
+from qrunlearn.eval.config import METRIC_NAMES, EvalConfig
 from qrunlearn.eval.generation import (
-    context_length, encode, eos_token_ids, greedy_generate, input_device, pad_token_id,
+    context_length,
+    encode,
+    eos_token_ids,
+    greedy_generate,
+    input_device,
+    pad_token_id,
 )
-from qrunlearn.eval.logprobs import MIN_K_RATIOS, PRIVLEAK_RATIO, min_k_name, score_texts, zlib_length
+from qrunlearn.eval.logprobs import (
+    MIN_K_RATIOS,
+    PRIVLEAK_RATIO,
+    min_k_name,
+    score_texts,
+    zlib_length,
+)
 from qrunlearn.eval.mia import muse_auc, privleak
-from qrunlearn.eval.rouge import contains_stop_string, cut_at_stop_strings, decode, rouge_l
+from qrunlearn.eval.rouge import (
+    contains_stop_string,
+    cut_at_stop_strings,
+    decode,
+    rouge_l,
+)
+from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
 
 logger = logging.getLogger("qrunlearn.eval")
 
-METRIC_NAMES: tuple[str, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
-RETRAIN_AUC_PRESETS: dict[str, float] = {"news": 0.4772, "books": 0.5393}
 PRIVLEAK_SCORE = min_k_name(PRIVLEAK_RATIO)  # "min_k_40"
 MIA_SCORES: tuple[str, ...] = ("loss", "zlib", *(min_k_name(r) for r in MIN_K_RATIOS), "min_k_pp")
 _KNOWMEM_SPLIT = {"knowmem_f": "forget", "knowmem_r": "retain"}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    metrics: tuple[str, ...] = METRIC_NAMES
-    limit: int | None = None  # first N items of each evaluated file (ICL examples are always all used)
-    batch_size: int = 16
-    max_new_tokens_verbmem: int = 128  # MUSE; also the number of ground-truth tokens kept
-    max_new_tokens_knowmem: int = 32  # MUSE
-    bootstrap_samples: int = 1000
-    seed: int = 0
-    mia: bool = True  # also the LOSS / zlib / Min-K / Min-K++ AUCs (same forward passes)
-    max_context: int | None = None  # override the model config's max_position_embeddings
-    share_prefix: bool = True  # compute a prompt prefix common to all items (the few-shot block) once
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
-        if unknown or not self.metrics:
-            raise UserError(f"unknown metric(s) {unknown or '(none given)'}; choose from {', '.join(METRIC_NAMES)}")
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.bootstrap_samples < 1:
-            raise UserError(f"bootstrap samples must be >= 1, got {self.bootstrap_samples}")
 
 
 @dataclass
@@ -275,14 +267,14 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
                 result.items.extend(logs)
                 for name, values in ((metric, f1s), (f"{metric}_recall", recalls)):
                     result.metrics[name] = float(np.mean(values))
-                    result.intervals[name] = mean_interval(np.array(values), config.bootstrap_samples,
+                    result.intervals[name] = mean_interval(np.array(values), config.bootstrap,
                                                            _stream(config.seed, name))
             result.timings[metric] = time.perf_counter() - start
     finally:
         model.train(was_training)
     result.timings["total"] = time.perf_counter() - started
     result.settings = {
-        "config": asdict(config),
+        "config": config.model_dump(mode="json"),
         "retrain_auc": retrain_auc,
         "context_length": setup.context,
         "eos_token_ids": list(setup.eos),
@@ -319,7 +311,7 @@ def _add_privleak(result: EvalResult, model, tokenizer, corpus: MuseCorpus, conf
     forget, holdout = scored.scores["forget"], scored.scores["holdout"]
     auc = muse_auc(forget[PRIVLEAK_SCORE], holdout[PRIVLEAK_SCORE])
     result.metrics["privleak_auc"] = auc
-    samples = auc_samples(forget[PRIVLEAK_SCORE], holdout[PRIVLEAK_SCORE], config.bootstrap_samples,
+    samples = auc_samples(forget[PRIVLEAK_SCORE], holdout[PRIVLEAK_SCORE], config.bootstrap,
                           _stream(config.seed, "privleak"))
     result.intervals["privleak_auc"] = percentile_interval(samples)
     result.metrics["privleak"] = privleak(auc, retrain_auc) if retrain_auc is not None else None
@@ -339,10 +331,6 @@ def write_eval_outputs(result: EvalResult, out_json: Path | str, model_path: Pat
                        retrain: str | None = None) -> tuple[Path, Path]:
     """Write `out_json` (headline metrics at the top level, then all metrics, intervals, timings, settings and
     provenance) and `<stem>.items.jsonl` (one per-item log per line), each atomically; returns both paths."""
-    import json
-
-    from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
-
     out_json = Path(out_json)
     items_path = out_json.with_name(f"{out_json.stem}.items.jsonl")
     lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in result.items)

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.unlearn import UnlearnConfig, unlearn
-from qrunlearn.unlearn import engine
-from qrunlearn.unlearn.data import collate, load_unlearn_data
+from qrunlearn.unlearn import UnlearnConfig, recipe, unlearn
+from qrunlearn.models.tiny import collate
+from qrunlearn.unlearn.data import load_unlearn_data
 from qrunlearn.unlearn.objectives import nll_loss
 
 
@@ -44,12 +44,12 @@ def test_full_ga_gdr_writes_a_finished_standard_folder_and_raises_forget_nll(tin
     assert not (out / "checkpoint").exists()
     record = json.loads((out / "unlearn.json").read_text())
     assert record["status"] == "finished" and record["config"]["method"] == "ga"
-    assert record["versions"]["torch"] and len(record["losses"]) == len(result.losses) > 0
-    assert all(math.isfinite(r["forget"]) and math.isfinite(r["retain"]) for r in result.losses)
+    assert record["provenance"]["versions"]["torch"] and len(record["progress"]["losses"]) == len(result.losses) > 0
+    assert all(math.isfinite(r.forget) and math.isfinite(r.retain) for r in result.losses)
     assert _forget_nll(result.model_dir, tiny_corpus) > _forget_nll(tiny_model_dir, tiny_corpus) + 0.05
 
     again = unlearn(tiny_model_dir, tiny_corpus, _cfg(), out, progress=False)  # finished: reused, not retrained
-    assert again.extra == {"reused": True} and again.losses == result.losses
+    assert again.reused and not result.reused and again.losses == result.losses
     with pytest.raises(UserError, match="holds a different run"):
         unlearn(tiny_model_dir, tiny_corpus, _cfg(lr=2e-3), out, progress=False)
 
@@ -61,9 +61,9 @@ def test_npo_klr_starts_at_the_reference(adapter, tiny_model_dir, tiny_corpus, t
     config = _cfg(method="npo", reg="klr", adapter=adapter, epochs=1, beta=0.1)
     result = unlearn(tiny_model_dir, tiny_corpus, config, tmp_path / adapter, progress=False)
     first = result.losses[0]
-    assert first["forget"] == pytest.approx(20 * math.log(2), rel=1e-4)
-    assert first["retain"] == pytest.approx(0.0, abs=1e-6)
-    assert result.losses[-1]["retain"] > 0  # the model moved away from the reference
+    assert first.forget == pytest.approx(20 * math.log(2), rel=1e-4)
+    assert first.retain == pytest.approx(0.0, abs=1e-6)
+    assert result.losses[-1].retain > 0  # the model moved away from the reference
     if adapter == "lora":
         _check_merged_equals_adapter(tiny_model_dir, result)
 
@@ -107,8 +107,8 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tiny_c
     assert not (out / "model").exists() and not (out / "unlearn.json").exists()
     resumed = unlearn(tiny_model_dir, tiny_corpus, config, out, epoch_hook=lambda e, m, t: {"hook_epoch": e},
                       progress=False)
-    assert resumed.epoch_metrics[0]["hook_epoch"] == 1  # epoch 1's metrics come from the checkpoint
-    assert [r["forget"] for r in resumed.losses] == pytest.approx([r["forget"] for r in straight.losses], rel=1e-5)
+    assert resumed.epochs[0].metrics["hook_epoch"] == 1  # epoch 1's metrics come from the checkpoint
+    assert [r.forget for r in resumed.losses] == pytest.approx([r.forget for r in straight.losses], rel=1e-5)
     a = load_file(straight.model_dir / "model.safetensors")
     b = load_file(resumed.model_dir / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tiny_c
 
 def test_non_finite_loss_keeps_the_last_good_epoch(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     poisoned = {"on": False}
-    real = engine.objectives.ga_loss
+    real = recipe.objectives.ga_loss
 
     def ga_loss(logits, labels, num_tokens=None):
         loss = real(logits, labels, num_tokens)
@@ -126,7 +126,7 @@ def test_non_finite_loss_keeps_the_last_good_epoch(tiny_model_dir, tiny_corpus, 
         poisoned["on"] = epoch == 1  # epoch 2 produces NaN
         return None
 
-    monkeypatch.setattr(engine.objectives, "ga_loss", ga_loss)
+    monkeypatch.setattr(recipe.objectives, "ga_loss", ga_loss)
     out = tmp_path / "nan"
     result = unlearn(tiny_model_dir, tiny_corpus, _cfg(epochs=3, save_every_epoch=True), out, epoch_hook=hook,
                      progress=False)
@@ -135,7 +135,7 @@ def test_non_finite_loss_keeps_the_last_good_epoch(tiny_model_dir, tiny_corpus, 
     kept = load_file(result.model_dir / "model.safetensors")
     epoch1 = load_file(out / "epochs" / "epoch_001" / "model.safetensors")
     assert all(torch.equal(kept[k], epoch1[k]) for k in kept)
-    assert all(r["epoch"] == 1 for r in result.losses)
+    assert all(r.epoch == 1 for r in result.losses)
 
     poisoned["on"] = True  # NaN before any epoch finished: one-line error, nothing written
     with pytest.raises(UserError, match="before any epoch finished"):
@@ -146,10 +146,10 @@ def test_non_finite_loss_keeps_the_last_good_epoch(tiny_model_dir, tiny_corpus, 
 def test_muse_selection_stops_at_the_first_epoch_at_or_below_retrain(tiny_model_dir, tiny_corpus, tmp_path):
     scores = {1: 60.0, 2: 25.0, 3: 10.0}
     result = unlearn(tiny_model_dir, tiny_corpus, _cfg(epochs=3, stop_knowmem_f=30.0), tmp_path / "sel",
-                     epoch_hook=lambda e, m, t: {"knowmem_forget": scores[e]}, progress=False)
+                     epoch_hook=lambda e, m, t: {"knowmem_f": scores[e]}, progress=False)
     assert result.selected_epoch == 2 and result.epochs_run == 2
     assert result.stopped_reason.startswith("selected: epoch 2")
-    assert [m["knowmem_forget"] for m in result.epoch_metrics] == [60.0, 25.0]
+    assert [e.metrics["knowmem_f"] for e in result.epochs] == [60.0, 25.0]
 
 
 def test_bad_input_is_a_one_line_user_error(tiny_model_dir, tiny_corpus, tmp_path):

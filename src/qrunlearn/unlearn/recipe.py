@@ -1,0 +1,363 @@
+"""The unlearning recipe: GA / NPO / SimNPO with a GDR / KLR retain term, full fine-tuning or LoRA, through
+accelerate (`accelerate launch --num_processes N -m qrunlearn unlearn ...` runs DDP; FSDP / DeepSpeed configs pass
+through to `Accelerator()`).
+
+Read top to bottom, as `UnlearnRecipe.run` does:
+
+    setup()          model, tokenizer, data, reference, LoRA adapters, optimizer; resume or reuse
+    train_epoch(e)   one pass over the forget set, one optimizer step per global batch
+    end_epoch(e)     epoch hook (e.g. KnowMem), MUSE's selection rule, checkpoint
+    save()           the model folder (LoRA: merged), the adapter, unlearn.json
+
+Output layout of `out_dir`:
+
+    model/             the model to evaluate / quantize (LoRA: merged with merge_and_unload), + unlearn.json
+    adapter/           LoRA only: the adapter (peft format), + unlearn.json
+    epochs/epoch_NNN/  per-epoch models when save_every_epoch (LoRA: merged)
+    unlearn.json       settings, per-step and per-epoch losses, hook metrics, stop reason, provenance
+    checkpoint/        resume state while the run is unfinished (removed when it finishes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from qrunlearn.data.muse import MuseCorpus
+from qrunlearn.errors import UserError
+from qrunlearn.io import run_metadata, set_seed
+from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
+from qrunlearn.models.tiny import collate
+from qrunlearn.unlearn import objectives, storage
+from qrunlearn.unlearn.config import UnlearnConfig
+from qrunlearn.unlearn.data import (
+    MicroBatch,
+    Step,
+    UnlearnData,
+    check_texts,
+    epoch_schedule,
+    load_unlearn_data,
+)
+from qrunlearn.unlearn.lora import wrap_lora
+from qrunlearn.unlearn.records import (
+    EpochRecord,
+    Progress,
+    RunRecord,
+    StepLoss,
+    UnlearnResult,
+)
+from qrunlearn.unlearn.reference import KLReference, reference_sequence_nll
+from qrunlearn.unlearn.select import select_epoch
+
+EpochHook = Callable[[int, Any, Any], "dict[str, float] | None"]
+
+
+def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -> str:
+    """Identifies a run (model, tokenised data, settings): a checkpoint resumes only the same run."""
+    digest = hashlib.sha256()
+    digest.update(str(Path(model_path).resolve() if Path(model_path).exists() else model_path).encode())
+    digest.update(config.model_dump_json().encode())
+    digest.update(json.dumps([data.forget, data.retain]).encode())
+    return digest.hexdigest()[:16]
+
+
+def make_accelerator() -> Accelerator:
+    # `accelerate launch` passes its mixed-precision setting by environment; without one, bf16 autocast on a
+    # bf16-capable GPU (fp32 master weights: a 1e-5 step survives), plain fp32 elsewhere.
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if mixed is None:
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(mixed_precision=mixed)
+
+
+def unlearn(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, out_dir: str | Path,
+            epoch_hook: EpochHook | None = None, progress: bool = True, resume: bool = True) -> UnlearnResult:
+    """Unlearn `config.forget_split` of `corpus` from the model at `model_path`; write `out_dir` (see the
+    module docstring) and return where the result is.
+
+    `epoch_hook(epoch, model, tokenizer)` runs after each epoch on every process, with the model in eval mode
+    (gradients off) in its current state: for LoRA that is the *peft model with adapters active, not merged*
+    (its outputs equal the merged model's up to float rounding). Its returned dict is kept per epoch
+    (`EpochRecord.metrics`); when `config.stop_knowmem_f` is set, its "knowmem_f" drives MUSE's selection (stop
+    at the first epoch with knowmem_f <= stop_knowmem_f). The main process's dict is used on all processes.
+
+    `resume`: continue from `out_dir/checkpoint` when it belongs to the same run, or return the recorded
+    result when `out_dir` already holds this run finished. `resume=False` starts over."""
+    return UnlearnRecipe(model_path, corpus, config, out_dir, epoch_hook, progress, resume).run()
+
+
+class UnlearnRecipe:
+    def __init__(self, model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, out_dir: str | Path,
+                 epoch_hook: EpochHook | None = None, progress: bool = True, resume: bool = True):
+        if config.stop_knowmem_f is not None and epoch_hook is None:
+            raise UserError("stop_knowmem_f (MUSE selection) needs an epoch hook that reports 'knowmem_f'")
+        self.model_path, self.corpus, self.config = str(model_path), corpus, config
+        self.out_dir, self.epoch_hook, self.show_progress, self.resume = Path(out_dir), epoch_hook, progress, resume
+        self.accelerator = make_accelerator()
+
+    def run(self) -> UnlearnResult:
+        finished = self.setup()
+        if finished is not None:
+            return finished
+        for epoch in range(self.state.epochs_done + 1, self.config.epochs + 1):
+            losses = self.train_epoch(epoch)
+            if losses is None or self.end_epoch(epoch, losses):
+                break
+        self.bar.close()
+        return self.save()
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> UnlearnResult | None:
+        """Everything training needs; returns the recorded result instead when `out_dir` holds this run
+        finished (and resuming is allowed)."""
+        config, accelerator = self.config, self.accelerator
+        set_seed(config.seed)
+        needs_retain = config.reg != "none"
+        check_texts(self.corpus, config.forget_split, config.retain_split, needs_retain)
+        model, self.tokenizer = load_causal_lm(self.model_path, dtype="float32", device=accelerator.device)
+        self.data = load_unlearn_data(self.corpus, self.tokenizer, config.forget_split, config.retain_split,
+                                      needs_retain=needs_retain, max_length=config.max_length)
+        self.fingerprint = run_fingerprint(self.model_path, self.data, config)
+        if self.resume:
+            finished = self._finished_result()
+            if finished is not None:
+                return finished
+
+        self.provenance = run_metadata(config.model_dump(mode="json"), config.seed)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.ref_nll = (reference_sequence_nll(model, self.data, config.batch_size, self.pad_id)
+                        if config.method == "npo" else None)
+        self.kl_reference = KLReference(config, model)
+        self.lora_targets: list[str] | None = None
+        if config.adapter == "lora":
+            model, self.lora_targets = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                                 config.lora_targets)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        # AdamW with a constant learning rate (the paper's schedule); no scheduler object needed.
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.state = self._resume_or_start()
+        self.bar = self._progress_bar()
+        return None
+
+    def _finished_result(self) -> UnlearnResult | None:
+        record = storage.read_record(self.out_dir)
+        if record is None:
+            return None
+        if record.status == "finished" and record.progress.fingerprint == self.fingerprint:
+            adapter = self.out_dir / "adapter"
+            return UnlearnResult.from_progress(self.out_dir, record.progress, adapter if adapter.is_dir() else None,
+                                               reused=True)
+        if record.status == "finished":
+            raise UserError(f"{self.out_dir / storage.RECORD_FILE}: {self.out_dir} holds a different run (other "
+                            f"model, data or settings); choose another output folder or start over (--no-resume)")
+        return None
+
+    def _resume_or_start(self) -> Progress:
+        saved = storage.load_progress(self.out_dir) if self.resume else None
+        if saved is not None and saved.fingerprint == self.fingerprint:
+            storage.restore_checkpoint(self.accelerator, self.out_dir)
+            if self.show_progress and self.accelerator.is_main_process:
+                print(f"resuming {self.out_dir} after epoch {saved.epochs_done}")
+            return saved
+        if self.accelerator.is_main_process:
+            storage.clear_outputs(self.out_dir)
+        self.accelerator.wait_for_everyone()
+        return Progress(fingerprint=self.fingerprint)
+
+    def _schedule(self, epoch: int) -> list[Step]:
+        return epoch_schedule(len(self.data.forget), len(self.data.retain), epoch, self.config.seed,
+                              self.config.batch_size, self.config.grad_accum, self.accelerator.process_index,
+                              self.accelerator.num_processes)
+
+    def _progress_bar(self) -> tqdm:
+        steps_per_epoch = len(self._schedule(0))
+        return tqdm(total=steps_per_epoch * self.config.epochs, initial=steps_per_epoch * self.state.epochs_done,
+                    desc="unlearn", disable=not (self.show_progress and self.accelerator.is_main_process),
+                    dynamic_ncols=True)
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> list[StepLoss] | None:
+        """One pass over the forget set. Returns the epoch's step losses, or None when a loss was not finite
+        (the model is then back at the last finished epoch: `_recover_from_non_finite`)."""
+        started = time.perf_counter()
+        self.model.train()
+        losses: list[StepLoss] = []
+        for index, step in enumerate(self._schedule(epoch), start=1):
+            loss = self._optimizer_step(epoch, index, step)
+            if not math.isfinite(loss.loss):
+                self._recover_from_non_finite(f"non-finite loss at epoch {epoch} step {index}")
+                return None
+            losses.append(loss)
+            self.bar.update(1)
+            self.bar.set_postfix(epoch=epoch, forget=f"{loss.forget:.3f}", retain=f"{loss.retain:.3f}")
+        self.state.seconds += time.perf_counter() - started
+        return losses
+
+    def _optimizer_step(self, epoch: int, index: int, step: Step) -> StepLoss:
+        counts = _global_counts(step, self.data)
+        forget_sum, retain_sum = 0.0, 0.0
+        for m, micro in enumerate(step.micro_batches):
+            micro, weight = _share_of_process(micro, step)
+            is_last = m == len(step.micro_batches) - 1
+            with nullcontext() if is_last else self.accelerator.no_sync(self.model):
+                loss, forget, retain = self._micro_batch_loss(micro, counts)
+                # DDP averages gradients over processes; the losses are already global means.
+                self.accelerator.backward(loss * (weight * self.accelerator.num_processes))
+            forget_sum += weight * forget
+            retain_sum += weight * retain
+        forget, retain = self._sum_over_processes(forget_sum, retain_sum)
+        total = self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
+        if math.isfinite(total):
+            if self.config.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.state.tokens += self._step_tokens(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total)
+
+    def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> tuple[torch.Tensor, float, float]:
+        """(loss to backpropagate, forget term, retain term) of one micro-batch, normalised by the global counts.
+        Forget and retain chunks go through the model in one forward pass (one DDP forward per backward)."""
+        config, data = self.config, self.data
+        sequences = [data.forget[i] for i in micro.forget] + [data.retain[i] for i in micro.retain]
+        batch = {k: v.to(self.accelerator.device) for k, v in collate(sequences, self.pad_id).items()}
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n = len(micro.forget)
+        forget_logits, forget_labels = logits[:n], batch["labels"][:n]
+        if config.method == "ga":
+            forget = objectives.ga_loss(forget_logits, forget_labels, num_tokens=counts["forget_tokens"])
+        elif config.method == "npo":
+            forget = objectives.npo_loss(forget_logits, forget_labels, self.ref_nll[micro.forget], config.beta,
+                                         num_sequences=counts["forget_sequences"])
+        else:
+            forget = objectives.simnpo_loss(forget_logits, forget_labels, config.beta, config.delta,
+                                            num_sequences=counts["forget_sequences"])
+        retain = None
+        if config.reg != "none":
+            retain_logits, retain_labels = logits[n:], batch["labels"][n:]
+            if config.reg == "gdr":
+                retain = objectives.nll_loss(retain_logits, retain_labels, num_tokens=counts["retain_tokens"])
+            else:
+                ref_logits = self.kl_reference.logits(self.unwrapped, batch["input_ids"][n:],
+                                                      batch["attention_mask"][n:])
+                retain = objectives.kl_loss(retain_logits, ref_logits, retain_labels,
+                                            num_tokens=counts["retain_tokens"])
+        loss = objectives.combine(forget, retain, config.gamma, config.alpha)
+        return loss, float(forget.detach()), float(retain.detach()) if retain is not None else 0.0
+
+    def _step_tokens(self, step: Step) -> int:
+        tokens = sum(len(self.data.forget[i]) for i in step.global_forget)
+        if self.config.reg != "none":
+            tokens += sum(len(self.data.retain[i]) for i in step.global_retain)
+        return tokens
+
+    # ---- distributed ------------------------------------------------------------------------------------------
+    def _sum_over_processes(self, forget: float, retain: float) -> tuple[float, float]:
+        totals = self.accelerator.reduce(torch.tensor([forget, retain], device=self.accelerator.device),
+                                         reduction="sum")
+        return float(totals[0]), float(totals[1])
+
+    def _hook_metrics(self, epoch: int) -> dict[str, float]:
+        """The epoch hook's metrics, measured on every process, the main process's kept everywhere."""
+        if self.epoch_hook is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.epoch_hook(epoch, self.unwrapped, self.tokenizer)
+        shared = [metrics]
+        broadcast_object_list(shared, from_process=0)
+        return dict(shared[0] or {})
+
+    # ---- non-finite losses ------------------------------------------------------------------------------------
+    def _recover_from_non_finite(self, reason: str) -> None:
+        """Back to the last finished epoch's checkpoint; with none, stop with a one-line error."""
+        saved = storage.load_progress(self.out_dir)
+        if saved is None or saved.fingerprint != self.fingerprint or self.state.epochs_done == 0:
+            raise UserError(f"{reason} before any epoch finished; no model written (try a lower --lr)")
+        storage.restore_checkpoint(self.accelerator, self.out_dir)
+        self.state = saved
+        self.state.stopped_reason = f"{reason}; kept the last good checkpoint (epoch {saved.epochs_done})"
+        if self.accelerator.is_main_process:
+            print(f"warning: {self.state.stopped_reason}")
+
+    # ---- end of an epoch --------------------------------------------------------------------------------------
+    def end_epoch(self, epoch: int, losses: list[StepLoss]) -> bool:
+        """Log the epoch, apply MUSE's selection rule, checkpoint. Returns True when training stops here."""
+        state, config = self.state, self.config
+        state.losses.extend(losses)
+        state.epochs.append(EpochRecord(epoch=epoch, forget=sum(r.forget for r in losses) / len(losses),
+                                        retain=sum(r.retain for r in losses) / len(losses),
+                                        metrics=self._hook_metrics(epoch)))
+        state.epochs_done = epoch
+        if config.stop_knowmem_f is not None and select_epoch(state.epochs, config.stop_knowmem_f) == epoch:
+            state.selected_epoch = epoch
+            state.stopped_reason = (f"selected: epoch {epoch} knowmem_f {state.epochs[-1].metrics['knowmem_f']:.2f}"
+                                    f" <= retrain {config.stop_knowmem_f:.2f} (MUSE rule)")
+        stopping = epoch == config.epochs or state.stopped_reason != "completed"
+        if config.save_every_epoch:
+            storage.save_model_folder(self.accelerator, self.model, self.tokenizer,
+                                      self.out_dir / "epochs" / f"epoch_{epoch:03d}", self._record("running"),
+                                      self._save_dtype(), merge=config.adapter == "lora")
+        if not stopping:
+            storage.save_checkpoint(self.accelerator, self.out_dir, state)
+        return stopping
+
+    # ---- save -------------------------------------------------------------------------------------------------
+    def save(self) -> UnlearnResult:
+        record = self._record("finished")
+        adapter_dir = None
+        if self.config.adapter == "lora":
+            adapter_dir = self.out_dir / "adapter"
+            storage.save_adapter(self.accelerator, self.model, adapter_dir, record)
+        storage.save_model_folder(self.accelerator, self.model, self.tokenizer, self.out_dir / "model", record,
+                                  self._save_dtype(), merge=self.config.adapter == "lora", in_place=True)
+        if self.accelerator.is_main_process:
+            storage.write_record(self.out_dir, record)
+            storage.remove_checkpoint(self.out_dir)
+        self.accelerator.wait_for_everyone()
+        return UnlearnResult.from_progress(self.out_dir, self.state, adapter_dir)
+
+    def _save_dtype(self) -> torch.dtype:
+        if self.config.save_dtype == "source":
+            return source_dtype(self.model_path)
+        return resolve_dtype(self.config.save_dtype)
+
+    def _record(self, status: str) -> RunRecord:
+        state = self.state
+        return RunRecord(status=status, config=self.config, source_model=self.model_path,
+                         lora_targets=self.lora_targets, forget_chunks=len(self.data.forget),
+                         retain_chunks=len(self.data.retain), num_processes=self.accelerator.num_processes,
+                         mixed_precision=str(self.accelerator.mixed_precision), progress=state.model_copy(deep=True),
+                         tokens_per_second=state.tokens / state.seconds if state.seconds > 0 else 0.0,
+                         provenance=self.provenance)
+
+
+def _global_counts(step: Step, data: UnlearnData) -> dict[str, float]:
+    """Scored tokens / sequences of the whole global batch (a chunk of n tokens scores n - 1)."""
+    return {
+        "forget_tokens": float(sum(len(data.forget[i]) - 1 for i in step.global_forget)),
+        "forget_sequences": float(len(step.global_forget)),
+        "retain_tokens": float(max(1, sum(len(data.retain[i]) - 1 for i in step.global_retain))),
+    }
+
+
+def _share_of_process(micro: MicroBatch, step: Step) -> tuple[MicroBatch, float]:
+    """A process with no share of a short last batch still runs a forward and backward (with weight 0) so that
+    DDP's gradient synchronisation happens on every process."""
+    if micro.forget:
+        return micro, 1.0
+    return MicroBatch(step.global_forget[:1], step.global_retain[:1]), 0.0
