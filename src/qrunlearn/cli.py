@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import inspect
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -30,6 +31,7 @@ eval_run = lazy_module("qrunlearn.eval.run")
 hub = lazy_module("qrunlearn.data.hub")
 io = lazy_module("qrunlearn.io")
 loading = lazy_module("qrunlearn.models.loading")
+memory = lazy_module("qrunlearn.unlearn.memory")
 muse = lazy_module("qrunlearn.data.muse")
 quant = lazy_module("qrunlearn.quant")
 recipe = lazy_module("qrunlearn.unlearn.recipe")
@@ -176,7 +178,8 @@ UNLEARN_OPTIONS = tuple(name for name in UnlearnConfig.model_fields if name not 
 def unlearn_command(
     model: Annotated[str, typer.Option(help="Model to unlearn from (HF folder or hub id).")],
     data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/<forget-split> (and retain).")],
-    out: Annotated[Path, typer.Option(help="Output folder: model/ (merged for LoRA), adapter/, unlearn.json.")],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder: model/ (merged for LoRA), adapter/, "
+                                                      "unlearn.json. Required unless --estimate.")] = None,
     method: Annotated[Literal["ga", "npo", "simnpo"], typer.Option(help="Forget objective.")] = "ga",
     reg: Annotated[Literal["none", "gdr", "klr"], typer.Option(help="Retain term: NLL (gdr) or KL to the "
                                                                      "reference (klr).")] = "gdr",
@@ -185,6 +188,11 @@ def unlearn_command(
                                                                     "the built-in tiny model's.")] = "paper",
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run in --out (or reuse a finished one).")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print the predicted memory per process and exit "
+                                                              "(nothing is trained; the model config is read, "
+                                                              "not its weights).")] = False,
+    processes: Annotated[int, typer.Option(min=0, help="With --estimate: the number of processes to plan for "
+                                                       "(0: this launch's).")] = 0,
     **settings: Any,
 ) -> None:
     """Unlearn a forget set: GA / NPO / SimNPO with a GDR / KLR retain term, full FT or LoRA (merged).
@@ -196,7 +204,15 @@ def unlearn_command(
         settings["lora_targets"] = [t.strip() for item in settings["lora_targets"] for t in item.split(",") if t.strip()]
     base = UnlearnConfig.defaults(defaults, method, reg, adapter).model_dump()
     config = build_settings(UnlearnConfig, base, settings)
-    result = recipe.unlearn(model, muse.load_corpus(data), config, out, progress=progress, resume=resume)
+    corpus = muse.load_corpus(data)
+    if estimate:
+        world = processes or int(os.environ.get("WORLD_SIZE", "1"))
+        length = memory.longest_chunk(model, corpus, config)
+        typer.echo(memory.estimate_memory(model, config, world, length, loading.default_device().type).describe())
+        return
+    if out is None:
+        raise UserError("--out: missing (the folder to write the unlearned model to)")
+    result = recipe.unlearn(model, corpus, config, out, progress=progress, resume=resume)
     typer.echo(f"{result.stopped_reason}: {result.epochs_run} epoch(s); model {result.model_dir}"
                + (f", adapter {result.adapter_dir}" if result.adapter_dir else ""))
 

@@ -116,17 +116,17 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_model_dir, tiny_c
 
 def test_non_finite_loss_keeps_the_last_good_epoch(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
     poisoned = {"on": False}
-    real = recipe.objectives.ga_loss
+    real = recipe.objectives.nll_from_tokens
 
-    def ga_loss(logits, labels, num_tokens=None):
-        loss = real(logits, labels, num_tokens)
+    def nll_from_tokens(nll, mask, num_tokens=None):
+        loss = real(nll, mask, num_tokens)
         return loss * float("nan") if poisoned["on"] else loss
 
     def hook(epoch, model, tokenizer):
         poisoned["on"] = epoch == 1  # epoch 2 produces NaN
         return None
 
-    monkeypatch.setattr(recipe.objectives, "ga_loss", ga_loss)
+    monkeypatch.setattr(recipe.objectives, "nll_from_tokens", nll_from_tokens)
     out = tmp_path / "nan"
     result = unlearn(tiny_model_dir, tiny_corpus, _cfg(epochs=3, save_every_epoch=True), out, epoch_hook=hook,
                      progress=False)

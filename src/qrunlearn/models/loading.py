@@ -113,7 +113,7 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, pa
 
 def load_causal_lm(
     name_or_path: str | Path,
-    dtype: DTypeName = "auto",
+    dtype: DTypeName | torch.dtype = "auto",
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
@@ -123,7 +123,7 @@ def load_causal_lm(
     source.check()
     hf_logging.disable_progress_bar()  # a bar per load floods a grid's output; qrunlearn shows its own progress
     device = torch.device(device) if device is not None else default_device()
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True

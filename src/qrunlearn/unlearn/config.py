@@ -14,6 +14,7 @@ Method = Literal["ga", "npo", "simnpo"]
 Reg = Literal["none", "gdr", "klr"]
 Adapter = Literal["full", "lora"]
 SaveDType = Literal["source", "float32", "bfloat16"]
+TrainDType = Literal["auto", "float32", "bfloat16"]
 DefaultsName = Literal["paper", "tiny"]
 
 # Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
@@ -22,6 +23,8 @@ PAPER_ALPHA: dict[Method, float] = {"ga": 100.0, "npo": 0.1, "simnpo": 1.0}
 PAPER_LR: dict[Adapter, float] = {"full": 1e-5, "lora": 1e-4}
 # (batch per device, grad accum) on one device: full FT effective batch 16; LoRA batch 4 x grad-accum 8.
 PAPER_BATCH: dict[Adapter, tuple[int, int]] = {"full": (4, 4), "lora": (4, 8)}
+# 512 positions x 32k vocabulary x 4 sequences = 64M fp32 logits (256 MB) at once instead of 1 GB per copy.
+PAPER_LOSS_CHUNK = 512
 
 # Built-in tiny model (PRESETS["small"], ~4.3M params, memorised forget + retain1). Chosen by measurement with
 # benchmarks/sweep_unlearn_tiny.py, scoring MUSE's KnowMem (the demo's metrics) after every epoch; target
@@ -53,7 +56,8 @@ TINY_MAX_LENGTH = 256
 # `unlearn` command's options are generated from these fields, so each is declared once, here.
 TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
-    "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+    "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
+    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device",
 )
 
 
@@ -87,6 +91,18 @@ class UnlearnConfig(BaseModel):
     forget_split: str = Field("forget", description="raw split to forget")
     retain_split: str = Field("retain1", description="raw split to retain")
     save_dtype: SaveDType = Field("source", description="dtype of saved weights; 'source' = the input model's")
+    dtype: TrainDType = Field("auto", description="compute dtype: auto = bf16 on CUDA, fp32 on CPU")
+    precision: Literal["mixed", "pure"] = Field(
+        "mixed", description="with bf16: mixed = fp32 master weights and optimizer state, bf16 compute; pure = "
+                             "weights, gradients and optimizer state in bf16 (the paper's seed code)")
+    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in the backward pass "
+                                                            "instead of storing them")
+    loss_chunk: int = Field(0, ge=0, description="positions whose logits are formed at once for the losses (0 = the "
+                                                 "whole batch); bounds the memory of large-vocabulary logits")
+    sharding: Literal["none", "fsdp"] = Field("none", description="none = one process or DDP; fsdp = FSDP2 over "
+                                                                  "the processes of `accelerate launch`")
+    reference_device: Literal["auto", "cpu"] = Field(
+        "auto", description="where full fine-tuning's frozen KLR reference lives: beside the policy, or on the CPU")
     stop_knowmem_f: Optional[float] = Field(
         None, description="MUSE selection: stop at the first epoch whose hook metric 'knowmem_f' is <= this "
                           "(the retrain model's KnowMem-forget); needs an epoch_hook")
@@ -99,10 +115,12 @@ class UnlearnConfig(BaseModel):
     @classmethod
     def paper_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
         """The paper's settings for real models: full FT lr 1e-5, LoRA lr 1e-4 r=32 alpha=32 dropout 0.05,
-        AdamW, constant schedule, 5 epochs, max length 2048, alpha per method from paper.md."""
+        AdamW, constant schedule, 5 epochs, max length 2048, alpha per method from paper.md; activation
+        checkpointing and chunked losses on, so a 7B model fits (see `qrunlearn unlearn --estimate`)."""
         batch, accum = PAPER_BATCH[adapter]
         return cls(method=method, reg=reg, adapter=adapter, lr=PAPER_LR[adapter], epochs=5, batch_size=batch,
-                   grad_accum=accum, max_length=2048, alpha=PAPER_ALPHA[method] if reg != "none" else 0.0)
+                   grad_accum=accum, max_length=2048, alpha=PAPER_ALPHA[method] if reg != "none" else 0.0,
+                   gradient_checkpointing=True, loss_chunk=PAPER_LOSS_CHUNK)
 
     @classmethod
     def tiny_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":

@@ -23,16 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from qrunlearn.data.muse import MuseCorpus
@@ -41,27 +38,27 @@ from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.tiny import collate
 from qrunlearn.unlearn import objectives, storage
+from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll, hidden_states_forward
 from qrunlearn.unlearn.config import UnlearnConfig
-from qrunlearn.unlearn.data import (
-    MicroBatch,
-    Step,
-    UnlearnData,
-    check_texts,
-    epoch_schedule,
-    load_unlearn_data,
-)
+from qrunlearn.unlearn.data import MicroBatch, Step, UnlearnData, check_texts, epoch_schedule, load_unlearn_data
 from qrunlearn.unlearn.lora import wrap_lora
-from qrunlearn.unlearn.records import (
-    EpochRecord,
-    Progress,
-    RunRecord,
-    StepLoss,
-    UnlearnResult,
-)
-from qrunlearn.unlearn.reference import KLReference, reference_sequence_nll
+from qrunlearn.unlearn.parallel import make_parallel, weights_dtype
+from qrunlearn.unlearn.records import EpochRecord, Progress, RunRecord, StepLoss, UnlearnResult
+from qrunlearn.unlearn.reference import KLReference, cached_reference_nll
 from qrunlearn.unlearn.select import select_epoch
 
 EpochHook = Callable[[int, Any, Any], "dict[str, float] | None"]
+
+
+@dataclass
+class TokenStatistics:
+    """Per-position statistics of one micro-batch (forget rows first), from which every loss is built."""
+
+    forget_nll: torch.Tensor  # [n_forget, T-1], 0 on padding
+    forget_mask: torch.Tensor
+    retain_nll: torch.Tensor | None = None  # GDR
+    retain_kl: torch.Tensor | None = None  # KLR
+    retain_mask: torch.Tensor | None = None
 
 
 def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -> str:
@@ -71,15 +68,6 @@ def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -
     digest.update(config.model_dump_json().encode())
     digest.update(json.dumps([data.forget, data.retain]).encode())
     return digest.hexdigest()[:16]
-
-
-def make_accelerator() -> Accelerator:
-    # `accelerate launch` passes its mixed-precision setting by environment; without one, bf16 autocast on a
-    # bf16-capable GPU (fp32 master weights: a 1e-5 step survives), plain fp32 elsewhere.
-    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if mixed is None:
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mixed)
 
 
 def unlearn(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig, out_dir: str | Path,
@@ -105,7 +93,7 @@ class UnlearnRecipe:
             raise UserError("stop_knowmem_f (MUSE selection) needs an epoch hook that reports 'knowmem_f'")
         self.model_path, self.corpus, self.config = str(model_path), corpus, config
         self.out_dir, self.epoch_hook, self.show_progress, self.resume = Path(out_dir), epoch_hook, progress, resume
-        self.accelerator = make_accelerator()
+        self.parallel = make_parallel(config)
 
     def run(self) -> UnlearnResult:
         finished = self.setup()
@@ -122,11 +110,12 @@ class UnlearnRecipe:
     def setup(self) -> UnlearnResult | None:
         """Everything training needs; returns the recorded result instead when `out_dir` holds this run
         finished (and resuming is allowed)."""
-        config, accelerator = self.config, self.accelerator
+        config, parallel = self.config, self.parallel
         set_seed(config.seed)
         needs_retain = config.reg != "none"
         check_texts(self.corpus, config.forget_split, config.retain_split, needs_retain)
-        model, self.tokenizer = load_causal_lm(self.model_path, dtype="float32", device=accelerator.device)
+        model, self.tokenizer = load_causal_lm(self.model_path, dtype=weights_dtype(config, parallel.device),
+                                               device=parallel.device)
         self.data = load_unlearn_data(self.corpus, self.tokenizer, config.forget_split, config.retain_split,
                                       needs_retain=needs_retain, max_length=config.max_length)
         self.fingerprint = run_fingerprint(self.model_path, self.data, config)
@@ -137,19 +126,23 @@ class UnlearnRecipe:
 
         self.provenance = run_metadata(config.model_dump(mode="json"), config.seed)
         self.pad_id = self.tokenizer.pad_token_id
-        self.ref_nll = (reference_sequence_nll(model, self.data, config.batch_size, self.pad_id)
-                        if config.method == "npo" else None)
-        self.kl_reference = KLReference(config, model)
+        self.kl_reference = KLReference(config, model, parallel)
+        if config.gradient_checkpointing:
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lora_targets: list[str] | None = None
         if config.adapter == "lora":
             model, self.lora_targets = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                                  config.lora_targets)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
         # AdamW with a constant learning rate (the paper's schedule); no scheduler object needed.
-        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.model, self.optimizer = parallel.prepare(
+            model, lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.unwrapped = parallel.unwrap(self.model)
+        self.transformer = self.unwrapped.get_base_model() if config.adapter == "lora" else self.unwrapped
         self.state = self._resume_or_start()
+        self.ref_nll = (cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, parallel)
+                        if config.method == "npo" else None)
         self.bar = self._progress_bar()
         return None
 
@@ -169,25 +162,38 @@ class UnlearnRecipe:
     def _resume_or_start(self) -> Progress:
         saved = storage.load_progress(self.out_dir) if self.resume else None
         if saved is not None and saved.fingerprint == self.fingerprint:
-            storage.restore_checkpoint(self.accelerator, self.out_dir)
-            if self.show_progress and self.accelerator.is_main_process:
+            storage.restore_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir)
+            if self.show_progress and self.parallel.is_main:
                 print(f"resuming {self.out_dir} after epoch {saved.epochs_done}")
             return saved
-        if self.accelerator.is_main_process:
+        if self.parallel.is_main:
             storage.clear_outputs(self.out_dir)
-        self.accelerator.wait_for_everyone()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.parallel.wait()
         return Progress(fingerprint=self.fingerprint)
+
+    @torch.no_grad()
+    def _reference_nll(self) -> torch.Tensor:
+        """NLL_ref(x) summed over each forget chunk, in chunk order, through the training forward itself (the
+        policy at step 0 is the reference; LoRA's adapters start at zero)."""
+        self.model.eval()
+        values = []
+        for first in range(0, len(self.data.forget), self.config.batch_size):
+            ids = list(range(first, min(first + self.config.batch_size, len(self.data.forget))))
+            stats = self._statistics(MicroBatch(ids, []))
+            values.append(objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0].float().cpu())
+        self.model.train()
+        return torch.cat(values)
 
     def _schedule(self, epoch: int) -> list[Step]:
         return epoch_schedule(len(self.data.forget), len(self.data.retain), epoch, self.config.seed,
-                              self.config.batch_size, self.config.grad_accum, self.accelerator.process_index,
-                              self.accelerator.num_processes)
+                              self.config.batch_size, self.config.grad_accum, self.parallel.process_index,
+                              self.parallel.num_processes)
 
     def _progress_bar(self) -> tqdm:
         steps_per_epoch = len(self._schedule(0))
         return tqdm(total=steps_per_epoch * self.config.epochs, initial=steps_per_epoch * self.state.epochs_done,
-                    desc="unlearn", disable=not (self.show_progress and self.accelerator.is_main_process),
-                    dynamic_ncols=True)
+                    desc="unlearn", disable=not (self.show_progress and self.parallel.is_main), dynamic_ncols=True)
 
     # ---- training ---------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> list[StepLoss] | None:
@@ -209,67 +215,81 @@ class UnlearnRecipe:
 
     def _optimizer_step(self, epoch: int, index: int, step: Step) -> StepLoss:
         counts = _global_counts(step, self.data)
-        forget_sum, retain_sum = 0.0, 0.0
+        sums = [0.0, 0.0, 0.0]  # forget term, retain term, summed NPO log-ratio
         for m, micro in enumerate(step.micro_batches):
             micro, weight = _share_of_process(micro, step)
-            is_last = m == len(step.micro_batches) - 1
-            with nullcontext() if is_last else self.accelerator.no_sync(self.model):
-                loss, forget, retain = self._micro_batch_loss(micro, counts)
-                # DDP averages gradients over processes; the losses are already global means.
-                self.accelerator.backward(loss * (weight * self.accelerator.num_processes))
-            forget_sum += weight * forget
-            retain_sum += weight * retain
-        forget, retain = self._sum_over_processes(forget_sum, retain_sum)
+            with self.parallel.accumulating(self.model, sync=m == len(step.micro_batches) - 1):
+                loss, terms = self._micro_batch_loss(micro, counts)
+                # gradients are averaged over processes; the losses are already global means.
+                self.parallel.backward(loss * (weight * self.parallel.num_processes))
+            sums = [total + weight * term for total, term in zip(sums, terms)]
+        forget, retain, log_ratio = self.parallel.sum_over_processes(sums)
         total = self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
         if math.isfinite(total):
             if self.config.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+                self.parallel.clip_grad_norm(self.trainable, self.config.max_grad_norm)
             self.optimizer.step()
             self.state.tokens += self._step_tokens(step)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total)
+        mean_log_ratio = log_ratio / counts["forget_sequences"] if self.config.method == "npo" else None
+        return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total, log_ratio=mean_log_ratio)
 
-    def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> tuple[torch.Tensor, float, float]:
-        """(loss to backpropagate, forget term, retain term) of one micro-batch, normalised by the global counts.
-        Forget and retain chunks go through the model in one forward pass (one DDP forward per backward)."""
-        config, data = self.config, self.data
+    def _statistics(self, micro: MicroBatch) -> TokenStatistics:
+        """One forward pass over the micro-batch's forget and retain chunks (one DDP forward per backward), reduced
+        to per-position NLL (and KL to the reference); chunked from the hidden states when `loss_chunk` is set."""
+        config, data, n = self.config, self.data, len(micro.forget)
         sequences = [data.forget[i] for i in micro.forget] + [data.retain[i] for i in micro.retain]
-        batch = {k: v.to(self.accelerator.device) for k, v in collate(sequences, self.pad_id).items()}
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        n = len(micro.forget)
-        forget_logits, forget_labels = logits[:n], batch["labels"][:n]
+        batch = {k: v.to(self.parallel.device) for k, v in collate(sequences, self.pad_id).items()}
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        if config.loss_chunk:
+            with hidden_states_forward(self.transformer) as head:
+                hidden = self.model(input_ids=ids, attention_mask=mask).logits
+            stats = TokenStatistics(*chunked_token_nll(hidden[:n], head, labels[:n], config.loss_chunk))
+            if micro.retain and config.reg == "gdr":
+                stats.retain_nll, stats.retain_mask = chunked_token_nll(hidden[n:], head, labels[n:], config.loss_chunk)
+            elif micro.retain and config.reg == "klr":
+                ref_hidden, ref_head = self.kl_reference.hidden_states(self.unwrapped, ids[n:], mask[n:])
+                stats.retain_kl, stats.retain_mask = chunked_token_kl(hidden[n:], head, ref_hidden, ref_head,
+                                                                      labels[n:], config.loss_chunk)
+            return stats
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        stats = TokenStatistics(*objectives.token_nll(logits[:n], labels[:n]))
+        if micro.retain and config.reg == "gdr":
+            stats.retain_nll, stats.retain_mask = objectives.token_nll(logits[n:], labels[n:])
+        elif micro.retain and config.reg == "klr":
+            ref_logits = self.kl_reference.logits(self.unwrapped, ids[n:], mask[n:])
+            stats.retain_kl, stats.retain_mask = objectives.token_kl(logits[n:], ref_logits, labels[n:])
+        return stats
+
+    def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> tuple[torch.Tensor, list[float]]:
+        """(loss to backpropagate, [forget term, retain term, summed NPO log-ratio]) of one micro-batch, each loss
+        normalised by the global batch's counts."""
+        config, stats = self.config, self._statistics(micro)
+        log_ratio = 0.0
         if config.method == "ga":
-            forget = objectives.ga_loss(forget_logits, forget_labels, num_tokens=counts["forget_tokens"])
-        elif config.method == "npo":
-            forget = objectives.npo_loss(forget_logits, forget_labels, self.ref_nll[micro.forget], config.beta,
-                                         num_sequences=counts["forget_sequences"])
+            forget = -objectives.nll_from_tokens(stats.forget_nll, stats.forget_mask, counts["forget_tokens"])
         else:
-            forget = objectives.simnpo_loss(forget_logits, forget_labels, config.beta, config.delta,
-                                            num_sequences=counts["forget_sequences"])
-        retain = None
-        if config.reg != "none":
-            retain_logits, retain_labels = logits[n:], batch["labels"][n:]
-            if config.reg == "gdr":
-                retain = objectives.nll_loss(retain_logits, retain_labels, num_tokens=counts["retain_tokens"])
+            nll, count = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)
+            if config.method == "npo":
+                ref = self.ref_nll[micro.forget]
+                forget = objectives.npo_from_sequences(nll, ref, config.beta, counts["forget_sequences"])
+                log_ratio = float((ref.to(nll) - nll.detach()).sum())
             else:
-                ref_logits = self.kl_reference.logits(self.unwrapped, batch["input_ids"][n:],
-                                                      batch["attention_mask"][n:])
-                retain = objectives.kl_loss(retain_logits, ref_logits, retain_labels,
-                                            num_tokens=counts["retain_tokens"])
+                forget = objectives.simnpo_from_sequences(nll, count, config.beta, config.delta,
+                                                          counts["forget_sequences"])
+        retain = None
+        if stats.retain_nll is not None:
+            retain = objectives.nll_from_tokens(stats.retain_nll, stats.retain_mask, counts["retain_tokens"])
+        elif stats.retain_kl is not None:
+            retain = objectives.kl_from_tokens(stats.retain_kl, stats.retain_mask, counts["retain_tokens"])
         loss = objectives.combine(forget, retain, config.gamma, config.alpha)
-        return loss, float(forget.detach()), float(retain.detach()) if retain is not None else 0.0
+        return loss, [float(forget.detach()), float(retain.detach()) if retain is not None else 0.0, log_ratio]
 
     def _step_tokens(self, step: Step) -> int:
         tokens = sum(len(self.data.forget[i]) for i in step.global_forget)
         if self.config.reg != "none":
             tokens += sum(len(self.data.retain[i]) for i in step.global_retain)
         return tokens
-
-    # ---- distributed ------------------------------------------------------------------------------------------
-    def _sum_over_processes(self, forget: float, retain: float) -> tuple[float, float]:
-        totals = self.accelerator.reduce(torch.tensor([forget, retain], device=self.accelerator.device),
-                                         reduction="sum")
-        return float(totals[0]), float(totals[1])
 
     def _hook_metrics(self, epoch: int) -> dict[str, float]:
         """The epoch hook's metrics, measured on every process, the main process's kept everywhere."""
@@ -278,9 +298,7 @@ class UnlearnRecipe:
         self.model.eval()
         with torch.no_grad():
             metrics = self.epoch_hook(epoch, self.unwrapped, self.tokenizer)
-        shared = [metrics]
-        broadcast_object_list(shared, from_process=0)
-        return dict(shared[0] or {})
+        return dict(self.parallel.broadcast(metrics) or {})
 
     # ---- non-finite losses ------------------------------------------------------------------------------------
     def _recover_from_non_finite(self, reason: str) -> None:
@@ -288,10 +306,10 @@ class UnlearnRecipe:
         saved = storage.load_progress(self.out_dir)
         if saved is None or saved.fingerprint != self.fingerprint or self.state.epochs_done == 0:
             raise UserError(f"{reason} before any epoch finished; no model written (try a lower --lr)")
-        storage.restore_checkpoint(self.accelerator, self.out_dir)
+        storage.restore_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir)
         self.state = saved
         self.state.stopped_reason = f"{reason}; kept the last good checkpoint (epoch {saved.epochs_done})"
-        if self.accelerator.is_main_process:
+        if self.parallel.is_main:
             print(f"warning: {self.state.stopped_reason}")
 
     # ---- end of an epoch --------------------------------------------------------------------------------------
@@ -309,11 +327,9 @@ class UnlearnRecipe:
                                     f" <= retrain {config.stop_knowmem_f:.2f} (MUSE rule)")
         stopping = epoch == config.epochs or state.stopped_reason != "completed"
         if config.save_every_epoch:
-            storage.save_model_folder(self.accelerator, self.model, self.tokenizer,
-                                      self.out_dir / "epochs" / f"epoch_{epoch:03d}", self._record("running"),
-                                      self._save_dtype(), merge=config.adapter == "lora")
+            self._save_model(self.out_dir / "epochs" / f"epoch_{epoch:03d}", self._record("running"))
         if not stopping:
-            storage.save_checkpoint(self.accelerator, self.out_dir, state)
+            storage.save_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir, state)
         return stopping
 
     # ---- save -------------------------------------------------------------------------------------------------
@@ -322,26 +338,27 @@ class UnlearnRecipe:
         adapter_dir = None
         if self.config.adapter == "lora":
             adapter_dir = self.out_dir / "adapter"
-            storage.save_adapter(self.accelerator, self.model, adapter_dir, record)
-        storage.save_model_folder(self.accelerator, self.model, self.tokenizer, self.out_dir / "model", record,
-                                  self._save_dtype(), merge=self.config.adapter == "lora", in_place=True)
-        if self.accelerator.is_main_process:
+            storage.save_adapter(self.parallel, self.model, adapter_dir, record)
+        self._save_model(self.out_dir / "model", record, final=True)
+        if self.parallel.is_main:
             storage.write_record(self.out_dir, record)
             storage.remove_checkpoint(self.out_dir)
-        self.accelerator.wait_for_everyone()
+        self.parallel.wait()
         return UnlearnResult.from_progress(self.out_dir, self.state, adapter_dir)
 
-    def _save_dtype(self) -> torch.dtype:
-        if self.config.save_dtype == "source":
-            return source_dtype(self.model_path)
-        return resolve_dtype(self.config.save_dtype)
+    def _save_model(self, folder: Path, record: RunRecord, final: bool = False) -> None:
+        dtype = source_dtype(self.model_path) if self.config.save_dtype == "source" \
+            else resolve_dtype(self.config.save_dtype)
+        storage.save_model_folder(self.parallel, self.model, self.tokenizer, folder, record, dtype,
+                                  lora=self.config.adapter == "lora", in_place=final,
+                                  source=(self.model_path, self.config))
 
     def _record(self, status: str) -> RunRecord:
         state = self.state
         return RunRecord(status=status, config=self.config, source_model=self.model_path,
                          lora_targets=self.lora_targets, forget_chunks=len(self.data.forget),
-                         retain_chunks=len(self.data.retain), num_processes=self.accelerator.num_processes,
-                         mixed_precision=str(self.accelerator.mixed_precision), progress=state.model_copy(deep=True),
+                         retain_chunks=len(self.data.retain), num_processes=self.parallel.num_processes,
+                         mixed_precision=self.parallel.mixed_precision, progress=state.model_copy(deep=True),
                          tokens_per_second=state.tokens / state.seconds if state.seconds > 0 else 0.0,
                          provenance=self.provenance)
 

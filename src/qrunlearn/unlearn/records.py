@@ -18,6 +18,7 @@ class StepLoss(BaseModel):
     forget: float
     retain: float
     loss: float
+    log_ratio: float | None = None  # NPO: mean log(pi_theta(x) / pi_ref(x)) over the forget sequences (0 at step 0)
 
 
 class EpochRecord(BaseModel):

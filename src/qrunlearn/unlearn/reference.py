@@ -1,51 +1,100 @@
-"""The model before unlearning, as NPO and KLR need it.
+"""The model before unlearning, as NPO and KLR need it, at the policy's own precision.
 
-NPO needs only each forget chunk's summed NLL under the reference, a constant: it is computed once before
-training. KLR needs the reference's next-token distribution on every retain batch: LoRA gets it from the same
-model with its adapters disabled (no second copy); full fine-tuning keeps a frozen copy made before training.
+- NPO needs only each forget chunk's summed NLL under the reference: constants, computed once through the same
+  forward path as training (same model, precision and loss code, so at step 0 the log-ratio is exactly 0) and kept
+  with the run (`reference_nll.safetensors`), so a resumed run reuses them instead of recomputing.
+- KLR needs the reference's next-token distribution on every retain batch. LoRA gets it from the same model with
+  its adapters disabled (no copy). Full fine-tuning keeps a frozen copy: in the compute dtype, without gradients or
+  optimizer state, sharded like the policy under FSDP, or on the CPU when `reference_device: cpu` (slower, but the
+  accelerator then holds only the policy).
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
-from qrunlearn.models.tiny import collate
-from qrunlearn.unlearn import objectives
+from qrunlearn.errors import UserError
+from qrunlearn.unlearn.chunked import hidden_states_forward
 from qrunlearn.unlearn.config import UnlearnConfig
-from qrunlearn.unlearn.data import UnlearnData
+from qrunlearn.unlearn.parallel import FullySharded, Parallel, compute_dtype
+
+NLL_FILE = "reference_nll.safetensors"
 
 
-@torch.no_grad()
-def reference_sequence_nll(model, data: UnlearnData, batch_size: int, pad_id: int) -> torch.Tensor:
-    """NLL_ref(x) summed over each forget chunk, in chunk order."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    values = []
-    for first in range(0, len(data.forget), batch_size):
-        batch = collate(data.forget[first:first + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        values.append(objectives.sequence_nll(logits, batch["labels"])[0].float().cpu())
-    model.train(was_training)
-    return torch.cat(values)
+def cached_reference_nll(out_dir: Path, fingerprint: str, compute: Callable[[], torch.Tensor],
+                         parallel: Parallel) -> torch.Tensor:
+    """The forget chunks' reference NLLs: read from `out_dir` when they belong to this run, else computed and
+    written there (by the main process; every process computes them, as a sharded forward needs all of them)."""
+    path = out_dir / NLL_FILE
+    cached = _read_nll(path, fingerprint)
+    if cached is not None:
+        return cached
+    values = compute()
+    if parallel.is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"nll": values.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
+        os.replace(tmp, path)
+    parallel.wait()
+    return values
+
+
+def _read_nll(path: Path, fingerprint: str) -> torch.Tensor | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+            return handle.get_tensor("nll")
+    except (OSError, json.JSONDecodeError, RuntimeError, ValueError):
+        return None
 
 
 class KLReference:
     """p_ref for KLR: a frozen copy for full fine-tuning, the adapters-disabled model for LoRA."""
 
-    def __init__(self, config: UnlearnConfig, model):
-        self.copy = None
-        if config.reg == "klr" and config.adapter == "full":
-            self.copy = copy.deepcopy(model).eval()
-            for p in self.copy.parameters():
-                p.requires_grad_(False)
+    def __init__(self, config: UnlearnConfig, model: nn.Module, parallel: Parallel):
+        self.copy: nn.Module | None = None
+        self.parallel = parallel
+        self.device = parallel.device
+        if not (config.reg == "klr" and config.adapter == "full"):
+            return
+        if config.reference_device == "cpu" and parallel.sharded:
+            raise UserError("--reference-device cpu: not with --sharding fsdp (the reference is sharded instead)")
+        self.device = torch.device("cpu") if config.reference_device == "cpu" else parallel.device
+        frozen = copy.deepcopy(model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        frozen = frozen.to(device=self.device, dtype=compute_dtype(config, parallel.device))
+        self.copy = parallel.shard(frozen) if isinstance(parallel, FullySharded) else frozen
+        self.head = self.copy.get_output_embeddings()
+        if self.device != parallel.device:  # the chunked KL applies the head beside the policy's hidden states
+            self.head = copy.deepcopy(self.head).to(parallel.device)
 
     @torch.no_grad()
-    def logits(self, unwrapped_model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.copy is not None:
-            return self.copy(input_ids=input_ids, attention_mask=attention_mask).logits
-        with unwrapped_model.disable_adapter():
-            return unwrapped_model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def logits(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with self.parallel.autocast():
+            if self.copy is not None:
+                out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+                return out.logits.to(self.parallel.device)
+            with policy.disable_adapter():
+                return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @torch.no_grad()
+    def hidden_states(self, policy: nn.Module, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+        """Final hidden states [B, T, H] and the output head, for the chunked KL."""
+        with self.parallel.autocast():
+            if self.copy is not None:
+                with hidden_states_forward(self.copy):
+                    out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+                return out.logits.to(self.parallel.device), self.head
+            with policy.disable_adapter(), hidden_states_forward(policy.get_base_model()) as head:
+                return policy(input_ids=input_ids, attention_mask=attention_mask).logits, head

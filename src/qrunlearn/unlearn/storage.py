@@ -11,10 +11,15 @@ import shutil
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict
 from pydantic import ValidationError
+from torch import nn
 
 from qrunlearn.io import atomic_directory, atomic_write_json, replace_directory
-from qrunlearn.unlearn.lora import merged_copy
+from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.unlearn.config import UnlearnConfig
+from qrunlearn.unlearn.lora import merged_copy, wrap_lora
+from qrunlearn.unlearn.parallel import Parallel
 from qrunlearn.unlearn.records import Progress, RunRecord
 
 RECORD_FILE = "unlearn.json"
@@ -22,18 +27,19 @@ CHECKPOINT = "checkpoint"
 OUTPUTS = (CHECKPOINT, "model", "adapter", "epochs", RECORD_FILE)
 
 
-def save_checkpoint(accelerator, out_dir: Path, progress: Progress) -> None:
-    """Model, optimizer and RNG states (accelerate) plus `progress`, swapped in as one folder."""
+def save_checkpoint(parallel: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path,
+                    progress: Progress) -> None:
+    """Model, optimizer and RNG states plus `progress`, swapped in as one folder."""
     final, tmp = out_dir / CHECKPOINT, out_dir / f".{CHECKPOINT}.tmp"
-    if accelerator.is_main_process and tmp.exists():
+    if parallel.is_main and tmp.exists():
         shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    parallel.wait()
+    parallel.save_checkpoint(model, optimizer, tmp / "state")
+    parallel.wait()
+    if parallel.is_main:
         atomic_write_json(tmp / "state.json", progress)
         replace_directory(tmp, final)
-    accelerator.wait_for_everyone()
+    parallel.wait()
 
 
 def load_progress(out_dir: Path) -> Progress | None:
@@ -45,8 +51,8 @@ def load_progress(out_dir: Path) -> Progress | None:
         return None
 
 
-def restore_checkpoint(accelerator, out_dir: Path) -> None:
-    accelerator.load_state(str(out_dir / CHECKPOINT / "accelerate"))
+def restore_checkpoint(parallel: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path) -> None:
+    parallel.load_checkpoint(model, optimizer, out_dir / CHECKPOINT / "state")
 
 
 def read_record(out_dir: Path) -> RunRecord | None:
@@ -71,31 +77,54 @@ def clear_outputs(out_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def save_model_folder(accelerator, model, tokenizer, folder: Path, record: RunRecord, dtype: torch.dtype,
-                      merge: bool, in_place: bool = False) -> None:
-    """A standard HF folder (weights in `dtype`, tokenizer, unlearn.json), written atomically by the main
-    process. `merge`: LoRA's merged model (W + (alpha/r) B A) instead of the peft model; `in_place` merges the
-    training model itself (end of run: no extra copy in memory) instead of a copy."""
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; same tensors under DDP
-    if not accelerator.is_main_process:
+def save_model_folder(parallel: Parallel, model: nn.Module, tokenizer, folder: Path, record: RunRecord,
+                      dtype: torch.dtype, lora: bool, in_place: bool, source: tuple[str, UnlearnConfig]) -> None:
+    """A standard HF folder (weights in `dtype`, tokenizer, unlearn.json), written atomically by the main process.
+    LoRA is saved merged (W + (alpha/r) B A): `in_place` merges the training model itself (end of run: no extra
+    copy in memory) instead of a copy. A sharded model is first gathered whole onto the main process."""
+    if parallel.sharded:
+        to_save, state_dict = _gathered(parallel, model, source, lora), None
+    else:
+        state_dict = parallel.full_state_dict(model)  # a collective under DDP too; None off the main process
+        unwrapped = parallel.unwrap(model)
+        if parallel.is_main and lora:
+            to_save, state_dict = (unwrapped.merge_and_unload() if in_place else merged_copy(unwrapped)), None
+        else:
+            to_save = unwrapped
+    if not parallel.is_main or to_save is None:
         return
-    to_save = unwrapped
-    if merge:
-        to_save = unwrapped.merge_and_unload() if in_place else merged_copy(unwrapped)
-        state_dict = None
     with atomic_directory(folder) as tmp:
         if state_dict is not None and dtype != torch.float32:
             state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        if merge and dtype != torch.float32:
+        if state_dict is None and dtype != next(to_save.parameters()).dtype:
             to_save = to_save.to(dtype)
         to_save.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / RECORD_FILE, record)
 
 
-def save_adapter(accelerator, model, folder: Path, record: RunRecord) -> None:
-    if accelerator.is_main_process:
+def _gathered(parallel: Parallel, model: nn.Module, source: tuple[str, UnlearnConfig], lora: bool) -> nn.Module | None:
+    """The sharded model's weights gathered onto the main process as a plain (for LoRA: merged) model on the CPU;
+    None on the other processes. The plain model is rebuilt from the source folder, then given the trained weights."""
+    state = parallel.full_state_dict(model)  # a collective: every process calls it
+    if not parallel.is_main:
+        return None
+    model_path, config = source
+    plain, _ = load_causal_lm(model_path, dtype="float32", device="cpu", with_tokenizer=False)
+    if lora:
+        plain, _ = wrap_lora(plain, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    plain.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return plain.merge_and_unload() if lora else plain
+
+
+def save_adapter(parallel: Parallel, model: nn.Module, folder: Path, record: RunRecord) -> None:
+    state = parallel.full_state_dict(model) if parallel.sharded else None
+    if parallel.is_main:
         with atomic_directory(folder) as tmp:
-            accelerator.unwrap_model(model).save_pretrained(str(tmp), safe_serialization=True)
+            unwrapped = parallel.unwrap(model)
+            if state is not None:  # only the adapter's tensors, as peft saves them
+                state = get_peft_model_state_dict(unwrapped, state_dict=state)
+                unwrapped.save_pretrained(str(tmp), safe_serialization=True, state_dict=state)
+            else:
+                unwrapped.save_pretrained(str(tmp), safe_serialization=True)
             atomic_write_json(tmp / RECORD_FILE, record)

@@ -1,0 +1,112 @@
+"""Peak memory of unlearning runs, measured, beside `qrunlearn unlearn --estimate`'s prediction.
+
+Each configuration runs in a fresh process: the resident set size is read after the imports (the baseline),
+then one epoch of unlearning runs, and the peak (ru_maxrss) above the baseline is what the run itself used. On a
+GPU the CUDA allocator's peak is reported instead. The estimate is computed for the same model, settings and
+longest chunk.
+
+    .venv/bin/python benchmarks/bench_memory.py --model runs/demo/models/target --data runs/demo/data
+    .venv/bin/python benchmarks/bench_memory.py --model models/smollm2 --data runs/smollm2/data \\
+        --batch-size 4 --max-length 256 --grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 1024**3
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measured run (in its own process)."""
+    import torch
+
+    from qrunlearn.data.muse import load_corpus
+    from qrunlearn.unlearn import UnlearnConfig, unlearn
+
+    config = UnlearnConfig.model_validate(json.loads(args.config))
+    corpus = load_corpus(args.data)
+    if args.forget_docs:
+        corpus.raw["forget"] = corpus.raw["forget"][: args.forget_docs]
+        corpus.raw[config.retain_split] = corpus.raw[config.retain_split][: args.forget_docs]
+    cuda = torch.cuda.is_available()
+    baseline = _rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        result = unlearn(args.model, corpus, config, out, progress=False, resume=False)
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_above_baseline": peak - (0 if cuda else baseline), "seconds": seconds,
+                      "tokens": result.tokens, "tokens_per_second": result.tokens / max(result.seconds, 1e-9)}))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def measure(args: argparse.Namespace, config) -> dict:
+    command = [sys.executable, __file__, "--child", "--model", args.model, "--data", args.data,
+               "--config", config.model_dump_json(), "--forget-docs", str(args.forget_docs)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--forget-docs", type=int, default=0, help="use only the first N forget/retain documents")
+    parser.add_argument("--grid", action="store_true", help="also checkpointing / chunked-loss variants")
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--config")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    from qrunlearn.data.muse import load_corpus
+    from qrunlearn.unlearn import UnlearnConfig
+    from qrunlearn.unlearn.memory import estimate_memory, longest_chunk
+
+    corpus = load_corpus(args.data)
+    if args.forget_docs:
+        corpus.raw["forget"] = corpus.raw["forget"][: args.forget_docs]
+        corpus.raw["retain1"] = corpus.raw["retain1"][: args.forget_docs]
+    variants = [{}]
+    if args.grid:
+        variants += [{"gradient_checkpointing": True}, {"gradient_checkpointing": True, "loss_chunk": 64}]
+    peaks: dict[tuple, float] = {}
+    print("| adapter | checkpointing | loss chunk | estimate GiB | measured GiB | estimate / measured | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in variants:
+        for adapter in ("full", "lora"):
+            config = UnlearnConfig(method="npo", reg="klr", adapter=adapter, lr=1e-5, epochs=1,
+                                   batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, alpha=1.0,
+                                   dtype="float32", **variant)
+            length = longest_chunk(args.model, corpus, config)
+            estimate = estimate_memory(args.model, config, 1, length, "cpu").total
+            measured = measure(args, config)
+            peak = measured["peak_above_baseline"]
+            peaks[(adapter, *variant.values())] = peak
+            print(f"| {adapter} | {config.gradient_checkpointing} | {config.loss_chunk or '-'} | "
+                  f"{estimate / GIB:.3f} | {peak / GIB:.3f} | {estimate / peak:.2f} | "
+                  f"{measured['tokens_per_second']:.0f} |", flush=True)
+    for variant in variants:
+        key = tuple(variant.values())
+        print(f"LoRA / full peak {variant or 'plain'}: {peaks[('lora', *key)] / peaks[('full', *key)]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Predict an unlearning run's memory per process before it starts (`qrunlearn unlearn ... --estimate`).
+
+The model is built from its config on the meta device (no weights are read, so a 7B hub config works offline
+once its config.json is local) to count parameters exactly; the rest is arithmetic:
+
+- weights: every parameter in the weights dtype (fp32 under mixed precision, bf16 under pure bf16), plus, under
+  bf16 autocast, the bf16 copies of the weights autocast keeps for the backward pass;
+- gradients and AdamW's two moments: the trainable parameters (all for full fine-tuning, the adapters for LoRA);
+- reference: full fine-tuning with KLR keeps a frozen copy in the compute dtype (LoRA disables its adapters
+  instead; NPO keeps one number per forget chunk);
+- activations: what autograd keeps per token and transformer block (counted tensor by tensor for a Llama-style
+  block, see `_block_bytes_per_token`), or with checkpointing only each block's input plus one block's worth;
+- loss temporaries: the fp32 logits and the copies the loss and its gradient make, for the whole micro-batch or
+  for one chunk of `loss_chunk` positions.
+Sharded (FSDP) quantities are divided by the number of processes. Validated against measured peaks in
+benchmarks/bench_memory.py (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from qrunlearn.data.muse import MuseCorpus
+from qrunlearn.errors import UserError
+from qrunlearn.models.loading import load_tokenizer, resolve_dtype
+from qrunlearn.unlearn.config import UnlearnConfig
+from qrunlearn.unlearn.data import load_unlearn_data
+from qrunlearn.unlearn.lora import default_lora_targets
+
+# Full-vocabulary fp32 tensors alive at the loss's peak: logits, log-softmax (kept for backward) and the logits'
+# gradient for the NLL; KL adds the reference's log-softmax, its exp and the difference.
+NLL_LOGIT_COPIES = 3
+KL_LOGIT_COPIES = 6
+GIB = 1024**3
+
+
+class MemoryEstimate(BaseModel):
+    """Bytes per process."""
+
+    parameters: int
+    trainable_parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    reference: int
+    activations: int
+    loss_temporaries: int
+    tokens_per_micro_batch: int
+    processes: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.optimizer + self.reference + self.activations
+                + self.loss_temporaries)
+
+    def describe(self) -> str:
+        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
+                ("reference", self.reference), ("activations", self.activations),
+                ("loss temporaries", self.loss_temporaries)]
+        lines = [f"per process ({self.processes} process{'es' if self.processes > 1 else ''}; "
+                 f"{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable; "
+                 f"{self.tokens_per_micro_batch} tokens per micro-batch):"]
+        lines += [f"  {name:<18} {value / GIB:8.2f} GiB" for name, value in rows]
+        lines.append(f"  {'total':<18} {self.total / GIB:8.2f} GiB")
+        return "\n".join(lines)
+
+
+def meta_model(name_or_path: str | Path) -> torch.nn.Module:
+    """The model's architecture with no storage behind its weights."""
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{name_or_path}: cannot read the model config ({str(err).splitlines()[0]})") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _lora_parameters(model: torch.nn.Module, config: UnlearnConfig) -> tuple[int, int]:
+    """(adapter parameters, summed input + output widths of the adapted layers per block stack)."""
+    targets = set(config.lora_targets or default_lora_targets(model))
+    params, widths = 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            params += config.lora_r * (module.in_features + module.out_features)
+            widths += module.in_features
+    return params, widths
+
+
+def _block_bytes_per_token(model_config, element: int) -> int:
+    """Bytes autograd keeps per token for one Llama-style block: two RMSNorms (fp32 input and rsqrt kept, output in
+    the compute dtype), q and k before rotary, q/k/v as attention sees them (key/value heads repeated), the
+    attention output and o_proj's input, and the MLP's gate, activation, up and product."""
+    h = model_config.hidden_size
+    i = model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", heads) * (h // heads)
+    norms = 2 * (4 * h + element * h)
+    attention = element * (h + kv) + element * 3 * h + element * 2 * h
+    mlp = element * 4 * i
+    return norms + attention + mlp
+
+
+def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: int = 1,
+                    sequence_length: int | None = None, device: str = "cuda") -> MemoryEstimate:
+    """Per-process bytes of an unlearning run of `model_path` with `config` on `processes` processes.
+    `sequence_length`: the longest micro-batch's padded width (default: `config.max_length`)."""
+    model = meta_model(model_path)
+    model_config = model.config
+    compute = resolve_dtype(config.dtype, device)
+    mixed = compute == torch.bfloat16 and config.precision == "mixed"
+    weight_bytes = 4 if (compute == torch.float32 or mixed) else 2
+    element = torch.finfo(compute).bits // 8
+    params = sum(p.numel() for p in model.parameters())
+    if config.adapter == "lora":
+        trainable, lora_widths = _lora_parameters(model, config)
+    else:
+        trainable, lora_widths = params, 0
+    shard = processes if config.sharding == "fsdp" else 1
+    weights = (params + trainable if config.adapter == "lora" else params) * weight_bytes // shard
+    if mixed:
+        weights += params * 2  # autocast's bf16 weight copies, kept until the backward pass has used them
+    gradients = trainable * weight_bytes // shard
+    optimizer = 2 * trainable * weight_bytes // shard
+    reference = params * element // shard if (config.reg == "klr" and config.adapter == "full") else 0
+    if config.reference_device == "cpu":
+        reference = 0  # on the host, not on the training device
+
+    length = sequence_length or config.max_length
+    rows = config.batch_size * (2 if config.reg != "none" else 1)
+    tokens = rows * length
+    layers = model_config.num_hidden_layers
+    per_block = _block_bytes_per_token(model_config, element)
+    per_block += element * lora_widths // layers if config.adapter == "lora" and config.lora_dropout > 0 else 0
+    if config.gradient_checkpointing:
+        activations = tokens * (layers * model_config.hidden_size * element + per_block)
+    else:
+        activations = tokens * layers * per_block
+    activations += tokens * model_config.hidden_size * (element + 4)  # embeddings out, final norm
+
+    positions = min(config.loss_chunk, length) if config.loss_chunk else length
+    copies = KL_LOGIT_COPIES if config.reg == "klr" else NLL_LOGIT_COPIES
+    vocabulary = model_config.vocab_size
+    logits_rows = config.batch_size if config.reg == "klr" and config.loss_chunk else rows
+    loss = logits_rows * positions * vocabulary * 4 * copies
+    if not config.loss_chunk:
+        loss += rows * length * vocabulary * element  # the model's own logits output
+    return MemoryEstimate(parameters=params, trainable_parameters=trainable, weights=weights, gradients=gradients,
+                          optimizer=optimizer, reference=reference, activations=activations,
+                          loss_temporaries=loss, tokens_per_micro_batch=tokens, processes=processes)
+
+
+def longest_chunk(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig) -> int | None:
+    """The longest tokenised chunk the run would train on (a micro-batch's padded width is at most this), or None
+    when the tokenizer is not available here."""
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except UserError:
+        return None
+    data = load_unlearn_data(corpus, tokenizer, config.forget_split, config.retain_split,
+                             needs_retain=config.reg != "none", max_length=config.max_length)
+    return max(len(chunk) for chunk in data.forget + data.retain)
