@@ -39,6 +39,7 @@ report_module = lazy_module("qrunlearn.report")
 stats = lazy_module("qrunlearn.data.stats")
 synth = lazy_module("qrunlearn.data.synth")
 target_module = lazy_module("qrunlearn.models.target")
+gguf = lazy_module("qrunlearn.models.gguf")
 gptq = lazy_module("qrunlearn.quant.gptq")
 registry = lazy_module("qrunlearn.quant.registry")
 
@@ -53,6 +54,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="MUSE-layout data: validate a folder, or generate the built-in benchmark.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+models_app = typer.Typer(help="Pretrained models from GGUF files: import as Hugging Face folders, measure the 4-bit "
+                              "grid their weights sit on.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 # ---- options generated from a settings record -----------------------------------------------------------------
@@ -95,7 +99,8 @@ def build_settings(record: type[BaseModel], base: dict[str, Any], given: dict[st
 @data_app.command("check")
 def data_check(
     data_dir: Annotated[Path, typer.Argument(help="A corpus folder in MUSE's layout.")],
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (folder or hub id) for token-length stats.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (folder or hub id) for token-length "
+                                                          "stats.")] = None,
 ) -> None:
     """Validate a MUSE-layout folder; print item counts and character (and token) length stats."""
     corpus = muse.load_corpus(data_dir)
@@ -127,6 +132,41 @@ def data_fetch(
     typer.echo(f"wrote {out}")
 
 
+# ---- models ---------------------------------------------------------------------------------------------------
+@models_app.command("import")
+def models_import(
+    gguf_file: Annotated[Path, typer.Argument(help="A GGUF file (llama.cpp's format), e.g. SmolLM2's Q4_1.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (atomically): fp32 safetensors, config, tokenizer.")],
+    jitter: Annotated[float, typer.Option(min=0.0, help="Move each Q4_1 block-linear weight off its grid by uniform "
+                                                        "noise of +- jitter * d / 2 (1 = the whole bin).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the jitter noise.")] = 0,
+) -> None:
+    """Import a GGUF checkpoint as a standard Hugging Face folder (dequantized to fp32), with qrunlearn_gguf.json
+    recording the source file, its sha256, the architecture, the parameter count and the on-grid share."""
+    gguf.import_gguf(gguf_file, out, jitter=jitter, seed=seed)
+    record = gguf.read_import_record(out)
+    grid = "no Q4_1 block linear layers" if record.on_grid_share is None else \
+        f"{record.on_grid_share:.6f} of Q4_1 block-linear weights on their grid (jitter {record.jitter:g})"
+    typer.echo(f"wrote {out}: {record.architecture}, {record.parameters:,} parameters; {grid}")
+
+
+@models_app.command("grid")
+def models_grid(
+    model: Annotated[Path, typer.Option(help="Model folder (e.g. an imported, fine-tuned or unlearned one) or a "
+                                             ".gguf file.")],
+    gguf_file: Annotated[Path, typer.Option("--gguf", help="The GGUF file the model's weights came from.")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write the per-layer shares as JSON.")] = None,
+) -> None:
+    """Share of the model's block-linear weights still exactly on the Q4_1 grid of the GGUF they came from
+    (per layer and overall): 1 right after import, about 0 after --jitter 1."""
+    loaded, _ = loading.load_causal_lm(model, dtype="float32", device="cpu", with_tokenizer=False)
+    share = gguf.q4_1_grid_share(loaded, gguf_file)
+    typer.echo(share.summary())
+    if out is not None:
+        io.atomic_write_json(out, share)
+        typer.echo(f"wrote {out}")
+
+
 # ---- target / retrain models ----------------------------------------------------------------------------------
 @app.command("target")
 def target(
@@ -150,13 +190,18 @@ def target(
 @app.command("eval")
 @settings_options(EvalConfig, ("limit", "batch_size", "bootstrap", "seed", "mia", "max_context"))
 def eval_cmd(
-    model: Annotated[Path, typer.Option(help="Model folder: a Hugging Face causal LM with safetensors + tokenizer.")],
+    model: Annotated[Path, typer.Option(help="Model folder (a Hugging Face causal LM with safetensors + tokenizer) "
+                                             "or a .gguf file.")],
     data: Annotated[Path, typer.Option(help="Corpus folder in MUSE's layout.")],
     out: Annotated[Path, typer.Option(help="Results JSON; per-item logs go beside it as <stem>.items.jsonl.")],
-    retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder: its privleak AUC is PrivLeak's reference.")] = None,
-    retrain_auc: Annotated[Optional[str], typer.Option(help="Reference AUC instead of --retrain: a number, or news (0.4772) / books (0.5393).")] = None,
-    metrics: Annotated[str, typer.Option(help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,privleak.")] = "verbmem_f,knowmem_f,knowmem_r,privleak",
-    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"], typer.Option(help="Weights dtype (auto: fp32 CPU, bf16 CUDA).")] = "auto",
+    retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder: its privleak AUC is PrivLeak's "
+                                                         "reference.")] = None,
+    retrain_auc: Annotated[Optional[str], typer.Option(help="Reference AUC instead of --retrain: a number, or news "
+                                                            "(0.4772) / books (0.5393).")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,"
+                                              "privleak.")] = "verbmem_f,knowmem_f,knowmem_r,privleak",
+    dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"],
+                     typer.Option(help="Weights dtype (auto: fp32 CPU, bf16 CUDA).")] = "auto",
     **settings: Any,
 ) -> None:
     """MUSE evaluation: VerbMem, KnowMem (forget, retain), PrivLeak, plus MIA AUCs, batched."""
@@ -176,14 +221,15 @@ UNLEARN_OPTIONS = tuple(name for name in UnlearnConfig.model_fields if name not 
 @app.command("unlearn")
 @settings_options(UnlearnConfig, UNLEARN_OPTIONS, default_note="default: from --defaults")
 def unlearn_command(
-    model: Annotated[str, typer.Option(help="Model to unlearn from (HF folder or hub id).")],
+    model: Annotated[str, typer.Option(help="Model to unlearn from (HF folder, hub id or .gguf file).")],
     data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/<forget-split> (and retain).")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder: model/ (merged for LoRA), adapter/, "
                                                       "unlearn.json. Required unless --estimate.")] = None,
     method: Annotated[Literal["ga", "npo", "simnpo"], typer.Option(help="Forget objective.")] = "ga",
     reg: Annotated[Literal["none", "gdr", "klr"], typer.Option(help="Retain term: NLL (gdr) or KL to the "
                                                                      "reference (klr).")] = "gdr",
-    adapter: Annotated[Literal["full", "lora"], typer.Option(help="Full fine-tuning or LoRA merged at the end.")] = "full",
+    adapter: Annotated[Literal["full", "lora"], typer.Option(help="Full fine-tuning or LoRA merged at the "
+                                                                  "end.")] = "full",
     defaults: Annotated[Literal["paper", "tiny"], typer.Option(help="Default set: the paper's (real models) or "
                                                                     "the built-in tiny model's.")] = "paper",
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run in --out (or reuse a finished one).")] = True,
@@ -201,7 +247,8 @@ def unlearn_command(
     (or the FSDP / DeepSpeed setup of your accelerate config); --batch-size is per process. On CPUs:
     `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m qrunlearn unlearn ...` (gloo)."""
     if settings.get("lora_targets"):  # accept --lora-targets q_proj,v_proj as well as repeated options
-        settings["lora_targets"] = [t.strip() for item in settings["lora_targets"] for t in item.split(",") if t.strip()]
+        settings["lora_targets"] = [t.strip() for item in settings["lora_targets"] for t in item.split(",")
+                                    if t.strip()]
     base = UnlearnConfig.defaults(defaults, method, reg, adapter).model_dump()
     config = build_settings(UnlearnConfig, base, settings)
     corpus = muse.load_corpus(data)
@@ -220,12 +267,13 @@ def unlearn_command(
 # ---- quantize / survival --------------------------------------------------------------------------------------
 @app.command("quantize")
 def quantize(
-    model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors).")],
+    model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors) or .gguf file.")],
     method: Annotated[str, typer.Option(help="Spec: fp, rtn:w4g64 / rtn:w8 (per-channel) / rtn:w4g64:sym, nf4, "
                                              "fp4, int8, hqq:w4g64, gptq:w4g128 (bits 2-8; hqq 2/3/4/8).")],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="GPTQ only: corpus folder whose retain1 split calibrates.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="GPTQ only: corpus folder whose retain1 split "
+                                                      "calibrates.")] = None,
     calib_samples: Annotated[int, typer.Option(help="GPTQ only: calibration documents (first N, in order).")] = 128,
     seed: Annotated[int, typer.Option(help="GPTQ only: calibration seed.")] = 0,
 ) -> None:
@@ -271,12 +319,17 @@ def survival(
 # ---- run / report ---------------------------------------------------------------------------------------------
 @app.command("run")
 def run(
-    config: Annotated[Optional[Path], typer.Argument(help="Experiment YAML (default: the built-in benchmark grid).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for data, models, cells and the report.")] = Path("runs/demo"),
-    resume: Annotated[bool, typer.Option(help="Continue a non-empty output folder, skipping finished cells.")] = False,
+    config: Annotated[Optional[Path], typer.Argument(help="Experiment YAML (default: the built-in benchmark "
+                                                          "grid).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for data, models, cells and the "
+                                           "report.")] = Path("runs/demo"),
+    resume: Annotated[bool, typer.Option(help="Continue a non-empty output folder, skipping finished "
+                                              "cells.")] = False,
     force: Annotated[bool, typer.Option(help="Redo every cell even if it is finished.")] = False,
-    cell: Annotated[Optional[int], typer.Option(help="Run only cell N (0 = reference models) for a scheduler array.")] = None,
-    prepare: Annotated[bool, typer.Option(help="Only build data and target/retrain models (before a --cell array).")] = False,
+    cell: Annotated[Optional[int], typer.Option(help="Run only cell N (0 = reference models) for a scheduler "
+                                                     "array.")] = None,
+    prepare: Annotated[bool, typer.Option(help="Only build data and target/retrain models (before a --cell "
+                                               "array).")] = False,
     list_cells: Annotated[bool, typer.Option("--list-cells", help="Print the cells of the grid and exit.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the live progress display.")] = True,
 ) -> None:
@@ -297,7 +350,8 @@ def run(
 
 @app.command("report")
 def report(out: Annotated[Path, typer.Argument(help="An experiment output folder.")],
-           config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: built-in).")] = None) -> None:
+           config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: "
+                                                               "built-in).")] = None) -> None:
     """Rebuild table.md, table.csv, plots and report.md from an experiment folder's finished cells."""
     experiment_config = load_config(config)
     finished = experiment.Experiment(experiment_config, out)

@@ -1,9 +1,10 @@
-"""Load any Hugging Face causal LM (local folder or hub id) with safe, device-appropriate defaults.
+"""Load any Hugging Face causal LM (local folder, hub id or GGUF file) with safe, device-appropriate defaults.
 
 - safetensors only (`use_safetensors=True`), `trust_remote_code=False` unless the caller asks;
 - fp32 on CPU and bf16 on CUDA unless a dtype is given;
 - a pad token is set when the tokenizer has none (eos, else a new `<pad>`), since batched evaluation and
-  training pad.
+  training pad;
+- a `.gguf` file (recognised by its magic bytes) is dequantized on load into a plain model (`models.gguf`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from qrunlearn.errors import UserError
+from qrunlearn.models.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,7 +37,10 @@ def resolve_dtype(name: DTypeName | str, device: torch.device | str | None = Non
 
 
 def source_dtype(name_or_path: str | Path) -> torch.dtype:
-    """The dtype a model's config.json declares (fp32 when it declares none); hub ids read the hub's config."""
+    """The dtype a model's config.json declares (fp32 when it declares none); hub ids read the hub's config.
+    A GGUF file counts as fp32: that is what its dequantized weights are."""
+    if is_gguf(name_or_path):
+        return torch.float32
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))
     except (OSError, ValueError):
@@ -48,7 +53,7 @@ def source_dtype(name_or_path: str | Path) -> torch.dtype:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from; `is_local` says whether it is a folder on disk."""
+    """Where a model comes from; `is_local` says whether it is on disk (a folder, or a GGUF file)."""
 
     name_or_path: str
 
@@ -56,15 +61,23 @@ class ModelSource:
     def is_local(self) -> bool:
         return Path(self.name_or_path).exists()
 
+    @property
+    def is_gguf(self) -> bool:
+        return is_gguf(self.name_or_path)
+
     def check(self) -> None:
-        """Fail with one line when a local folder is not a loadable causal LM."""
+        """Fail with one line when a local folder is not a loadable causal LM (a GGUF file is checked on load)."""
         if not self.is_local:
             if self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.count("/") > 1:
                 raise UserError(f"{self.name_or_path}: model folder not found")
             return  # a hub id: let the hub client decide
         path = Path(self.name_or_path)
+        if self.is_gguf:
+            return
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            raise UserError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
         if not path.is_dir():
-            raise UserError(f"{path}: not a model folder")
+            raise UserError(f"{path}: not a model folder or a GGUF file")
         config_path = path / "config.json"
         if not config_path.exists():
             raise UserError(f"{config_path}: missing (not a Hugging Face model folder)")
@@ -82,7 +95,7 @@ class ModelSource:
             raise UserError(f"{path}: no *.safetensors weights found")
 
     def check_tokenizer(self) -> None:
-        if not self.is_local:
+        if not self.is_local or self.is_gguf:  # a GGUF carries its tokenizer in its metadata
             return
         path = Path(self.name_or_path)
         names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -100,12 +113,16 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, padding_side: str = "left"):
+    """The tokenizer of a model folder, hub id or GGUF file, with a pad token and `padding_side` set."""
     source = ModelSource(str(name_or_path))
     source.check_tokenizer()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{name_or_path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
+    if source.is_gguf:
+        tokenizer = load_gguf_tokenizer(name_or_path)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{name_or_path}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = padding_side
     return tokenizer
@@ -118,18 +135,19 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     with_tokenizer: bool = True,
 ):
-    """Return `(model, tokenizer)` (tokenizer None when `with_tokenizer=False`), model in eval mode."""
+    """Return `(model, tokenizer)` (tokenizer None when `with_tokenizer=False`), model in eval mode.
+
+    `name_or_path`: a Hugging Face folder, a hub id, or a `.gguf` file (dequantized to `dtype` on each load;
+    `qrunlearn models import` converts it once instead)."""
     source = ModelSource(str(name_or_path))
     source.check()
     hf_logging.disable_progress_bar()  # a bar per load floods a grid's output; qrunlearn shows its own progress
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{name_or_path}: cannot load as a causal LM ({str(err).splitlines()[0]})") from None
+    if source.is_gguf:
+        model = load_gguf_model(name_or_path, torch_dtype)
+    else:
+        model = _load_hf_model(name_or_path, torch_dtype, trust_remote_code)
     model.to(device)
     model.eval()
     tokenizer = load_tokenizer(name_or_path, trust_remote_code) if with_tokenizer else None
@@ -138,3 +156,12 @@ def load_causal_lm(
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model, tokenizer
+
+
+def _load_hf_model(name_or_path: str | Path, dtype: torch.dtype, trust_remote_code: bool):
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{name_or_path}: cannot load as a causal LM ({str(err).splitlines()[0]})") from None

@@ -21,6 +21,7 @@ from torch import nn
 
 from qrunlearn.errors import MissingDependencyError, UserError
 from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata
+from qrunlearn.models.gguf import is_gguf
 from qrunlearn.models.loading import default_device, load_causal_lm, load_tokenizer
 from qrunlearn.quant.common import (
     FULL_PRECISION_NOTE,
@@ -142,6 +143,9 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     device = torch.device(device) if device is not None else default_device()
     require_backend(spec)
+    if is_gguf(model_dir) and not spec.is_noop and _backend(spec).module == "bnb":
+        raise UserError(f"{model_dir}: bitsandbytes re-reads the model from a folder; import the GGUF first "
+                        f"(qrunlearn models import {model_dir} --out DIR) and quantize that folder")
     model, tokenizer = load_causal_lm(model_dir, device=device)
     # Validate the spec against this model (group sizes) before writing anything.
     check_group_divides(model, spec.group_size if spec.method in ("rtn", "hqq", "gptq") else None, spec.label)
