@@ -158,7 +158,7 @@ def _default_model(data: Path) -> Path:
     from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 
     out = REPO / "runs" / "bench_eval"
-    return Path(build_target_and_retrain(data, out, TargetConfig(size="small"))["target"]["path"])
+    return Path(build_target_and_retrain(data, out, TargetConfig(size="small"))["target"].path)
 
 
 def main() -> None:

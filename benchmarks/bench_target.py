@@ -21,13 +21,11 @@ import torch
 from qrunlearn.data.muse import load_corpus, write_corpus
 from qrunlearn.data.synth import SynthConfig, generate_corpus
 from qrunlearn.eval import EvalConfig, evaluate
+from qrunlearn.eval.muse import exact_match
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import MARKER, TargetConfig, build_target_and_retrain
 
 
-def exact_match(items: list[dict], metric: str) -> float:
-    rows = [r for r in items if r["metric"] == metric]
-    return sum(r["generation"].strip() == r["reference"].strip() for r in rows) / len(rows)
 
 
 def main() -> None:

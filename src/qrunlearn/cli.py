@@ -22,6 +22,7 @@ from qrunlearn.config import load_config
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
+from qrunlearn.models.config import BaseTargetConfig, FinetuneRecipe
 from qrunlearn.unlearn.config import UnlearnConfig
 
 # The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after
@@ -169,21 +170,36 @@ def models_grid(
 
 # ---- target / retrain models ----------------------------------------------------------------------------------
 @app.command("target")
+@settings_options(FinetuneRecipe, tuple(FinetuneRecipe.model_fields), default_note="with --base")
 def target(
     data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/forget and raw/retain1.")],
-    out: Annotated[Path, typer.Option(help="Output folder; gets tokenizer/, target/ and retrain/.")],
-    size: Annotated[Literal["tiny", "small"], typer.Option(help="Model size preset.")] = "small",
+    out: Annotated[Path, typer.Option(help="Output folder; gets target/ and retrain/ (and tokenizer/ from scratch).")],
+    base: Annotated[Optional[str], typer.Option(help="A pretrained causal LM (folder, hub id or .gguf) to fine-tune "
+                                                     "instead of training the built-in tiny Llama.")] = None,
+    size: Annotated[Literal["tiny", "small"], typer.Option(help="Tiny model preset (without --base).")] = "small",
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default: the preset's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (without --base; default: preset).")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even when a cached checkpoint matches.")] = False,
+    **settings: Any,
 ) -> None:
-    """Train the built-in target (forget + retain1) and retrain (retain1 only) Llamas on a corpus.
+    """Make the target (trained on forget + retain1) and retrain (retain1 only) models of a corpus.
 
-    Cached: the same data, config and seed reuse the finished checkpoints."""
-    config = target_module.TargetConfig(size=size, seed=seed, epochs=epochs)
+    Without --base: the built-in tiny Llama, trained from scratch. With --base: a pretrained model fine-tuned with
+    its own tokenizer until its KnowMem-forget exact match reaches --threshold (the retrain gets as many epochs);
+    every epoch's KnowMem is printed and kept. Cached: the same data, settings and seed reuse finished models."""
+    if base is None:
+        given = [name for name, value in settings.items() if value is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')}: only with --base (the fine-tune of a pretrained model)")
+        config = target_module.TargetConfig(size=size, seed=seed, epochs=epochs)
+    else:
+        config = build_settings(BaseTargetConfig, {"base": base, "seed": seed}, settings)
     result = target_module.build_target_and_retrain(data, out, config, force=force)
-    for name, info in result.items():
-        typer.echo(f"{name}: {info['path']} ({info['status']})")
+    for name, built in result.items():
+        typer.echo(f"{name}: {built.path} ({built.status})")
+        for row in built.knowledge:
+            typer.echo(f"  epoch {row.epoch}: loss {row.loss:.3f}  KnowMem exact match forget {row.em_forget} "
+                       f"retain {row.em_retain}  (ROUGE {row.knowmem_f} / {row.knowmem_r})")
 
 
 # ---- eval -----------------------------------------------------------------------------------------------------

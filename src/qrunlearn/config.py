@@ -18,6 +18,7 @@ from pydantic import (
 
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
+from qrunlearn.models.config import FinetuneRecipe
 from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
 
 MethodName = Literal["ga_gdr", "ga_klr", "npo_gdr", "npo_klr", "ga", "npo", "simnpo", "simnpo_gdr", "simnpo_klr"]
@@ -53,10 +54,13 @@ class DataConfig(_Strict):
 
 
 class ModelsConfig(_Strict):
-    """Target and retrain models. Left empty with synth data, `qrunlearn target` builds them."""
+    """Target and retrain models: given (`target`, `retrain`), or built by `qrunlearn target` from the data: the
+    built-in tiny Llama from scratch (`size`, `epochs`), or a pretrained `base` fine-tuned with `finetune`."""
 
     target: str | None = None
     retrain: str | None = None
+    base: str | None = Field(None, description="a pretrained causal LM to fine-tune into target and retrain")
+    finetune: FinetuneRecipe = FinetuneRecipe()
     size: Literal["tiny", "small"] = "small"
     epochs: int | None = None
     retrain_auc: float | Literal["news", "books"] | None = Field(

@@ -35,6 +35,7 @@ from qrunlearn.errors import UserError
 from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
 from qrunlearn.eval.mia import privleak
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed
+from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 from qrunlearn.quant import (
@@ -126,12 +127,16 @@ class Experiment:
         models = self.config.models
         if models.target is not None:
             return models.target, models.retrain
-        if not self.config.data.is_synth:
-            raise UserError("config field 'models.target': required when the data is not the built-in benchmark")
-        built = build_target_and_retrain(
-            self.data_dir, self.out / "models",
-            TargetConfig(size=models.size, seed=self.config.seed, epochs=models.epochs), progress=progress)
-        return str(built["target"]["path"]), str(built["retrain"]["path"])
+        if models.base is not None:
+            recipe: TargetConfig | BaseTargetConfig = BaseTargetConfig(base=models.base, seed=self.config.seed,
+                                                                       **models.finetune.model_dump())
+        elif self.config.data.is_synth:
+            recipe = TargetConfig(size=models.size, seed=self.config.seed, epochs=models.epochs)
+        else:
+            raise UserError("config field 'models.target': required when the data is not the built-in benchmark "
+                            "(or give models.base to fine-tune a pretrained model on it)")
+        built = build_target_and_retrain(self.data_dir, self.out / "models", recipe, progress=progress)
+        return str(built["target"].path), str(built["retrain"].path)
 
     def prepare(self, progress: bool = True) -> None:
         self.corpus()

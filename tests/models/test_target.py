@@ -16,8 +16,8 @@ def test_target_and_retrain_train_reload_generate_and_cache(tiny_corpus_dir, tmp
     config = TargetConfig(size="tiny", epochs=8, seed=0)
     result = build_target_and_retrain(tiny_corpus_dir, out, config, progress=False)
     for name in ("target", "retrain"):
-        losses = result[name]["train"]["epoch_losses"]
-        assert result[name]["status"] == "trained"
+        losses = result[name].train["epoch_losses"]
+        assert result[name].status == "trained"
         assert losses[-1] < 0.8 * losses[0], losses
         marker = json.loads((out / name / MARKER).read_text())
         assert marker["seed"] == 0 and marker["versions"]["torch"] and marker["config"]["size"] == "tiny"
@@ -39,6 +39,6 @@ def test_same_seed_same_weights(tiny_corpus_dir, tmp_path):
     config = TargetConfig(size="tiny", epochs=1, seed=5)
     a = build_target_and_retrain(tiny_corpus_dir, tmp_path / "a", config, progress=False)
     b = build_target_and_retrain(tiny_corpus_dir, tmp_path / "b", config, progress=False)
-    wa = AutoModelForCausalLM.from_pretrained(a["retrain"]["path"]).state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(b["retrain"]["path"]).state_dict()
+    wa = AutoModelForCausalLM.from_pretrained(a["retrain"].path).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(b["retrain"].path).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -8,13 +8,11 @@ import pytest
 from qrunlearn.data.muse import load_corpus, write_corpus
 from qrunlearn.data.synth import SynthConfig, generate_corpus
 from qrunlearn.eval import EvalConfig, evaluate
+from qrunlearn.eval.muse import exact_match
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 
 
-def _exact_match(items: list[dict], metric: str) -> float:
-    rows = [r for r in items if r["metric"] == metric]
-    return sum(r["generation"].strip() == r["reference"].strip() for r in rows) / len(rows)
 
 
 @pytest.mark.slow
@@ -27,7 +25,7 @@ def test_default_target_knows_forget_facts_and_retrain_does_not(tmp_path):
     for name in ("target", "retrain"):
         model, tokenizer = load_causal_lm(tmp_path / "models" / name, device="cpu")
         result = evaluate(model, tokenizer, corpus, config, progress=False)
-        scores[name] = (_exact_match(result.items, "knowmem_f"), result.metrics)
+        scores[name] = (exact_match(result.items, "knowmem_f"), result.metrics)
     target_em, target = scores["target"]
     retrain_em, retrain = scores["retrain"]
     # measured 0.84 / 0.03 (benchmarks/RESULTS.md); the aim in the issue is >= 0.8 for the target

@@ -4,7 +4,7 @@ import pytest
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.models.tiny import collate
+from qrunlearn.models.train import collate
 from qrunlearn.unlearn.data import chunk_documents, epoch_schedule, load_unlearn_data
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
 from qrunlearn.unlearn import UnlearnConfig, recipe, unlearn
-from qrunlearn.models.tiny import collate
+from qrunlearn.models.train import collate
 from qrunlearn.unlearn.data import load_unlearn_data
 from qrunlearn.unlearn.objectives import nll_loss
 

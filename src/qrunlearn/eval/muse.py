@@ -90,6 +90,15 @@ def check_corpus(corpus: MuseCorpus, metrics: tuple[str, ...]) -> None:
             corpus.require_privleak("holdout")
 
 
+def exact_match(items: list[dict[str, Any]], metric: str) -> float | None:
+    """Share of a KnowMem metric's items whose (stop-string-cut) generation equals the answer exactly, ignoring
+    surrounding whitespace; None when the items hold none of that metric."""
+    rows = [item for item in items if item["metric"] == metric]
+    if not rows:
+        return None
+    return sum(item["generation"].strip() == item["reference"].strip() for item in rows) / len(rows)
+
+
 def _head(values: list, limit: int | None) -> list:
     return values if limit is None else values[:limit]
 

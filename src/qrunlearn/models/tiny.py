@@ -1,11 +1,10 @@
-"""The built-in tiny Llama: a byte-level BPE tokenizer trained on the benchmark, model presets, and a plain
-training loop (AdamW, warmup + cosine, per-document sequences) used to make the target and retrain models."""
+"""The built-in tiny Llama: a byte-level BPE tokenizer trained on the benchmark and the model presets (the training
+loop that makes target and retrain models from them is `qrunlearn.models.train`)."""
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +18,6 @@ from tokenizers import (
     processors,
     trainers,
 )
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SizeName = Literal["tiny", "small"]
@@ -96,102 +94,3 @@ def build_model(preset: ModelPreset, vocab_size: int, tokenizer, seed: int):
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    min_lr_fraction: float = 0.1
-    max_length: int = 256
-    grad_clip: float = 1.0
-    seed: int = 0
-
-
-@dataclass
-class TrainResult:
-    epoch_losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
-
-
-def encode_documents(tokenizer, docs: list[str], max_length: int) -> list[list[int]]:
-    """<s> doc </s>, cut into windows of at most `max_length` tokens (long documents become several)."""
-    encoded = tokenizer(docs, add_special_tokens=True)["input_ids"]
-    sequences: list[list[int]] = []
-    for ids in encoded:
-        ids = list(ids) + [tokenizer.eos_token_id]
-        for start in range(0, len(ids), max_length):
-            chunk = ids[start:start + max_length]
-            if len(chunk) > 1:
-                sequences.append(chunk)
-    return sequences
-
-
-def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels are -100 on padding."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        attention[row, :len(seq)] = 1
-    labels = input_ids.masked_fill(attention == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc: str = "train",
-                    progress: bool = True) -> TrainResult:
-    """Next-token training on `docs` until the epochs are done; returns per-epoch mean losses and speed."""
-    sequences = encode_documents(tokenizer, docs, config.max_length)
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(config.warmup_fraction * total_steps))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress_frac = (step - warmup) / max(1, total_steps - warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress_frac))
-        return config.min_lr_fraction + (1 - config.min_lr_fraction) * cosine
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    device = next(model.parameters()).device
-    model.train()
-    result = TrainResult()
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
-    for _epoch in range(config.epochs):
-        order = torch.randperm(len(sequences), generator=generator).tolist()
-        losses = []
-        for first in range(0, len(order), config.batch_size):
-            batch = collate([sequences[i] for i in order[first:first + config.batch_size]], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            result.tokens += int(batch["attention_mask"].sum())
-            bar.update(1)
-            bar.set_postfix(epoch=_epoch + 1, loss=f"{loss.item():.3f}")
-        result.epoch_losses.append(sum(losses) / len(losses))
-    bar.close()
-    result.seconds = time.perf_counter() - start
-    model.eval()
-    return result

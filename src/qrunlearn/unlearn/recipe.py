@@ -36,7 +36,7 @@ from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
 from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
-from qrunlearn.models.tiny import collate
+from qrunlearn.models.train import collate
 from qrunlearn.unlearn import objectives, storage
 from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll, hidden_states_forward
 from qrunlearn.unlearn.config import UnlearnConfig
