@@ -3,12 +3,14 @@
     spec = parse_spec("rtn:w4g64")          # or "nf4", "fp4", "int8", "hqq:w4g64", "gptq:w4g128", "fp"
     quantize_model(model, spec)              # every linear in the transformer blocks; embeddings/lm_head stay fp
     report = survival_report(base, unlearned, spec); print(report.verdict)
+    with fake_quantized(model, "nf4"): loss = ...  # train on Q(W) (straight-through), for quantization-aware unlearning
 """
 
 from qrunlearn.lazy import lazy_exports
 
 _EXPORTS = {
     **{name: "qrunlearn.quant.common" for name in ("QuantizedWeight", "target_linear_names")},
+    **{name: "qrunlearn.quant.fake" for name in ("fake_quantize", "fake_quantized")},
     **{name: "qrunlearn.quant.registry" for name in ("available_methods", "load_quantized", "quantize_model",
                                                      "quantize_weight", "quantized_codes", "save_quantized")},
     **{name: "qrunlearn.quant.spec" for name in ("QuantSpec", "is_full_precision", "parse_spec")},

@@ -50,14 +50,26 @@ def rtn_qparams(weight: torch.Tensor, bits: int, group_size: int | None, symmetr
     return scale, zero, qmin, qmax
 
 
+def _grouped_codes(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
+    """(codes [out, groups, group] as floats holding integers, scale, zero point), in the weight's dtype."""
+    scale, zero, qmin, qmax = rtn_qparams(weight, bits, group_size, symmetric)
+    codes = torch.clamp(torch.round(_grouped(weight, group_size) * (1.0 / scale)) + zero, qmin, qmax)
+    return codes, scale, zero
+
+
+def rtn_dequantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+    """The weight an `RTNLinear` computes with, (codes - zero) * scale, in the weight's own dtype (no gradient).
+    Fake quantization (quant/fake.py) uses this, so training sees exactly the deployed weight."""
+    codes, scale, zero = _grouped_codes(weight.detach(), bits, group_size, symmetric)
+    return ((codes - zero) * scale).reshape(weight.shape)
+
+
 def rtn_quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> QuantizedWeight:
     """Codes, dequantized weight and per-element step of one [out, in] weight."""
     weight = weight.detach()
-    scale, zero, qmin, qmax = rtn_qparams(weight, bits, group_size, symmetric)
-    grouped = _grouped(weight, group_size)
-    codes = torch.clamp(torch.round(grouped * (1.0 / scale)) + zero, qmin, qmax)
+    codes, scale, zero = _grouped_codes(weight, bits, group_size, symmetric)
     dequant = ((codes - zero) * scale).reshape(weight.shape)
-    step = scale.expand_as(grouped).reshape(weight.shape)
+    step = scale.expand_as(codes).reshape(weight.shape)
     return QuantizedWeight(codes=codes.reshape(weight.shape).to(torch.int64), dequant=dequant.float(),
                            step=step.float())
 
@@ -72,8 +84,7 @@ class RTNLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         weight = linear.weight.detach()
-        scale, zero, qmin, qmax = rtn_qparams(weight, bits, group_size, symmetric)
-        codes = torch.clamp(torch.round(_grouped(weight, group_size) * (1.0 / scale)) + zero, qmin, qmax)
+        codes, scale, zero = _grouped_codes(weight, bits, group_size, symmetric)
         self.register_buffer("codes", codes.reshape(weight.shape).to(torch.int8))
         self.register_buffer("scale", scale.squeeze(-1))
         self.register_buffer("zero_point", zero.squeeze(-1).to(torch.int8))
