@@ -54,7 +54,10 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def sequence_sums(nll: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return nll.sum(dim=1), mask.sum(dim=1)
+    """Per-row sums of a per-position statistic (0 on padding) and the rows' scored-token counts. Summed in fp64
+    and rounded once to fp32, so a sequence's sum does not depend on how wide its batch was padded (a fp32
+    reduction over a wider row groups its additions differently): NPO's log-ratio at step 0 is then exactly 0."""
+    return nll.double().sum(dim=1).to(nll.dtype), mask.sum(dim=1)
 
 
 # ---- losses from the statistics ---------------------------------------------------------------------------------

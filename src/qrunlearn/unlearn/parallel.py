@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -71,6 +72,7 @@ class DataParallel:
         if compute_dtype(config, probe) == torch.bfloat16:
             check_bf16_supported(probe)
             mixed = "bf16" if config.precision == "mixed" else "no"
+        _forget_other_precision(mixed)
         self.accelerator = Accelerator(mixed_precision=mixed)
         self.device = self.accelerator.device
         self.num_processes = self.accelerator.num_processes
@@ -129,6 +131,7 @@ class FullySharded:
 
     def __init__(self, config: UnlearnConfig):
         self.config = config
+        _forget_other_precision("no")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # process group and device only
         self.device = self.accelerator.device
         self.num_processes = self.accelerator.num_processes
@@ -212,6 +215,15 @@ class FullySharded:
         dcp.load(state, checkpoint_id=str(folder / "sharded"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         _set_rng_state(load_file(str(folder / f"rng_{self.process_index}.safetensors")))
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """accelerate keeps one mixed-precision setting per process and refuses another; one process may run several
+    unlearning runs (a grid, the tests) with different precisions, so a different earlier setting is dropped. The
+    process group (accelerate's PartialState) is kept."""
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed)) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -174,16 +174,20 @@ class UnlearnRecipe:
 
     @torch.no_grad()
     def _reference_nll(self) -> torch.Tensor:
-        """NLL_ref(x) summed over each forget chunk, in chunk order, through the training forward itself (the
-        policy at step 0 is the reference; LoRA's adapters start at zero)."""
+        """NLL_ref(x) summed over each forget chunk, in chunk order: the policy at step 0 (LoRA's adapters start at
+        zero) run over exactly the micro-batches of the first epoch, so that the first step's forward is the same
+        computation bit for bit and NPO's log-ratio starts at exactly 0, whatever the precision and kernels."""
         self.model.eval()
-        values = []
-        for first in range(0, len(self.data.forget), self.config.batch_size):
-            ids = list(range(first, min(first + self.config.batch_size, len(self.data.forget))))
-            stats = self._statistics(MicroBatch(ids, []))
-            values.append(objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0].float().cpu())
+        values = [0.0] * len(self.data.forget)
+        for step in self._schedule(1):
+            for micro in step.micro_batches:
+                micro, weight = _share_of_process(micro, step)
+                stats = self._statistics(micro)  # every process runs as many forwards (sharded models need it)
+                sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
+                for index, value in zip(micro.forget, sums.tolist()):
+                    values[index] += weight * value
         self.model.train()
-        return torch.cat(values)
+        return torch.tensor(self.parallel.sum_over_processes(values), dtype=torch.float32)
 
     def _schedule(self, epoch: int) -> list[Step]:
         return epoch_schedule(len(self.data.forget), len(self.data.retain), epoch, self.config.seed,

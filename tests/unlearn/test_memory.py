@@ -1,0 +1,68 @@
+"""The memory estimator on a known config: exact parameter counts, and each setting moving the right term."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qrunlearn.cli import main
+from qrunlearn.unlearn import UnlearnConfig
+from qrunlearn.unlearn.lora import wrap_lora
+from qrunlearn.unlearn.memory import estimate_memory
+
+# vocabulary 128, hidden 64, MLP 128, 2 blocks, 4 query / 2 key-value heads (key/value width 32), untied head
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+PER_BLOCK = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64  # q k v o, gate up down, two norms
+PARAMS = 128 * 64 + 2 * PER_BLOCK + 64 + 128 * 64  # embeddings, blocks, final norm, head
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("known")
+    CONFIG.save_pretrained(path)
+    return path
+
+
+def _cfg(**changes) -> UnlearnConfig:
+    base = dict(method="npo", reg="klr", adapter="full", batch_size=2, max_length=100, dtype="float32")
+    return UnlearnConfig(**{**base, **changes})
+
+
+def test_parameter_terms_are_exact(model_dir):
+    full = estimate_memory(model_dir, _cfg(), device="cpu")
+    assert full.parameters == PARAMS == 90_432
+    assert (full.weights, full.gradients, full.optimizer, full.reference) == (4 * PARAMS, 4 * PARAMS, 8 * PARAMS,
+                                                                            4 * PARAMS)
+    lora = estimate_memory(model_dir, _cfg(adapter="lora", lora_r=4), device="cpu")
+    peft_model, _ = wrap_lora(LlamaForCausalLM(CONFIG), 4, 8.0, 0.05, None)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert lora.trainable_parameters == trainable == 8_192
+    assert lora.reference == 0 and lora.gradients == 4 * trainable and lora.optimizer == 8 * trainable
+    assert lora.tokens_per_micro_batch == full.tokens_per_micro_batch == 2 * 2 * 100  # forget + retain rows
+
+
+def test_settings_move_the_right_terms(model_dir):
+    plain = estimate_memory(model_dir, _cfg(), device="cpu")
+    checkpointed = estimate_memory(model_dir, _cfg(gradient_checkpointing=True), device="cpu")
+    chunked = estimate_memory(model_dir, _cfg(loss_chunk=10), device="cpu")
+    sharded = estimate_memory(model_dir, _cfg(sharding="fsdp"), processes=4, device="cpu")
+    offloaded = estimate_memory(model_dir, _cfg(reference_device="cpu"), device="cpu")
+    mixed = estimate_memory(model_dir, _cfg(dtype="bfloat16"), device="cpu")
+    pure = estimate_memory(model_dir, _cfg(dtype="bfloat16", precision="pure"), device="cpu")
+    assert checkpointed.activations < plain.activations and checkpointed.weights == plain.weights
+    assert chunked.loss_temporaries < plain.loss_temporaries / 5
+    assert sharded.weights == plain.weights // 4 and sharded.optimizer == plain.optimizer // 4
+    assert sharded.activations == plain.activations  # activations are per process, not sharded
+    assert offloaded.reference == 0
+    assert mixed.weights == 4 * PARAMS + 2 * PARAMS and mixed.optimizer == plain.optimizer  # fp32 master + bf16 copies
+    assert pure.weights == 2 * PARAMS and pure.optimizer == 4 * PARAMS
+    assert pure.reference == mixed.reference == 2 * PARAMS  # the frozen copy in the compute dtype
+
+
+def test_cli_estimate_prints_without_training(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
+    code = main(["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--method", "npo",
+                 "--reg", "klr", "--estimate", "--processes", "2", "--sharding", "fsdp"])
+    out = capsys.readouterr().out
+    assert code == 0 and "per process (2 processes" in out and "total" in out
+    assert not any(tmp_path.iterdir())
