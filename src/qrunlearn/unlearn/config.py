@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["ga", "npo", "simnpo"]
 Reg = Literal["none", "gdr", "klr"]
@@ -57,7 +57,8 @@ TINY_MAX_LENGTH = 256
 TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
     "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
-    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device",
+    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "sure_percentile", "quail_weight",
+    "quail_spec", "quail_margin", "qat", "qat_mix",
 )
 
 
@@ -102,10 +103,42 @@ class UnlearnConfig(BaseModel):
     sharding: Literal["none", "fsdp"] = Field("none", description="none = one process or DDP; fsdp = FSDP2 over "
                                                                   "the processes of `accelerate launch`")
     reference_device: Literal["auto", "cpu"] = Field(
-        "auto", description="where full fine-tuning's frozen KLR reference lives: beside the policy, or on the CPU")
+        "auto", description="where full fine-tuning's frozen reference (KLR, QUAIL) lives: beside the policy, or on "
+                            "the CPU")
+    sure_percentile: Optional[float] = Field(
+        None, gt=0, lt=100, description="SURE: update only the weight rows whose forget-gradient norm is at or above "
+                                        "this percentile (90-99 in the paper); full fine-tuning only")
+    quail_weight: float = Field(0.0, ge=0, description="QUAIL: weight of the logit-space hinge on forget examples "
+                                                       "(0 = off)")
+    quail_spec: str = Field("nf4", description="QUAIL: the deployment quantizer whose step sets the margin")
+    quail_margin: str = Field(
+        "logit", pattern=r"^(logit|weight|[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)$",
+        description="QUAIL margin: 'logit' = half the logit shift that quantizing the original model causes on the "
+                    "forget set; 'weight' = half the mean weight quantization step (the paper's words, taken "
+                    "literally); or a number")
+    qat: Optional[str] = Field(None, description="quantization-aware unlearning: compute the losses with the block "
+                                                 "linears fake-quantized to this spec (rtn:w{b}[g{g}], nf4, fp4; "
+                                                 "straight-through gradients; LoRA: Q(W0 + s B A))")
+    qat_mix: float = Field(1.0, gt=0, le=1, description="weight of the quantized forward's loss; the rest goes to the "
+                                                        "full-precision forward's (1 = quantized only)")
     stop_knowmem_f: Optional[float] = Field(
         None, description="MUSE selection: stop at the first epoch whose hook metric 'knowmem_f' is <= this "
                           "(the retrain model's KnowMem-forget); needs an epoch_hook")
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "UnlearnConfig":
+        if self.sure_percentile is not None and self.adapter != "full":
+            raise ValueError("SURE (sure_percentile) selects rows of full weights: use adapter 'full'")
+        if self.sure_percentile is not None and self.sharding == "fsdp":
+            raise ValueError("SURE (sure_percentile) needs whole weight rows: not with sharding 'fsdp'")
+        if self.quail_weight > 0 and self.loss_chunk:
+            raise ValueError("QUAIL compares whole logit vectors: use loss_chunk 0 with quail_weight > 0")
+        return self
+
+    @property
+    def uses_frozen_reference(self) -> bool:
+        """Full fine-tuning keeps a frozen copy of the model when a term compares against it (KLR, QUAIL)."""
+        return self.adapter == "full" and (self.reg == "klr" or self.quail_weight > 0)
 
     @classmethod
     def defaults(cls, name: DefaultsName, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":

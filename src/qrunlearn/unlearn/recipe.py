@@ -20,11 +20,12 @@ Output layout of `out_dir`:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,16 @@ from qrunlearn.errors import UserError
 from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.train import collate
-from qrunlearn.unlearn import objectives, storage
+from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
+from qrunlearn.quant.spec import QuantSpec
+from qrunlearn.unlearn import objectives, quail, saliency, storage
 from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll, hidden_states_forward
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.data import MicroBatch, Step, UnlearnData, check_texts, epoch_schedule, load_unlearn_data
 from qrunlearn.unlearn.lora import wrap_lora
 from qrunlearn.unlearn.parallel import make_parallel, weights_dtype
 from qrunlearn.unlearn.records import EpochRecord, Progress, RunRecord, StepLoss, UnlearnResult
-from qrunlearn.unlearn.reference import KLReference, cached_reference_nll
+from qrunlearn.unlearn.reference import Reference, cached_reference_nll
 from qrunlearn.unlearn.select import select_epoch
 
 EpochHook = Callable[[int, Any, Any], "dict[str, float] | None"]
@@ -59,6 +62,18 @@ class TokenStatistics:
     retain_nll: torch.Tensor | None = None  # GDR
     retain_kl: torch.Tensor | None = None  # KLR
     retain_mask: torch.Tensor | None = None
+    forget_hinge: torch.Tensor | None = None  # QUAIL: max(0, margin - ||z - z_ref||) per forget position
+
+
+@dataclass
+class MicroLoss:
+    """One micro-batch's loss to backpropagate and its terms (forget, retain, QUAIL), each a global-batch mean."""
+
+    total: torch.Tensor
+    forget: torch.Tensor
+    retain: torch.Tensor | None
+    quail: torch.Tensor | None
+    log_ratio: float  # NPO: summed log pi_theta / pi_ref over the micro-batch's forget sequences
 
 
 def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -> str:
@@ -126,7 +141,8 @@ class UnlearnRecipe:
 
         self.provenance = run_metadata(config.model_dump(mode="json"), config.seed)
         self.pad_id = self.tokenizer.pad_token_id
-        self.kl_reference = KLReference(config, model, parallel)
+        self.qat: QuantSpec | None = trainable_spec(config.qat) if config.qat else None
+        self.reference = Reference(config, model, parallel, self.qat)
         if config.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -137,10 +153,13 @@ class UnlearnRecipe:
         # AdamW with a constant learning rate (the paper's schedule); no scheduler object needed.
         self.model, self.optimizer = parallel.prepare(
             model, lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.unwrapped = parallel.unwrap(self.model)
+        named = [(name, p) for name, p in self.unwrapped.named_parameters() if p.requires_grad]
+        self.trainable_names = [name for name, _ in named]
+        self.trainable = [p for _, p in named]
         self.transformer = self.unwrapped.get_base_model() if config.adapter == "lora" else self.unwrapped
         self.state = self._resume_or_start()
+        self.quail_margin = self._quail_margin() if config.quail_weight > 0 else None
         self.ref_nll = (cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, parallel)
                         if config.method == "npo" else None)
         self.bar = self._progress_bar()
@@ -182,7 +201,8 @@ class UnlearnRecipe:
         for step in self._schedule(1):
             for micro in step.micro_batches:
                 micro, weight = _share_of_process(micro, step)
-                stats = self._statistics(micro)  # every process runs as many forwards (sharded models need it)
+                with self._deployed_forward():  # under QAT the reference is the deployed original, Q(W0)
+                    stats = self._statistics(micro)  # every process runs as many forwards (sharded models need it)
                 sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
                 for index, value in zip(micro.forget, sums.tolist()):
                     values[index] += weight * value
@@ -219,24 +239,114 @@ class UnlearnRecipe:
 
     def _optimizer_step(self, epoch: int, index: int, step: Step) -> StepLoss:
         counts = _global_counts(step, self.data)
-        sums = [0.0, 0.0, 0.0]  # forget term, retain term, summed NPO log-ratio
+        sums = [0.0, 0.0, 0.0, 0.0]  # forget term, retain term, QUAIL term, summed NPO log-ratio
+        forget_grads: list[torch.Tensor | None] | None = None
         for m, micro in enumerate(step.micro_batches):
             micro, weight = _share_of_process(micro, step)
-            with self.parallel.accumulating(self.model, sync=m == len(step.micro_batches) - 1):
-                loss, terms = self._micro_batch_loss(micro, counts)
-                # gradients are averaged over processes; the losses are already global means.
-                self.parallel.backward(loss * (weight * self.parallel.num_processes))
-            sums = [total + weight * term for total, term in zip(sums, terms)]
-        forget, retain, log_ratio = self.parallel.sum_over_processes(sums)
-        total = self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
+            last_micro = m == len(step.micro_batches) - 1
+            with self._deployed_forward() as switch:
+                passes = self._passes(switch)
+                for p, (share, precision, deployed) in enumerate(passes):
+                    sync = last_micro and p == len(passes) - 1  # one gradient all-reduce per optimizer step
+                    with precision, self.parallel.accumulating(self.model, sync=sync):
+                        loss = self._micro_batch_loss(micro, counts)
+                        # gradients are averaged over processes; the losses are already global means.
+                        scale = share * weight * self.parallel.num_processes
+                        if self.config.sure_percentile is not None:
+                            forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
+                        self.parallel.backward(loss.total * scale)
+                    if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
+                        terms = [loss.forget, loss.retain, loss.quail]
+                        values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
+                        sums = [total + weight * value for total, value in zip(sums, values)]
+        forget, retain, quail_term, log_ratio = self.parallel.sum_over_processes(sums)
+        total = (self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
+                 + self.config.quail_weight * quail_term)
         if math.isfinite(total):
             if self.config.max_grad_norm > 0:
                 self.parallel.clip_grad_norm(self.trainable, self.config.max_grad_norm)
-            self.optimizer.step()
+            self._update(forget_grads)
             self.state.tokens += self._step_tokens(step)
         self.optimizer.zero_grad(set_to_none=True)
-        mean_log_ratio = log_ratio / counts["forget_sequences"] if self.config.method == "npo" else None
-        return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total, log_ratio=mean_log_ratio)
+        return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total,
+                        log_ratio=log_ratio / counts["forget_sequences"] if self.config.method == "npo" else None,
+                        quail=quail_term if self.config.quail_weight > 0 else None)
+
+    # ---- strategies -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _deployed_forward(self) -> Iterator[FakeQuantSwitch | None]:
+        """Quantization-aware unlearning: inside, the block linears compute with Q(W) (LoRA: Q(W0 + s B A)),
+        straight-through in the backward pass, which must run inside too (checkpointing recomputes forwards)."""
+        if self.qat is None:
+            yield None
+            return
+        with fake_quantized(self.unwrapped, self.qat) as switch:
+            yield switch
+
+    def _passes(self, switch: FakeQuantSwitch | None) -> list[tuple[float, contextlib.AbstractContextManager, bool]]:
+        """(loss share, precision, is the deployed model) per forward of a micro-batch: one pass, or under QAT with
+        `qat_mix` < 1 a full-precision pass and then the quantized one."""
+        if switch is None or self.config.qat_mix >= 1.0:
+            return [(1.0, contextlib.nullcontext(), True)]
+        return [(1.0 - self.config.qat_mix, switch.full_precision(), False),
+                (self.config.qat_mix, contextlib.nullcontext(), True)]
+
+    def _add_forget_gradient(self, grads: list[torch.Tensor | None] | None,
+                             forget: torch.Tensor) -> list[torch.Tensor | None]:
+        """SURE: the forget term's own gradient, accumulated over the step's micro-batches (the saliency map)."""
+        new = torch.autograd.grad(forget, self.trainable, retain_graph=True, allow_unused=True)
+        if grads is None:
+            return [g.detach().clone() if g is not None else None for g in new]
+        return [a if b is None else (b.detach().clone() if a is None else a.add_(b)) for a, b in zip(grads, new)]
+
+    def _update(self, forget_grads: list[torch.Tensor | None] | None) -> None:
+        """The optimizer step; under SURE only on the rows most salient for the forget loss (others unchanged)."""
+        if self.config.sure_percentile is None or forget_grads is None:
+            self.optimizer.step()
+            return
+        named = dict(zip(self.trainable_names, self.trainable))
+        grads = {}
+        for name, grad in zip(self.trainable_names, forget_grads):
+            if grad is not None:
+                if self.parallel.num_processes > 1:
+                    torch.distributed.all_reduce(grad)
+                grads[name] = grad
+        masks = saliency.row_saliency_masks(grads, self.config.sure_percentile)
+        for name, param in named.items():
+            masks.setdefault(name, torch.zeros(param.shape[0], dtype=torch.bool))
+        saliency.masked_step(self.optimizer, named, masks)
+
+    @torch.no_grad()
+    def _quail_margin(self) -> float:
+        """QUAIL's margin (see `UnlearnConfig.quail_margin`), from the model before unlearning, kept with the run."""
+        setting = self.config.quail_margin
+        if self.state.quail_margin is not None:
+            return self.state.quail_margin
+        if setting == "weight":
+            margin = quail.quail_margin(self.transformer, self.config.quail_spec)
+        elif setting == "logit":
+            margin = self._logit_margin(trainable_spec(self.config.quail_spec))
+        else:
+            margin = float(setting)
+        self.state.quail_margin = margin
+        return margin
+
+    def _logit_margin(self, spec: QuantSpec) -> float:
+        """Half the mean logit displacement that quantizing the original model causes on the forget chunks."""
+        self.model.eval()
+        total, weights = 0.0, 0
+        for first in range(0, len(self.data.forget), self.config.batch_size):
+            sequences = self.data.forget[first:first + self.config.batch_size]
+            batch = {k: v.to(self.parallel.device) for k, v in collate(sequences, self.pad_id).items()}
+            with self.parallel.autocast():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                with fake_quantized(self.unwrapped, spec):
+                    quantized = self.model(input_ids=batch["input_ids"],
+                                           attention_mask=batch["attention_mask"]).logits
+            total += quail.logit_space_margin(logits, quantized, batch["labels"]) * len(sequences)
+            weights += len(sequences)
+        self.model.train()
+        return total / weights
 
     def _statistics(self, micro: MicroBatch) -> TokenStatistics:
         """One forward pass over the micro-batch's forget and retain chunks (one DDP forward per backward), reduced
@@ -252,22 +362,25 @@ class UnlearnRecipe:
             if micro.retain and config.reg == "gdr":
                 stats.retain_nll, stats.retain_mask = chunked_token_nll(hidden[n:], head, labels[n:], config.loss_chunk)
             elif micro.retain and config.reg == "klr":
-                ref_hidden, ref_head = self.kl_reference.hidden_states(self.unwrapped, ids[n:], mask[n:])
+                ref_hidden, ref_head = self.reference.hidden_states(self.unwrapped, ids[n:], mask[n:])
                 stats.retain_kl, stats.retain_mask = chunked_token_kl(hidden[n:], head, ref_hidden, ref_head,
                                                                       labels[n:], config.loss_chunk)
             return stats
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         stats = TokenStatistics(*objectives.token_nll(logits[:n], labels[:n]))
+        if self.quail_margin is not None:
+            ref_logits = self.reference.logits(self.unwrapped, ids[:n], mask[:n])
+            distance, forget_mask = quail.logit_distance(logits[:n], ref_logits, labels[:n])
+            stats.forget_hinge = torch.clamp(self.quail_margin - distance, min=0) * forget_mask
         if micro.retain and config.reg == "gdr":
             stats.retain_nll, stats.retain_mask = objectives.token_nll(logits[n:], labels[n:])
         elif micro.retain and config.reg == "klr":
-            ref_logits = self.kl_reference.logits(self.unwrapped, ids[n:], mask[n:])
+            ref_logits = self.reference.logits(self.unwrapped, ids[n:], mask[n:])
             stats.retain_kl, stats.retain_mask = objectives.token_kl(logits[n:], ref_logits, labels[n:])
         return stats
 
-    def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> tuple[torch.Tensor, list[float]]:
-        """(loss to backpropagate, [forget term, retain term, summed NPO log-ratio]) of one micro-batch, each loss
-        normalised by the global batch's counts."""
+    def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> MicroLoss:
+        """The micro-batch's loss, each term normalised by the global batch's counts."""
         config, stats = self.config, self._statistics(micro)
         log_ratio = 0.0
         if config.method == "ga":
@@ -286,8 +399,12 @@ class UnlearnRecipe:
             retain = objectives.nll_from_tokens(stats.retain_nll, stats.retain_mask, counts["retain_tokens"])
         elif stats.retain_kl is not None:
             retain = objectives.kl_from_tokens(stats.retain_kl, stats.retain_mask, counts["retain_tokens"])
-        loss = objectives.combine(forget, retain, config.gamma, config.alpha)
-        return loss, [float(forget.detach()), float(retain.detach()) if retain is not None else 0.0, log_ratio]
+        total = objectives.combine(forget, retain, config.gamma, config.alpha)
+        hinge = None
+        if stats.forget_hinge is not None:
+            hinge = stats.forget_hinge.sum() / counts["forget_tokens"]
+            total = total + config.quail_weight * hinge
+        return MicroLoss(total=total, forget=forget, retain=retain, quail=hinge, log_ratio=log_ratio)
 
     def _step_tokens(self, step: Step) -> int:
         tokens = sum(len(self.data.forget[i]) for i in step.global_forget)

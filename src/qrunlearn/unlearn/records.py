@@ -19,6 +19,7 @@ class StepLoss(BaseModel):
     retain: float
     loss: float
     log_ratio: float | None = None  # NPO: mean log(pi_theta(x) / pi_ref(x)) over the forget sequences (0 at step 0)
+    quail: float | None = None  # QUAIL's hinge term (0 once every forget position is a margin away)
 
 
 class EpochRecord(BaseModel):
@@ -34,6 +35,7 @@ class Progress(BaseModel):
     """Where a run stands after its last finished epoch; saved with every checkpoint so a resume continues it."""
 
     fingerprint: str
+    quail_margin: float | None = None
     epochs_done: int = 0
     losses: list[StepLoss] = Field(default_factory=list)
     epochs: list[EpochRecord] = Field(default_factory=list)

@@ -3,7 +3,8 @@
 - NPO needs only each forget chunk's summed NLL under the reference: constants, computed once through the same
   forward path as training (same model, precision and loss code, so at step 0 the log-ratio is exactly 0) and kept
   with the run (`reference_nll.safetensors`), so a resumed run reuses them instead of recomputing.
-- KLR needs the reference's next-token distribution on every retain batch. LoRA gets it from the same model with
+- KLR needs the reference's next-token distribution on every retain batch (QUAIL: its logits on every forget
+  batch). LoRA gets it from the same model with
   its adapters disabled (no copy). Full fine-tuning keeps a frozen copy: in the compute dtype, without gradients or
   optimizer state, sharded like the policy under FSDP, or on the CPU when `reference_device: cpu` (slower, but the
   accelerator then holds only the policy).
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -23,6 +25,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qrunlearn.errors import UserError
+from qrunlearn.quant.fake import fake_quantized
+from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.unlearn.chunked import hidden_states_forward
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.parallel import FullySharded, Parallel, compute_dtype
@@ -57,14 +61,17 @@ def _read_nll(path: Path, fingerprint: str) -> torch.Tensor | None:
         return None
 
 
-class KLReference:
-    """p_ref for KLR: a frozen copy for full fine-tuning, the adapters-disabled model for LoRA."""
+class Reference:
+    """The model before unlearning as KLR and QUAIL see it: a frozen copy for full fine-tuning, the adapters-disabled
+    model for LoRA. Under quantization-aware unlearning it is quantized like the policy (`qat`), so both sides of
+    each comparison are the deployed models."""
 
-    def __init__(self, config: UnlearnConfig, model: nn.Module, parallel: Parallel):
+    def __init__(self, config: UnlearnConfig, model: nn.Module, parallel: Parallel, qat: QuantSpec | None = None):
         self.copy: nn.Module | None = None
         self.parallel = parallel
         self.device = parallel.device
-        if not (config.reg == "klr" and config.adapter == "full"):
+        self.qat = qat
+        if not config.uses_frozen_reference:
             return
         if config.reference_device == "cpu" and parallel.sharded:
             raise UserError("--reference-device cpu: not with --sharding fsdp (the reference is sharded instead)")
@@ -78,11 +85,19 @@ class KLReference:
         if self.device != parallel.device:  # the chunked KL applies the head beside the policy's hidden states
             self.head = copy.deepcopy(self.head).to(parallel.device)
 
+    def _quantized(self) -> contextlib.AbstractContextManager:
+        """The frozen copy fake-quantized like the policy (LoRA's reference is the policy itself, already inside
+        the recipe's fake-quantization block)."""
+        if self.copy is None or self.qat is None:
+            return contextlib.nullcontext()
+        return fake_quantized(self.copy, self.qat)
+
     @torch.no_grad()
     def logits(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.parallel.autocast():
             if self.copy is not None:
-                out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+                with self._quantized():
+                    out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
                 return out.logits.to(self.parallel.device)
             with policy.disable_adapter():
                 return policy(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -93,7 +108,7 @@ class KLReference:
         """Final hidden states [B, T, H] and the output head, for the chunked KL."""
         with self.parallel.autocast():
             if self.copy is not None:
-                with hidden_states_forward(self.copy):
+                with hidden_states_forward(self.copy), self._quantized():
                     out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
                 return out.logits.to(self.parallel.device), self.head
             with policy.disable_adapter(), hidden_states_forward(policy.get_base_model()) as head:

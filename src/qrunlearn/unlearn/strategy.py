@@ -1,0 +1,78 @@
+"""Strategies against "quantization undoes unlearning", as one axis of the grid: a strategy is a short name that
+sets a few `UnlearnConfig` fields, so every strategy runs through the same recipe.
+
+Grammar: tokens joined by "+": `full` or `lora` (the weights that move; `full` when neither is given), then any
+of `sure` (SURE: salient rows only, large lr), `quail[:SPEC]` (QUAIL's logit hinge, margin from SPEC, default
+nf4), `qat:SPEC` (losses on the fake-quantized model). Examples: full, lora, sure, quail, qat:nf4, lora+qat:nf4,
+quail:rtn:w4g64.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from qrunlearn.errors import UserError
+from qrunlearn.unlearn.config import Adapter, DefaultsName, Method
+
+STRATEGY_HELP = "full | lora | sure | quail[:SPEC] | qat:SPEC, joined with + (e.g. lora+qat:nf4)"
+
+# Tiny-model settings of each modifier, chosen by benchmarks/sweep_strategies.py (numbers in benchmarks/RESULTS.md):
+# SURE updates 5% of rows with 10x full fine-tuning's learning rate; QUAIL's hinge gets weight 1 against the
+# forget loss; quantization-aware runs keep their adapter's learning rate.
+SURE_PERCENTILE = 95.0
+SURE_LR_FACTOR: dict[DefaultsName, float] = {"tiny": 10.0, "paper": 10.0}
+QUAIL_WEIGHT = 1.0
+
+
+class Strategy(BaseModel):
+    name: str
+    adapter: Adapter = "full"
+    sure: bool = False
+    quail_spec: str | None = None
+    qat: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_")
+
+
+def parse_strategy(text: str) -> Strategy:
+    strategy = Strategy(name=text)
+    seen: set[str] = set()
+    for token in text.split("+"):
+        head, _, spec = token.strip().partition(":")
+        if head in seen or head not in ("full", "lora", "sure", "quail", "qat"):
+            raise UserError(f"strategy '{text}': '{token}' is not one of {STRATEGY_HELP}")
+        seen.add(head)
+        if head in ("full", "lora") and spec:
+            raise UserError(f"strategy '{text}': '{head}' takes no spec")
+        if head == "qat" and not spec:
+            raise UserError(f"strategy '{text}': qat needs the deployment spec, e.g. qat:nf4")
+        if head in ("full", "lora"):
+            strategy.adapter = head  # type: ignore[assignment]
+        elif head == "sure":
+            strategy.sure = True
+        elif head == "quail":
+            strategy.quail_spec = spec or "nf4"
+        else:
+            strategy.qat = spec
+    if {"full", "lora"} <= seen:
+        raise UserError(f"strategy '{text}': choose full or lora, not both")
+    if strategy.sure and strategy.adapter == "lora":
+        raise UserError(f"strategy '{text}': SURE selects rows of the full weights; it does not combine with lora")
+    return strategy
+
+
+def strategy_settings(strategy: Strategy, defaults: DefaultsName, method: Method, base_lr: float) -> dict[str, Any]:
+    """The `UnlearnConfig` fields the strategy sets on top of its adapter's default set."""
+    settings: dict[str, Any] = {}
+    if strategy.sure:
+        settings.update(sure_percentile=SURE_PERCENTILE, lr=base_lr * SURE_LR_FACTOR[defaults])
+    if strategy.quail_spec is not None:
+        settings.update(quail_weight=QUAIL_WEIGHT, quail_spec=strategy.quail_spec)
+    if strategy.qat is not None:
+        settings.update(qat=strategy.qat)
+    return settings
