@@ -16,9 +16,9 @@ def grid(tmp_path_factory):
     config = {
         "name": "tiny-grid", "seed": 0,
         "data": {"synth": {"size": "tiny", "seed": 0}},
-        "models": {"size": "tiny", "epochs": 3},
+        "models": {"size": "tiny", "epochs": 15},
         "methods": ["ga_gdr", "npo_klr"], "adapters": ["full", "lora"], "precisions": ["fp", "nf4"],
-        "hparams": {"full": {"epochs": 1}, "lora": {"epochs": 1}},
+        "hparams": {"full": {"epochs": 1, "lr": 3e-3}, "lora": {"epochs": 1, "lr": 3e-2}},
         "eval": {"limit": 4, "batch_size": 8, "bootstrap": 50},
     }
     path = root / "grid.yaml"
@@ -41,11 +41,19 @@ def test_grid_writes_every_output(grid):
     for row in rows:
         for key in ("verbmem_f", "knowmem_f", "knowmem_r"):
             assert 0.0 <= row["metrics"][key] <= 100.0
-    quantized = [r for r in rows if r["precision"] == "nf4" and r["adapter"]]
+    quantized = [r for r in rows if r["precision"] == "nf4" and r["strategy"]]
     assert all(0.0 <= r["survival"]["codes_changed_frac"] <= 1.0 for r in quantized)
+    assert all(r["reversion"] is not None for r in quantized)
     assert len(list((out / "plots").glob("survival_*.png"))) == 4
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows)
+    # something was unlearned: gradient ascent raised the forget texts' and the forget answers' NLL above the target's
+    target = next(r for r in rows if r["method"] == "target" and r["precision"] == "fp")["metrics"]
+    for cell in results["cells"]:
+        if cell["method"] == "ga_gdr":
+            unlearned = cell["evals"]["fp"]["metrics"]
+            assert unlearned["nll_privleak_forget"] > target["nll_privleak_forget"] + 0.05, cell["cell"]
+            assert unlearned["knowmem_f_answer_nll"] > target["knowmem_f_answer_nll"], cell["cell"]
     report = (out / "report.md").read_text()
     assert "Finding at this scale" in report and "configs/muse-news-llama2-7b.yaml" in report
     assert results["finding"] in report
@@ -74,4 +82,4 @@ def test_cell_out_of_range_and_bad_config(grid, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [ga_gdr]\nadapters: [ful]\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "field 'adapters.0'" in capsys.readouterr().err
+    assert "field 'strategies': Value error, strategy 'ful'" in capsys.readouterr().err

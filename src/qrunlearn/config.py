@@ -7,22 +7,15 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    create_model,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.models.config import FinetuneRecipe
 from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
+from qrunlearn.unlearn.strategy import STRATEGY_HELP, parse_strategy, strategy_settings
 
 MethodName = Literal["ga_gdr", "ga_klr", "npo_gdr", "npo_klr", "ga", "npo", "simnpo", "simnpo_gdr", "simnpo_klr"]
-AdapterName = Literal["full", "lora"]
 
 
 class _Strict(BaseModel):
@@ -87,32 +80,61 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig(synth=SynthData())
     models: ModelsConfig = ModelsConfig()
     methods: tuple[MethodName, ...] = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
-    adapters: tuple[AdapterName, ...] = ("full", "lora")
+    strategies: tuple[str, ...] = Field(("full", "lora"), min_length=1,
+                                        description=f"one grid axis: {STRATEGY_HELP}")
     precisions: tuple[str, ...] = ("fp", "int8", "nf4")
     defaults: DefaultsName = "tiny"
     hparams: dict[str, UnlearnOverrides] = Field(  # type: ignore[valid-type]
         default_factory=dict,
-        description="Overrides keyed 'method/adapter' (e.g. 'npo_klr/lora'), 'method' or 'adapter'.")
+        description="Overrides keyed 'method/strategy' (e.g. 'npo_klr/lora'), 'method', 'strategy' or the adapter "
+                    "('full' / 'lora': every strategy on it); the most specific wins.")
     eval: EvalConfig = EvalConfig(batch_size=64)
     select_epoch: bool = Field(
         default=False, description="MUSE's rule: keep the first epoch whose KnowMem-forget <= the retrain's.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _adapters_are_strategies(cls, raw: object) -> object:
+        """`adapters:` (full / lora) was this axis's name before strategies existed; it still reads."""
+        if isinstance(raw, dict) and "adapters" in raw:
+            if "strategies" in raw:
+                raise ValueError("give 'strategies' or its old name 'adapters', not both")
+            raw = {**raw, "strategies": raw["adapters"]}
+            del raw["adapters"]
+        return raw
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, strategies: tuple[str, ...]) -> tuple[str, ...]:
+        for name in strategies:
+            try:
+                parse_strategy(name)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return strategies
 
     def eval_config(self) -> EvalConfig:
         """The evaluation settings with the experiment's seed as the bootstrap seed."""
         return self.eval.model_copy(update={"seed": self.seed})
 
-    def unlearn_config(self, method: str, adapter: AdapterName) -> UnlearnConfig:
-        """A cell's settings: the default set, then the overrides from least to most specific."""
+    def unlearn_config(self, method: str, strategy: str) -> UnlearnConfig:
+        """A cell's settings: the default set of its adapter, the strategy's settings, then the overrides from
+        least to most specific (adapter, strategy, method, method/strategy)."""
         forget, reg = split_method(method)
-        updates: dict[str, object] = {"seed": self.seed}
-        for key in (adapter, method, f"{method}/{adapter}"):
+        parsed = parse_strategy(strategy)
+        base = UnlearnConfig.defaults(self.defaults, forget, reg, parsed.adapter)  # type: ignore[arg-type]
+        updates: dict[str, object] = {"seed": self.seed,
+                                      **strategy_settings(parsed, self.defaults, forget, base.lr)}  # type: ignore[arg-type]
+        for key in dict.fromkeys((parsed.adapter, strategy, method, f"{method}/{strategy}")):
             override = self.hparams.get(key)
             if override is not None:
                 updates.update(override.model_dump(exclude_none=True))
         if self.select_epoch:
             updates["save_every_epoch"] = True
-        base = UnlearnConfig.defaults(self.defaults, forget, reg, adapter)
-        return UnlearnConfig.model_validate({**base.model_dump(), **updates})
+        try:
+            return UnlearnConfig.model_validate({**base.model_dump(), **updates})
+        except ValidationError as err:
+            raise UserError(f"cell {method}-{strategy}: {validation_message(err)}") from None
 
 
 def split_method(method: str) -> tuple[str, str]:

@@ -1,10 +1,11 @@
-"""The main job: the paper's grid (method x adapter x precision) on one target, written cell by cell.
+"""The main job: the paper's grid (method x strategy x precision) on one target, written cell by cell.
 
-A *cell* is a unit of work that a scheduler can run anywhere (`qrunlearn run CONFIG --cell N`):
-cell 0 evaluates the reference models (target and retrain) at every precision; each further cell unlearns one
-(method, adapter) pair, evaluates it at every precision and computes the survival diagnostics of every
-quantized precision against the target. Each finished cell writes `cells/<id>/result.json` atomically and is
-skipped on a rerun; `report.build_report` turns the finished cells into the table, plots and report.
+A *cell* is a unit of work that a scheduler can run anywhere (`qrunlearn run CONFIG --cell N`): cell 0 evaluates
+the reference models (target and retrain) at every precision; each further cell unlearns one (method, strategy)
+pair (strategies: full, lora, sure, quail, qat:SPEC, lora+qat:SPEC), evaluates it at every precision and computes
+the survival diagnostics of every quantized precision against the target. Each finished cell writes
+`cells/<id>/result.json` atomically and is skipped on a rerun; `report.build_report` turns the finished cells into
+the table, plots and report.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rich.progress import (
 )
 from transformers.utils import logging as hf_logging
 
-from qrunlearn.config import AdapterName, ExperimentConfig, SynthData
+from qrunlearn.config import ExperimentConfig, SynthData
 from qrunlearn.data.hub import export_hub_corpus
 from qrunlearn.data.muse import MuseCorpus, load_corpus, write_corpus
 from qrunlearn.data.synth import SynthConfig, generate_corpus
@@ -58,6 +59,7 @@ from qrunlearn.results import (
 )
 from qrunlearn.unlearn import UnlearnResult, select_epoch, unlearn
 from qrunlearn.unlearn.recipe import EpochHook
+from qrunlearn.unlearn.strategy import parse_strategy
 
 PRESET_NAMES = {"news": "MUSE-News", "books": "MUSE-Books"}
 
@@ -67,18 +69,18 @@ class Cell:
     index: int
     kind: Literal["reference", "unlearn"]
     method: str = ""
-    adapter: AdapterName = "full"
+    strategy: str = "full"
 
     @property
     def id(self) -> str:
-        return "references" if self.kind == "reference" else f"{self.method}-{self.adapter}"
+        return "references" if self.kind == "reference" else f"{self.method}-{parse_strategy(self.strategy).slug}"
 
 
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     cells = [Cell(0, "reference")]
     for method in config.methods:
-        for adapter in config.adapters:
-            cells.append(Cell(len(cells), "unlearn", method, adapter))
+        for strategy in config.strategies:
+            cells.append(Cell(len(cells), "unlearn", method, strategy))
     return cells
 
 
@@ -275,7 +277,7 @@ class Experiment:
     def run_unlearn_cell(self, cell: Cell, tick: ProgressFn) -> UnlearnCellResult:
         target, _ = self.model_paths(progress=False)
         reference = self.retrain_reference()
-        config = self.config.unlearn_config(cell.method, cell.adapter)
+        config = self.config.unlearn_config(cell.method, cell.strategy)
         set_seed(self.config.seed)
         tick(f"{cell.id}: unlearn")
         hook = knowmem_hook(self.corpus(), self.config.eval_config()) if self.config.select_epoch else None
@@ -287,7 +289,8 @@ class Experiment:
         for precision in self.config.precisions:
             tick(f"{cell.id} @ {precision}")
             evals[precision] = self._evaluate(summary.model_dir, precision, reference.auc)
-        return UnlearnCellResult(cell=cell.id, method=cell.method, adapter=cell.adapter, unlearn_config=config,
+        return UnlearnCellResult(cell=cell.id, method=cell.method, strategy=cell.strategy, adapter=config.adapter,
+                                 unlearn_config=config,
                                  unlearn=summary, retrain_reference=reference, evals=evals,
                                  survival=self._survival(cell, target, summary.model_dir))
 

@@ -1,40 +1,50 @@
 """Turn an experiment's finished cells into results.json, table.md / table.csv, plots and report.md.
 
 Takes typed cell results (`qrunlearn.results`), never the experiment object: `experiment -> report` is the only
-direction of dependency.
+direction of dependency. Every sentence of the report is computed from the numbers it reports.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from qrunlearn.config import ExperimentConfig
-from qrunlearn.io import (
-    atomic_write_json,
-    atomic_write_text,
-    git_commit,
-    package_versions,
-)
+from qrunlearn.io import atomic_write_json, atomic_write_text, git_commit, package_versions
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision, parse_spec
 from qrunlearn.results import (
+    Correlation,
     ExperimentResults,
-    Finding,
+    Metrics,
     ReferenceCellResult,
+    Reversion,
     Row,
+    StrategyFinding,
     UnlearnCellResult,
 )
+from qrunlearn.unlearn.strategy import parse_strategy
 
 # table column -> metric field
 COLUMNS = {"VerbMem": "verbmem_f", "KnowMem-forget": "knowmem_f", "PrivLeak": "privleak", "Utility": "knowmem_r"}
+EXTRA_COLUMNS = {"answer NLL": "knowmem_f_answer_nll", "forget NLL": "nll_privleak_forget",
+                 "Min-40% AUC": "privleak_auc"}
+REVERSION_COLUMNS = {"reversion KnowMem-f": "knowmem_f", "reversion answer NLL": "answer_nll"}
 SURVIVAL_COLUMNS = {"codes changed": "codes_changed_frac", "projection": "projection", "cosine": "cosine",
                     "|dW| / step": "mean_abs_dw_in_steps"}
 GPU_COMMAND = "accelerate launch -m qrunlearn run configs/muse-news-llama2-7b.yaml --out runs/muse-news"
-# A share of the forgotten KnowMem that comes back at low precision above this is called a reversion.
+# A reversion is computed only where unlearning moved the metric by at least this much (else the share is noise).
+MIN_EFFECT = {"knowmem_f": 1.0, "answer_nll": 0.05}
+# A cell whose quantized model gets back this share of the forgotten KnowMem counts as reverted.
 REVERT_SHARE = 0.25
-REVERT_POINTS = 5.0
+# A diagnostic "predicts" reversion when its rank correlation reaches this over at least PREDICT_PAIRS pairs.
+PREDICT_RHO = 0.6
+PREDICT_PAIRS = 8
 
 
 def _fmt(value: float | str | None, digits: int = 2) -> str:
@@ -45,7 +55,7 @@ def _fmt(value: float | str | None, digits: int = 2) -> str:
     return str(value)
 
 
-def low_precision(precisions: list[str] | tuple[str, ...]) -> str | None:
+def low_precision(precisions: Sequence[str]) -> str | None:
     """The lowest-bit quantized precision of the grid (the one the paper's claim is about)."""
     quantized = [p for p in precisions if not is_full_precision(p)]
     if not quantized:
@@ -53,89 +63,175 @@ def low_precision(precisions: list[str] | tuple[str, ...]) -> str | None:
     return min(quantized, key=lambda p: parse_spec(p).bits or 0)
 
 
+def _share(target: float | None, fp: float | None, q: float | None, minimum: float) -> float | None:
+    if target is None or fp is None or q is None or abs(target - fp) < minimum:
+        return None
+    return (q - fp) / (target - fp)
+
+
+def reversion(target: Metrics, fp: Metrics, q: Metrics) -> Reversion:
+    return Reversion(knowmem_f=_share(target.knowmem_f, fp.knowmem_f, q.knowmem_f, MIN_EFFECT["knowmem_f"]),
+                     answer_nll=_share(target.knowmem_f_answer_nll, fp.knowmem_f_answer_nll, q.knowmem_f_answer_nll,
+                                       MIN_EFFECT["answer_nll"]))
+
+
 def collect_rows(references: ReferenceCellResult, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Row]:
     rows = []
     for name, evals in (("target", references.target_evals), ("retrain", references.retrain_evals)):
         for precision in precisions:
             if precision in evals:
-                rows.append(Row(method=name, adapter="", precision=precision, metrics=evals[precision].metrics))
+                rows.append(Row(method=name, strategy="", precision=precision, metrics=evals[precision].metrics))
+    target = references.target_evals["fp"].metrics if "fp" in references.target_evals else None
     for cell in cells:
+        fp = cell.evals["fp"].metrics if "fp" in cell.evals else None
         for precision in precisions:
             survival = cell.survival.get(precision)
-            rows.append(Row(method=cell.method, adapter=cell.adapter, precision=precision,
-                            metrics=cell.evals[precision].metrics,
+            metrics = cell.evals[precision].metrics
+            quantized = not is_full_precision(precision) and target is not None and fp is not None
+            rows.append(Row(cell=cell.cell, method=cell.method, strategy=cell.strategy, precision=precision,
+                            metrics=metrics, reversion=reversion(target, fp, metrics) if quantized else None,
                             survival=survival.overall if survival is not None else None))
     return rows
 
 
 def _row_values(row: Row) -> dict[str, float | None]:
-    values: dict[str, float | None] = {column: getattr(row.metrics, key) for column, key in COLUMNS.items()}
-    values["forget NLL"] = row.metrics.nll_privleak_forget
+    values: dict[str, float | None] = {c: getattr(row.metrics, k) for c, k in {**COLUMNS, **EXTRA_COLUMNS}.items()}
+    for column, key in REVERSION_COLUMNS.items():
+        values[column] = getattr(row.reversion, key) if row.reversion is not None else None
     for column, key in SURVIVAL_COLUMNS.items():
         values[column] = getattr(row.survival, key) if row.survival is not None else None
     return values
 
 
+HEADERS = ["Method", "Strategy", "Precision", *COLUMNS, *EXTRA_COLUMNS, *REVERSION_COLUMNS, *SURVIVAL_COLUMNS]
+
+
 def table_markdown(rows: list[Row]) -> str:
-    headers = ["Method", "Adapter", "Precision", *COLUMNS, "forget NLL", *SURVIVAL_COLUMNS]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for row in rows:
         values = _row_values(row)
-        cells = [row.method, row.adapter or "-", row.precision, *(_fmt(values[c]) for c in COLUMNS),
-                 _fmt(values["forget NLL"], 3), *(_fmt(values[c], 3) for c in SURVIVAL_COLUMNS)]
+        cells = [row.method, row.strategy or "-", row.precision, *(_fmt(values[c]) for c in COLUMNS),
+                 *(_fmt(values[c], 3) for c in EXTRA_COLUMNS), *(_fmt(values[c]) for c in REVERSION_COLUMNS),
+                 *(_fmt(values[c], 3) for c in SURVIVAL_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def table_csv(rows: list[Row]) -> str:
     buffer = io.StringIO()
-    fields = ["method", "adapter", "precision", *COLUMNS, "forget NLL", *SURVIVAL_COLUMNS]
+    fields = ["method", "strategy", "precision", *HEADERS[3:]]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({"method": row.method, "adapter": row.adapter, "precision": row.precision,
+        writer.writerow({"method": row.method, "strategy": row.strategy, "precision": row.precision,
                          **_row_values(row)})
     return buffer.getvalue()
 
 
-def reversion_findings(references: ReferenceCellResult, cells: list[UnlearnCellResult], low: str) -> list[Finding]:
-    """Per cell: how much of the KnowMem-forget that unlearning removed comes back at the low precision (cells
-    without KnowMem-forget, i.e. a grid that does not measure it, give no finding)."""
-    target_kf = references.target_evals["fp"].metrics.knowmem_f if "fp" in references.target_evals else None
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def strategy_findings(rows: list[Row], strategies: Sequence[str], precisions: Sequence[str]) -> list[StrategyFinding]:
+    """Per strategy and quantized precision: how often and how much the quantizer undoes the unlearning, and the
+    utility it keeps (mean over the methods)."""
+    fp_utility = {row.cell: row.metrics.knowmem_r for row in rows if row.cell and is_full_precision(row.precision)}
     findings = []
-    for cell in cells:
-        if "fp" not in cell.evals:
-            continue
-        fp, q = cell.evals["fp"].metrics, cell.evals[low].metrics
-        if fp.knowmem_f is None or q.knowmem_f is None:
-            continue
-        forgotten = (target_kf - fp.knowmem_f) if target_kf is not None else None
-        back = q.knowmem_f - fp.knowmem_f
-        share = back / forgotten if forgotten and forgotten > 1.0 else None
-        survival = cell.survival.get(low)
-        findings.append(Finding(
-            cell=cell.cell, method=cell.method, adapter=cell.adapter, knowmem_f_fp=fp.knowmem_f,
-            knowmem_f_low=q.knowmem_f, utility_fp=fp.knowmem_r, utility_low=q.knowmem_r, forgotten_points=forgotten,
-            returned_points=back, returned_share=share,
-            reverted=share is not None and share >= REVERT_SHARE and back >= REVERT_POINTS,
-            nll_forget_fp=fp.nll_privleak_forget, nll_forget_low=q.nll_privleak_forget,
-            survival=survival.overall if survival is not None else None))
+    for strategy in strategies:
+        for precision in precisions:
+            group = [r for r in rows if r.strategy == strategy and r.precision == precision and r.reversion]
+            if not group:
+                continue
+            shares = [r.reversion.knowmem_f for r in group if r.reversion]
+            findings.append(StrategyFinding(
+                strategy=strategy, precision=precision, cells=len(group),
+                reverted=sum(1 for s in shares if s is not None and s >= REVERT_SHARE),
+                median_reversion_knowmem_f=_median(shares),
+                median_reversion_answer_nll=_median([r.reversion.answer_nll for r in group if r.reversion]),
+                mean_utility_fp=_mean([fp_utility.get(r.cell) for r in group]),
+                mean_utility_q=_mean([r.metrics.knowmem_r for r in group])))
     return findings
 
 
-def finding_sentence(findings: list[Finding], low: str) -> str:
+def _ranks(values: Sequence[float]) -> np.ndarray:
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    for value in set(values):  # ties share their mean rank
+        tied = np.asarray(values) == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+    rx, ry = _ranks(xs), _ranks(ys)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def correlations(rows: list[Row]) -> list[Correlation]:
+    """Does the survival diagnostic (computed from weights alone, before deployment) predict the reversion measured
+    by evaluating the quantized model? One rank correlation per (diagnostic, reversion metric)."""
+    out = []
+    for diagnostic in SURVIVAL_COLUMNS.values():
+        for target in REVERSION_COLUMNS.values():
+            pairs = [(getattr(r.survival, diagnostic), getattr(r.reversion, target)) for r in rows
+                     if r.survival is not None and r.reversion is not None]
+            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+            out.append(Correlation(diagnostic=diagnostic, target=target, pairs=len(pairs),
+                                   rho=spearman([x for x, _ in pairs], [y for _, y in pairs])))
+    return out
+
+
+def finding_sentence(findings: list[StrategyFinding], low: str | None) -> str:
+    at_low = [f for f in findings if f.precision == low]
+    if low is None or not at_low:
+        return "No quantized precision with a measurable unlearning effect in the grid."
     parts = []
-    for adapter, label in (("full", "Full fine-tuning"), ("lora", "LoRA (merged)")):
-        group = [f for f in findings if f.adapter == adapter]
-        if not group:
+    for f in at_low:
+        knowmem = _fmt(f.median_reversion_knowmem_f)
+        nll = _fmt(f.median_reversion_answer_nll)
+        parts.append(f"{f.strategy} reverted in {f.reverted} of {f.cells} cells (median share of the unlearning "
+                     f"undone: KnowMem-forget {knowmem}, answer NLL {nll}; utility {_fmt(f.mean_utility_fp)} -> "
+                     f"{_fmt(f.mean_utility_q)})")
+    return f"At {low}: " + "; ".join(parts) + "."
+
+
+def prediction_sentence(found: list[Correlation]) -> str:
+    usable = [c for c in found if c.rho is not None]
+    if not usable:
+        return "Too few quantized cells with a measurable effect to test whether the diagnostics predict reversion."
+    best = max(usable, key=lambda c: abs(c.rho or 0))
+    verdict = ("predicts" if abs(best.rho or 0) >= PREDICT_RHO and best.pairs >= PREDICT_PAIRS
+               else "does not predict")
+    return (f"The closest diagnostic, {best.diagnostic}, {verdict} the measured {best.target} reversion: Spearman "
+            f"rho {best.rho:.2f} over {best.pairs} (cell, precision) pairs (threshold |rho| >= {PREDICT_RHO} over "
+            f">= {PREDICT_PAIRS} pairs).")
+
+
+def transfer_lines(findings: list[StrategyFinding]) -> list[str]:
+    """Quantization-aware strategies, trained against one quantizer: do they hold at the others?"""
+    lines = []
+    for strategy in dict.fromkeys(f.strategy for f in findings):
+        trained_for = parse_strategy(strategy).qat
+        if trained_for is None:
             continue
-        reverted = [f for f in group if f.reverted]
-        worst = max(group, key=lambda f: f.returned_points)
-        verb = (f"reverted in {len(reverted)} of {len(group)} cells" if reverted
-                else f"did not revert in any of {len(group)} cells")
-        parts.append(f"{label} {verb} at {low}: KnowMem-forget rose by at most {worst.returned_points:.2f} points "
-                     f"({worst.method}: {worst.knowmem_f_fp:.2f} -> {worst.knowmem_f_low:.2f}).")
-    return " ".join(parts)
+        own = [f for f in findings if f.strategy == strategy and f.precision == trained_for]
+        others = [f for f in findings if f.strategy == strategy and f.precision != trained_for]
+        if own and others:
+            lines.append(f"- {strategy}: median KnowMem-forget reversion {_fmt(own[0].median_reversion_knowmem_f)} "
+                         f"at its own {trained_for}; at the others: " + ", ".join(
+                             f"{f.precision} {_fmt(f.median_reversion_knowmem_f)}" for f in others))
+    return lines
 
 
 def plot_tradeoff(references: ReferenceCellResult, cells: list[UnlearnCellResult], low: str | None,
@@ -143,10 +239,12 @@ def plot_tradeoff(references: ReferenceCellResult, cells: list[UnlearnCellResult
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    strategies = list(dict.fromkeys(cell.strategy for cell in cells))
     for i, cell in enumerate(cells):
         fp = cell.evals["fp"].metrics
         color = colors[i % len(colors)]
-        marker = "o" if cell.adapter == "full" else "s"
+        marker = markers[strategies.index(cell.strategy) % len(markers)]
         ax.scatter(fp.knowmem_f, fp.knowmem_r, color=color, marker=marker, label=cell.cell)
         if low is not None:
             q = cell.evals[low].metrics
@@ -161,7 +259,7 @@ def plot_tradeoff(references: ReferenceCellResult, cells: list[UnlearnCellResult
     ax.set_xlabel("KnowMem on forget (lower = more forgotten)")
     ax.set_ylabel("Utility = KnowMem on retain")
     ax.set_title("Unlearning cells: full precision -> " + (low or "(no quantized precision)"))
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=6, loc="best")
     ax.grid(alpha=0.3)
     save_figure(fig, path, dpi=120)
 
@@ -171,16 +269,11 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
     precisions = list(config.precisions)
     low = low_precision(precisions)
     rows = collect_rows(references, cells, precisions)
-    findings = reversion_findings(references, cells, low) if low else []
-    if low is None:
-        sentence = "No quantized precision in the grid."
-    elif not findings:
-        sentence = "No finding: the grid needs KnowMem-forget (eval.metrics) and a full-precision 'fp' row."
-    else:
-        sentence = finding_sentence(findings, low)
+    findings = strategy_findings(rows, config.strategies, precisions)
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
                                 references=references, cells=cells, rows=rows, low_precision=low,
-                                findings=findings, finding=sentence)
+                                strategies=findings, correlations=correlations(rows),
+                                finding=finding_sentence(findings, low))
     atomic_write_json(out / "results.json", results)
     table = table_markdown(rows)
     atomic_write_text(out / "table.md", table)
@@ -190,65 +283,59 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
     return results
 
 
-def _findings_table(findings: list[Finding], low: str) -> list[str]:
-    lines = ["| cell | KnowMem-f fp | KnowMem-f " + low + " | returned share | utility fp | utility " + low +
-             " | forget NLL fp | forget NLL " + low + " | codes changed | projection | cosine | abs(dW)/step |",
-             "|" + "---|" * 12]
+def _strategy_table(findings: list[StrategyFinding]) -> list[str]:
+    lines = ["| strategy | precision | cells | reverted | median reversion KnowMem-f | median reversion answer NLL | "
+             "utility fp | utility quantized |", "|" + "---|" * 8]
     for f in findings:
-        s = f.survival
-        lines.append(" | ".join([
-            f"| {f.cell}", _fmt(f.knowmem_f_fp), _fmt(f.knowmem_f_low), _fmt(f.returned_share),
-            _fmt(f.utility_fp), _fmt(f.utility_low), _fmt(f.nll_forget_fp, 3), _fmt(f.nll_forget_low, 3),
-            _fmt(s.codes_changed_frac if s else None, 3), _fmt(s.projection if s else None, 3),
-            _fmt(s.cosine if s else None, 3), _fmt(s.mean_abs_dw_in_steps if s else None, 3)]) + " |")
-    return lines + [
-        "",
-        "How to read it: *returned share* is the part of the KnowMem-forget that unlearning removed "
-        f"(target fp minus cell fp) which comes back at {low}; a cell counts as reverted at "
-        f">= {REVERT_SHARE:.0%} and >= {REVERT_POINTS:.0f} points. *codes changed* is the share of "
-        "quantization codes that differ between Q(target) and Q(unlearned); *projection* = "
-        "sum(dQ*dW)/sum(dW^2) is how much of the update's direction the quantized model keeps on average "
-        "(1 = all, 0 = rounded away); *cosine* is how faithfully; *abs(dW)/step* is the mean weight change "
-        "in units of the quantization step. The paper's failure mode needs a projection near 0 for full "
-        "fine-tuning; a projection near 1 with a low cosine means rounding is noisy but unbiased, so the "
-        "unlearning survives on average.", ""]
+        lines.append(f"| {f.strategy} | {f.precision} | {f.cells} | {f.reverted} | "
+                     f"{_fmt(f.median_reversion_knowmem_f)} | {_fmt(f.median_reversion_answer_nll)} | "
+                     f"{_fmt(f.mean_utility_fp)} | {_fmt(f.mean_utility_q)} |")
+    return lines
+
+
+def _correlation_table(found: list[Correlation]) -> list[str]:
+    lines = ["| diagnostic | reversion of | Spearman rho | pairs |", "|---|---|---|---|"]
+    lines += [f"| {c.diagnostic} | {c.target} | {_fmt(c.rho)} | {c.pairs} |" for c in found]
+    return lines
 
 
 def report_markdown(results: ExperimentResults, table: str) -> str:
     config, low = results.config, results.low_precision
     reference = results.references.retrain_reference
-    lines = [f"# qrunlearn report: {config.name}", "", "## Finding at this scale", "", results.finding, ""]
-    if results.findings and low is not None:
-        lines += _findings_table(results.findings, low)
-    lines += [
-        "## Table", "",
-        "Rows: method x adapter x precision (reference rows first). VerbMem, KnowMem and Utility are ROUGE-L F1 x 100; "
-        f"PrivLeak is relative to the retrain AUC {_fmt(reference.auc, 4)} ({reference.source}); "
-        "forget NLL is the mean per-token NLL on privleak/forget. Survival columns are for quantized rows.", "",
-        table,
-        "## Plots", "",
-        "- `plots/tradeoff.png`: utility vs KnowMem-forget per cell, arrow from full precision to "
-        f"{low or '-'}.",
-    ]
+    lines = [f"# qrunlearn report: {config.name}", "", "## Finding at this scale", "", results.finding, "",
+             "Reversion = (m_Q - m_fp) / (m_target - m_fp): the share of the unlearning effect (target -> unlearned "
+             "at full precision) that quantization undoes, for KnowMem-forget and for the mean NLL of the forget "
+             "answers given their questions; 1 = back at the target, 0 = unchanged, < 0 = quantization forgot more. "
+             f"A cell counts as reverted at a KnowMem share >= {REVERT_SHARE}; shares are left out where unlearning "
+             f"moved the metric less than {MIN_EFFECT['knowmem_f']} point / {MIN_EFFECT['answer_nll']} nats.", "",
+             "## Strategies at each quantized precision", "", *_strategy_table(results.strategies), ""]
+    transfer = transfer_lines(results.strategies)
+    if transfer:
+        lines += ["Transfer (a model made robust for one quantizer, deployed with the others):", "", *transfer, ""]
+    lines += ["## Do the survival diagnostics predict reversion?", "", prediction_sentence(results.correlations), "",
+              *_correlation_table(results.correlations), "",
+              "*codes changed*: share of quantization codes that differ between Q(target) and Q(unlearned); "
+              "*projection* = sum(dQ*dW)/sum(dW^2), how much of the update's direction survives on average; "
+              "*cosine*: how faithfully; *abs(dW)/step*: mean weight change in quantization steps.", "",
+              "## Table", "",
+              "VerbMem, KnowMem and Utility are ROUGE-L F1 x 100; PrivLeak is relative to the retrain AUC "
+              f"{_fmt(reference.auc, 4)} ({reference.source}); answer NLL = mean NLL of the KnowMem forget answers; "
+              "forget NLL = mean per-token NLL on privleak/forget; Min-40% AUC = forget vs holdout. Survival and "
+              "reversion columns are for quantized rows.", "", table,
+              "## Plots", "", f"- `plots/tradeoff.png`: utility vs KnowMem-forget per cell, arrow to {low or '-'}."]
     for cell in results.cells:
         for precision, survival in cell.survival.items():
             lines.append(f"- `{survival.plot}`: per-layer survival, {cell.cell} at {precision}. {survival.verdict}")
-    lines += [
-        "",
-        "## Run it at the paper's scale", "",
-        "On GPUs, the same grid on Llama-2-7B with MUSE-News (bf16, bitsandbytes NF4 / LLM.int8 on CUDA):", "",
-        f"    {GPU_COMMAND}", "",
-        "Lower precisions a user can add to `precisions:` here: `rtn:w3g64`, `rtn:w2g64` (and `fp4`, `hqq:w4g64`, "
-        "`rtn:w4g128`).", "",
-        "## Settings", "",
-        f"- seed {config.seed}; defaults `{config.defaults}`; methods {', '.join(config.methods)}; adapters "
-        f"{', '.join(config.adapters)}; precisions {', '.join(config.precisions)}",
-        f"- eval: limit {config.eval.limit}, batch size {config.eval.batch_size}, bootstrap {config.eval.bootstrap}",
-        f"- git commit {results.git_commit}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if v),
-        "- per-cell unlearning settings, losses and timings: `cells/<cell>/result.json`; every number: `results.json`",
-        "",
-    ]
+    lines += ["", "## Run it at the paper's scale", "",
+              "On GPUs, the same grid on Llama-2-7B with MUSE-News (bf16, bitsandbytes NF4 / LLM.int8 on CUDA):", "",
+              f"    {GPU_COMMAND}", "", "## Settings", "",
+              f"- seed {config.seed}; defaults `{config.defaults}`; methods {', '.join(config.methods)}; strategies "
+              f"{', '.join(config.strategies)}; precisions {', '.join(config.precisions)}",
+              f"- eval: limit {config.eval.limit}, batch size {config.eval.batch_size}, "
+              f"bootstrap {config.eval.bootstrap}",
+              f"- git commit {results.git_commit}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if v),
+              "- per-cell settings, losses and timings: `cells/<cell>/result.json`; every number: `results.json`", ""]
     for cell in results.cells:
         u = cell.unlearn
         lines.append(f"- {cell.cell}: {u.epochs_run} epochs, {u.seconds:.1f} s"

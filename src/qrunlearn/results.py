@@ -28,6 +28,7 @@ class Metrics(BaseModel):
     verbmem_f_recall: float | None = None
     knowmem_f: float | None = None
     knowmem_f_recall: float | None = None
+    knowmem_f_answer_nll: float | None = None
     knowmem_r: float | None = None
     knowmem_r_recall: float | None = None
     privleak: float | None = None
@@ -91,12 +92,13 @@ class UnlearnSummary(BaseModel):
 
 
 class UnlearnCellResult(BaseModel):
-    """One (method, adapter) cell: the unlearning run, its evaluation at every precision and the survival of its
+    """One (method, strategy) cell: the unlearning run, its evaluation at every precision and the survival of its
     update under every quantizer."""
 
     kind: Literal["unlearn"] = "unlearn"
     cell: str
     method: str
+    strategy: str
     adapter: str
     unlearn_config: UnlearnConfig
     unlearn: UnlearnSummary
@@ -118,33 +120,49 @@ def read_cell(path: Path, kind: type[BaseModel]) -> Any:
         return None
 
 
+class Reversion(BaseModel):
+    """The share of the unlearning effect a quantizer undoes, (m_Q - m_fp) / (m_target - m_fp), for KnowMem-forget
+    and for the forget answers' NLL. Unlearning moves m from the target's value to m_fp (KnowMem down, NLL up); 1
+    means the quantized model is back at the target, 0 that quantization changed nothing, < 0 that it forgot more.
+    None when the cell barely moved the metric (less than `report.MIN_EFFECT`)."""
+
+    knowmem_f: float | None = None
+    answer_nll: float | None = None
+
+
 class Row(BaseModel):
     """One table row: a model (reference or cell) at one precision."""
 
+    cell: str = ""
     method: str
-    adapter: str  # "" for the reference models
+    strategy: str  # "" for the reference models
     precision: str
     metrics: Metrics
+    reversion: Reversion | None = None  # quantized cell rows
     survival: SurvivalOverall | None = None
 
 
-class Finding(BaseModel):
-    """How much of the KnowMem-forget that unlearning removed comes back at the grid's lowest precision."""
+class StrategyFinding(BaseModel):
+    """One strategy at one quantized precision, over the grid's methods."""
 
-    cell: str
-    method: str
-    adapter: str
-    knowmem_f_fp: float
-    knowmem_f_low: float
-    utility_fp: float | None
-    utility_low: float | None
-    forgotten_points: float | None
-    returned_points: float
-    returned_share: float | None
-    reverted: bool
-    nll_forget_fp: float | None
-    nll_forget_low: float | None
-    survival: SurvivalOverall | None
+    strategy: str
+    precision: str
+    cells: int
+    reverted: int  # cells whose KnowMem-forget reversion >= report.REVERT_SHARE
+    median_reversion_knowmem_f: float | None
+    median_reversion_answer_nll: float | None
+    mean_utility_fp: float | None
+    mean_utility_q: float | None
+
+
+class Correlation(BaseModel):
+    """Rank correlation (Spearman) between a survival diagnostic and a measured reversion over the grid's
+    (cell, quantized precision) pairs."""
+
+    diagnostic: str
+    target: str
+    rho: float | None
+    pairs: int
 
 
 class ExperimentResults(BaseModel):
@@ -157,5 +175,6 @@ class ExperimentResults(BaseModel):
     cells: list[UnlearnCellResult]
     rows: list[Row]
     low_precision: str | None
-    findings: list[Finding]
+    strategies: list[StrategyFinding]
+    correlations: list[Correlation]
     finding: str

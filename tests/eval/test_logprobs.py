@@ -80,3 +80,20 @@ def test_batched_scores_equal_one_at_a_time(tiny_model_dir, tiny_corpus):
         out = model(input_ids=torch.tensor([ids[0]]), labels=torch.tensor([ids[0]]))
     assert batched["loss"][0] == pytest.approx(out.loss.item(), rel=1e-5)
     assert np.all(np.isfinite(batched["min_k_pp"])) and not math.isnan(batched["zlib"][0])
+
+
+def test_answer_nll_equals_teacher_forced_cross_entropy(tiny_model_dir):
+    from qrunlearn.eval.logprobs import answer_nll
+    from qrunlearn.models.loading import load_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    prompts = [tokenizer(text)["input_ids"] for text in ("Question: Where?\nAnswer: ", "Question: Who is it?\nAnswer: ")]
+    answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Drudrendstead", "a historian")]
+    batched = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=2)
+    for prompt, answer, value in zip(prompts, answers, batched):
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(answer)).item()
+        assert value == pytest.approx(expected, rel=1e-5)
+    assert batched[0] != pytest.approx(batched[1])

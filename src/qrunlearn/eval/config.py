@@ -29,5 +29,7 @@ class EvalConfig(BaseModel):
     seed: int = Field(0, description="bootstrap seed")
     mia: bool = Field(True, description="also the LOSS / zlib / Min-K / Min-K++ AUCs (same forward passes)")
     max_context: int | None = Field(None, ge=2, description="override the model config's max_position_embeddings")
+    answer_nll: bool = Field(True, description="with knowmem_f: also the mean NLL of each forget answer given its "
+                                               "few-shot prompt (knowmem_f_answer_nll)")
     share_prefix: bool = Field(True, description="compute a prompt prefix common to all items (the few-shot "
                                                  "block) once")

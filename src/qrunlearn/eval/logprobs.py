@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qrunlearn.eval.generation import input_device
+from qrunlearn.models.heads import hidden_states_forward
 
 MIN_K_RATIOS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 PRIVLEAK_RATIO = 0.4
@@ -152,3 +153,26 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
                 column[chunk] = values.cpu().numpy()
             bar.update(len(chunk))
     return columns
+
+
+@torch.inference_mode()
+def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
+               batch_size: int) -> np.ndarray:
+    """Mean NLL per answer token of each answer given its prompt (teacher forcing: prompt ids + answer ids, as the
+    model would have to generate them). The head is applied to the answer positions only, so no full-vocabulary
+    logits exist for the prompts (a KnowMem prompt is ten few-shot pairs long)."""
+    device = input_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -(len(prompts[i]) + len(answers[i])))
+    out = np.empty(len(prompts), dtype=np.float64)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        input_ids, mask = right_pad([list(prompts[i]) + list(answers[i]) for i in chunk], pad_id)
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        with hidden_states_forward(model) as head:
+            hidden = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        for row, index in enumerate(chunk):
+            start, length = len(prompts[index]), len(answers[index])
+            logits = head(hidden[row, start - 1:start - 1 + length]).float()
+            targets = input_ids[row, start:start + length]
+            out[index] = float(torch.nn.functional.cross_entropy(logits, targets, reduction="mean"))
+    return out

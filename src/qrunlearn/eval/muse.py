@@ -37,6 +37,7 @@ from qrunlearn.eval.generation import (
 from qrunlearn.eval.logprobs import (
     MIN_K_RATIOS,
     PRIVLEAK_RATIO,
+    answer_nll,
     min_k_name,
     score_texts,
     zlib_length,
@@ -193,6 +194,11 @@ def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalCo
                      "generation": generation, "reference": pair.answer, "score": score.f1 * 100,
                      "recall": score.recall * 100, "prompt_tokens": len(encoded.ids[index]),
                      "truncated": encoded.truncated[index]})
+    if split == "forget" and config.answer_nll:
+        answers = [list(ids) for ids in tokenizer([pair.answer for pair in qa], add_special_tokens=False)["input_ids"]]
+        nlls = answer_nll(model, encoded.ids, answers, setup.pad, config.batch_size)
+        for log, value in zip(logs, nlls):
+            log["answer_nll"] = float(value)
     return f1s, recalls, logs, encoded.n_truncated
 
 
@@ -274,6 +280,8 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
                                                           setup, progress)
                 truncated[metric] = cut
                 result.items.extend(logs)
+                if logs and "answer_nll" in logs[0]:
+                    result.metrics[f"{metric}_answer_nll"] = float(np.mean([log["answer_nll"] for log in logs]))
                 for name, values in ((metric, f1s), (f"{metric}_recall", recalls)):
                     result.metrics[name] = float(np.mean(values))
                     result.intervals[name] = mean_interval(np.array(values), config.bootstrap,

@@ -7,44 +7,17 @@ per position straight away, and the backward pass recomputes a chunk's logits to
 minus the target, or minus p_ref for KL), so no more than one chunk's logits ever exist. The results equal the
 full-logits path of `objectives.token_nll` / `token_kl` up to float summation order.
 
-The hidden states come from the model's own forward with its output head set aside (`hidden_states_forward`), so
+The hidden states come from the model's own forward with its output head set aside (`models.heads`), so
 DDP and accelerate see an ordinary forward pass.
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qrunlearn.unlearn.objectives import IGNORE_INDEX
-
-
-class _Passthrough(nn.Module):
-    """Stands in for the output head: returns the hidden states it is given. Holds the head so that its parameters
-    stay registered under the model (gradient sync, sharding, state dicts see the same parameters)."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
-
-
-@contextlib.contextmanager
-def hidden_states_forward(transformer: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, `model(...).logits` holds the final hidden states [B, T, H] instead of logits; yields the
-    output head to apply chunk by chunk. `transformer` is the Hugging Face model (peft's base model for LoRA)."""
-    head = transformer.get_output_embeddings()
-    transformer.set_output_embeddings(_Passthrough(head))
-    try:
-        yield head
-    finally:
-        transformer.set_output_embeddings(head)
 
 
 def _autocast_state(device: torch.device) -> tuple[bool, torch.dtype]:

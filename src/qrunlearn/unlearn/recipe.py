@@ -36,12 +36,13 @@ from tqdm.auto import tqdm
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
 from qrunlearn.io import run_metadata, set_seed
+from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.train import collate
 from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
 from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.unlearn import objectives, quail, saliency, storage
-from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll, hidden_states_forward
+from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.data import MicroBatch, Step, UnlearnData, check_texts, epoch_schedule, load_unlearn_data
 from qrunlearn.unlearn.lora import wrap_lora

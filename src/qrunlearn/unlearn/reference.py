@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qrunlearn.errors import UserError
+from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.quant.fake import fake_quantized
 from qrunlearn.quant.spec import QuantSpec
-from qrunlearn.unlearn.chunked import hidden_states_forward
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.parallel import FullySharded, Parallel, compute_dtype
 
