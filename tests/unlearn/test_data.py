@@ -4,7 +4,8 @@ import pytest
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.unlearn.data import chunk_documents, collate, epoch_schedule, load_unlearn_data
+from qrunlearn.models.tiny import collate
+from qrunlearn.unlearn.data import chunk_documents, epoch_schedule, load_unlearn_data
 
 
 class _Tok:
