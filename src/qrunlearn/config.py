@@ -13,11 +13,13 @@ from pydantic import (
     Field,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
+from qrunlearn.quant.spec import parse_spec
 from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
 
 MethodName = Literal["ga_gdr", "ga_klr", "npo_gdr", "npo_klr", "ga", "npo", "simnpo", "simnpo_gdr", "simnpo_klr"]
@@ -92,6 +94,17 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig(batch_size=64)
     select_epoch: bool = Field(
         default=False, description="MUSE's rule: keep the first epoch whose KnowMem-forget <= the retrain's.")
+
+    @field_validator("precisions")
+    @classmethod
+    def _known_precisions(cls, precisions: tuple[str, ...]) -> tuple[str, ...]:
+        """Parse every spec now: a typo fails on loading, not in the middle of the grid after hours of training."""
+        for spec in precisions:
+            try:
+                parse_spec(spec)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return precisions
 
     def eval_config(self) -> EvalConfig:
         """The evaluation settings with the experiment's seed as the bootstrap seed."""

@@ -2,5 +2,10 @@
 
 from qrunlearn.lazy import lazy_exports
 
-__all__ = ["ModelSource", "default_device", "ensure_pad_token", "load_causal_lm", "load_tokenizer", "resolve_dtype"]
-__getattr__, __dir__ = lazy_exports(__name__, {name: "qrunlearn.models.loading" for name in __all__})
+_EXPORTS = {
+    **{name: "qrunlearn.models.loading" for name in ("default_device", "ensure_pad_token", "load_causal_lm",
+                                                     "load_tokenizer", "resolve_dtype")},
+    **{name: "qrunlearn.models.source" for name in ("ModelSource", "resolve_model_path")},
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
