@@ -18,6 +18,7 @@ from qrunlearn.eval.muse import (
     privleak_auc,
     write_eval_outputs,
 )
+from qrunlearn.models.loading import DTypeName
 from qrunlearn.models.source import ModelSource
 from qrunlearn.quant.registry import load_model_folder
 from qrunlearn.quant.spec import QuantSpec
@@ -54,7 +55,7 @@ def _free(model) -> None:
 
 
 def eval_folder(model_path: Path, data_path: Path, out: Path, config: EvalConfig, retrain_path: Path | None = None,
-                retrain_auc: str | None = None, dtype: str = "auto", progress: bool = True) -> EvalResult:
+                retrain_auc: str | None = None, dtype: DTypeName = "auto", progress: bool = True) -> EvalResult:
     """Evaluate a model folder on a corpus folder and write `out` plus its items file."""
     if retrain_path is not None and retrain_auc is not None:
         raise UserError("give either --retrain or --retrain-auc, not both")
