@@ -1,21 +1,43 @@
-# The README's two set-up commands: `make demo` and `make test`. Each creates .venv when missing.
+# The README's two set-up commands: `make demo` and `make test`. Each creates .venv when missing and installs
+# exactly the versions in requirements.lock (the ones the suite passed with); pyproject.toml keeps the compatible
+# ranges for people who install qrunlearn as a library. `make lock` regenerates the lock after a dependency change.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+# torch is installed by pip, first and on its own: pip's config on this machine finds the CPU wheel in
+# TORCH_WHEELS. uv does not read pip's config, so it never installs torch and the lock leaves it out.
+TORCH_VERSION := 2.13.0
+TORCH_WHEELS ?= /opt/wheels
+UV_VERSION := 0.13.9
+LOCK_EXTRAS := --extra quant --extra test --extra lint
 
-.PHONY: demo test test-all install clean bench gptq-venv smollm2
+.PHONY: demo test test-all install lint lock clean bench gptq-venv smollm2
 
-$(STAMP): pyproject.toml constraints.txt
+$(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# torch first, exactly pinned (a CPU wheel on this machine); the constraints file keeps it.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -c constraints.txt -e '.[quant,test]'
+	$(PIP) install --quiet uv==$(UV_VERSION)
+
+$(STAMP): pyproject.toml constraints.txt $(LOCK) | $(UV)
+	# torch without its dependencies: the lock pins those too.
+	$(PIP) install --quiet --no-deps torch==$(TORCH_VERSION)
+	$(UV) pip install --quiet --python $(PY) --no-deps -r $(LOCK)
+	# No build isolation: the editable build uses the locked setuptools instead of fetching the newest.
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Resolves pyproject's dependencies and the extras installed above for Python 3.11 on x86-64 Linux, with torch
+# held to the local CPU wheel (so no CUDA-only nvidia-* or triton package is pulled in) and left out of the file.
+lock: | $(UV)
+	echo 'torch==$(TORCH_VERSION)+cpu' | $(UV) pip compile pyproject.toml $(LOCK_EXTRAS) --constraint /dev/stdin \
+		--find-links $(TORCH_WHEELS) --no-emit-package torch --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --custom-compile-command 'make lock' --quiet --output-file $(LOCK)
+	@! grep -n -i -E '^(nvidia-|triton|torch==)' $(LOCK) || (echo 'error: $(LOCK) pins a CUDA-only package' >&2; false)
 
 demo: $(STAMP)
 	$(VENV)/bin/qrunlearn run --out runs/demo --resume
@@ -25,6 +47,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py
@@ -53,10 +79,10 @@ models/smollm2/model.safetensors: $(SMOLLM2_GGUF) | $(STAMP)
 models/smollm2-offgrid/model.safetensors: $(SMOLLM2_GGUF) | $(STAMP)
 	$(PY) -m qrunlearn models import $< --out models/smollm2-offgrid --jitter 1 --seed 0
 
-# GPTQ tools (llmcompressor) downgrade transformers: they live in their own venv.
+# GPTQ tools (llmcompressor) downgrade transformers: they live in their own venv, outside the lock.
 gptq-venv:
 	test -x .venv-gptq/bin/python || $(PYTHON) -m venv .venv-gptq
-	.venv-gptq/bin/python -m pip install --quiet torch==2.13.0
+	.venv-gptq/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
 	.venv-gptq/bin/python -m pip install --quiet -c constraints.txt -e '.[gptq]'
 
 clean:

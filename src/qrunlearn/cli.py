@@ -23,6 +23,7 @@ from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
 from qrunlearn.models.config import BaseTargetConfig, FinetuneRecipe
+from qrunlearn.models.source import ModelSource
 from qrunlearn.unlearn.config import UnlearnConfig
 
 # The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after
@@ -88,6 +89,30 @@ def settings_options(record: type[BaseModel], names: tuple[str, ...],
     return decorate
 
 
+# A corpus folder must exist: checked while parsing, so a typo is answered before the stage's imports.
+CorpusDir = Annotated[Path, typer.Option(exists=True, file_okay=False, help="Corpus folder in MUSE's layout.")]
+
+
+def check_models(**options: str | Path | None) -> None:
+    """Reject a model option naming a folder that holds no loadable model, before the stage is imported; the
+    error names the option (`check_models(model=path)` -> "--model: <path>: ...")."""
+    for name, value in options.items():
+        if value is None:
+            continue
+        try:
+            ModelSource(str(value)).check()
+        except UserError as err:
+            raise UserError(f"--{name.replace('_', '-')}: {err}") from None
+
+
+def parse_method(spec: str) -> Any:
+    """The `--method` quantization spec, parsed; a bad one names the option."""
+    try:
+        return quant.parse_spec(spec)
+    except UserError as err:
+        raise UserError(f"--method: {err}") from None
+
+
 def build_settings(record: type[BaseModel], base: dict[str, Any], given: dict[str, Any]) -> Any:
     """`record` from `base` overlaid with the options the user gave; a bad value names its option."""
     try:
@@ -103,10 +128,13 @@ def data_check(
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (folder or hub id) for token-length "
                                                           "stats.")] = None,
 ) -> None:
-    """Validate a MUSE-layout folder; print item counts and character (and token) length stats."""
+    """Validate a MUSE-layout folder; print item counts, character (and token) length stats and which file each
+    document split was read from."""
     corpus = muse.load_corpus(data_dir)
     tok = loading.load_tokenizer(tokenizer) if tokenizer is not None else None
     typer.echo(stats.format_stats(stats.corpus_stats(corpus, tok)))
+    for line in muse.describe_sources(corpus):
+        typer.echo(line)
     typer.echo(f"ok: {data_dir} is a valid MUSE corpus")
 
 
@@ -172,13 +200,15 @@ def models_grid(
 @app.command("target")
 @settings_options(FinetuneRecipe, tuple(FinetuneRecipe.model_fields), default_note="with --base")
 def target(
-    data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/forget and raw/retain1.")],
+    data: Annotated[Path, typer.Option(exists=True, file_okay=False,
+                                       help="Corpus folder (MUSE layout) with raw/forget and raw/retain1.")],
     out: Annotated[Path, typer.Option(help="Output folder; gets target/ and retrain/ (and tokenizer/ from scratch).")],
     base: Annotated[Optional[str], typer.Option(help="A pretrained causal LM (folder, hub id or .gguf) to fine-tune "
                                                      "instead of training the built-in tiny Llama.")] = None,
     size: Annotated[Literal["tiny", "small"], typer.Option(help="Tiny model preset (without --base).")] = "small",
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (without --base; default: preset).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Training epochs (without --base; default: "
+                                                              "preset).")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even when a cached checkpoint matches.")] = False,
     **settings: Any,
 ) -> None:
@@ -206,9 +236,10 @@ def target(
 @app.command("eval")
 @settings_options(EvalConfig, ("limit", "batch_size", "bootstrap", "seed", "mia", "max_context"))
 def eval_cmd(
-    model: Annotated[Path, typer.Option(help="Model folder (a Hugging Face causal LM with safetensors + tokenizer) "
-                                             "or a .gguf file.")],
-    data: Annotated[Path, typer.Option(help="Corpus folder in MUSE's layout.")],
+    model: Annotated[Path, typer.Option(help="Model folder (a Hugging Face causal LM with safetensors + tokenizer, "
+                                             "or a folder qrunlearn wrote: unlearn/quantize --out, a run cell) or a "
+                                             ".gguf file.")],
+    data: CorpusDir,
     out: Annotated[Path, typer.Option(help="Results JSON; per-item logs go beside it as <stem>.items.jsonl.")],
     retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder: its privleak AUC is PrivLeak's "
                                                          "reference.")] = None,
@@ -220,9 +251,11 @@ def eval_cmd(
                      typer.Option(help="Weights dtype (auto: fp32 CPU, bf16 CUDA).")] = "auto",
     **settings: Any,
 ) -> None:
-    """MUSE evaluation: VerbMem, KnowMem (forget, retain), PrivLeak, plus MIA AUCs, batched."""
+    """MUSE evaluation: VerbMem, KnowMem (forget, retain), PrivLeak, plus MIA AUCs, batched. A folder written by
+    `qrunlearn quantize` is evaluated quantized."""
     names = tuple(name.strip() for name in metrics.split(",") if name.strip())
     config = build_settings(EvalConfig, {"metrics": names}, settings)
+    check_models(model=model, retrain=retrain)
     result = eval_run.eval_folder(model, data, out, config, retrain_path=retrain, retrain_auc=retrain_auc,
                                   dtype=dtype)
     typer.echo(eval_run.format_summary(result))
@@ -237,8 +270,10 @@ UNLEARN_OPTIONS = tuple(name for name in UnlearnConfig.model_fields if name not 
 @app.command("unlearn")
 @settings_options(UnlearnConfig, UNLEARN_OPTIONS, default_note="default: from --defaults")
 def unlearn_command(
-    model: Annotated[str, typer.Option(help="Model to unlearn from (HF folder, hub id or .gguf file).")],
-    data: Annotated[Path, typer.Option(help="Corpus folder (MUSE layout) with raw/<forget-split> (and retain).")],
+    model: Annotated[str, typer.Option(help="Model to unlearn from (HF folder, a folder qrunlearn wrote, a .gguf "
+                                            "file or a hub id).")],
+    data: Annotated[Path, typer.Option(exists=True, file_okay=False,
+                                       help="Corpus folder (MUSE layout) with raw/<forget-split> (and retain).")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder: model/ (merged for LoRA), adapter/, "
                                                       "unlearn.json. Required unless --estimate.")] = None,
     method: Annotated[Literal["ga", "npo", "simnpo"], typer.Option(help="Forget objective.")] = "ga",
@@ -267,6 +302,7 @@ def unlearn_command(
                                     if t.strip()]
     base = UnlearnConfig.defaults(defaults, method, reg, adapter).model_dump()
     config = build_settings(UnlearnConfig, base, settings)
+    check_models(model=model)
     corpus = muse.load_corpus(data)
     if estimate:
         world = processes or int(os.environ.get("WORLD_SIZE", "1"))
@@ -283,14 +319,16 @@ def unlearn_command(
 # ---- quantize / survival --------------------------------------------------------------------------------------
 @app.command("quantize")
 def quantize(
-    model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors) or .gguf file.")],
+    model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors), a folder qrunlearn "
+                                             "wrote around one (unlearn --out, a run cell), or a .gguf file.")],
     method: Annotated[str, typer.Option(help="Spec: fp, rtn:w4g64 / rtn:w8 (per-channel) / rtn:w4g64:sym, nf4, "
                                              "fp4, int8, hqq:w4g64, gptq:w4g128 (bits 2-8; hqq 2/3/4/8).")],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="GPTQ only: corpus folder whose retain1 split "
-                                                      "calibrates.")] = None,
-    calib_samples: Annotated[int, typer.Option(help="GPTQ only: calibration documents (first N, in order).")] = 128,
+    data: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False,
+                                                 help="GPTQ only: corpus whose retain1 split calibrates.")] = None,
+    calib_samples: Annotated[int, typer.Option(min=1, help="GPTQ only: calibration documents (first N, in "
+                                                           "order).")] = 128,
     seed: Annotated[int, typer.Option(help="GPTQ only: calibration seed.")] = 0,
 ) -> None:
     """Quantize every linear layer in the transformer blocks (embeddings and lm_head stay full precision).
@@ -298,7 +336,8 @@ def quantize(
     bitsandbytes (nf4/fp4/int8) and GPTQ write a quantized HF folder; RTN and HQQ write the full-precision weights
     plus qrunlearn_quant.json, and `load_quantized` re-applies the spec on load. A group size must divide every
     quantized layer's input width (error otherwise, naming the layer)."""
-    spec = quant.parse_spec(method)
+    spec = parse_method(method)
+    check_models(model=model)
     registry.require_backend(spec)
     calibration = None
     if spec.method == "gptq":
@@ -320,7 +359,8 @@ def survival(
 ) -> None:
     """How much of the unlearning update (unlearned - base) survives quantization, per layer and overall:
     share of codes changed, projection sum(dQ*dW)/sum(dW^2), cosine(dQ, dW), mean |dW| in quantization steps."""
-    spec = quant.parse_spec(method)
+    spec = parse_method(method)
+    check_models(base=base, unlearned=unlearned)
     base_model, _ = loading.load_causal_lm(base, device=device, with_tokenizer=False)
     unlearned_model, _ = loading.load_causal_lm(unlearned, device=device, with_tokenizer=False)
     report = quant.survival_report(base_model, unlearned_model, spec)
@@ -337,13 +377,13 @@ def survival(
 def run(
     config: Annotated[Optional[Path], typer.Argument(help="Experiment YAML (default: the built-in benchmark "
                                                           "grid).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for data, models, cells and the "
-                                           "report.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Output folder for data, models, cells and the report.")] = Path(
+        "runs/demo"),
     resume: Annotated[bool, typer.Option(help="Continue a non-empty output folder, skipping finished "
                                               "cells.")] = False,
     force: Annotated[bool, typer.Option(help="Redo every cell even if it is finished.")] = False,
-    cell: Annotated[Optional[int], typer.Option(help="Run only cell N (0 = reference models) for a scheduler "
-                                                     "array.")] = None,
+    cell: Annotated[Optional[int], typer.Option(min=0, help="Run only cell N (0 = reference models) for a scheduler "
+                                                            "array.")] = None,
     prepare: Annotated[bool, typer.Option(help="Only build data and target/retrain models (before a --cell "
                                                "array).")] = False,
     list_cells: Annotated[bool, typer.Option("--list-cells", help="Print the cells of the grid and exit.")] = False,
@@ -365,9 +405,10 @@ def run(
 
 
 @app.command("report")
-def report(out: Annotated[Path, typer.Argument(help="An experiment output folder.")],
-           config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: "
-                                                               "built-in).")] = None) -> None:
+def report(
+    out: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="An experiment output folder.")],
+    config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: built-in).")] = None,
+) -> None:
     """Rebuild table.md, table.csv, plots and report.md from an experiment folder's finished cells."""
     experiment_config = load_config(config)
     finished = experiment.Experiment(experiment_config, out)

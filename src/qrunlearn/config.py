@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.models.config import FinetuneRecipe
+from qrunlearn.quant.spec import parse_spec
 from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, parse_strategy, strategy_settings
 
@@ -112,6 +113,17 @@ class ExperimentConfig(_Strict):
             except UserError as err:
                 raise ValueError(str(err)) from None
         return strategies
+
+    @field_validator("precisions")
+    @classmethod
+    def _known_precisions(cls, precisions: tuple[str, ...]) -> tuple[str, ...]:
+        """Parse every spec now: a typo fails on loading, not in the middle of the grid after hours of training."""
+        for spec in precisions:
+            try:
+                parse_spec(spec)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return precisions
 
     def eval_config(self) -> EvalConfig:
         """The evaluation settings with the experiment's seed as the bootstrap seed."""

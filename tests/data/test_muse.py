@@ -123,3 +123,47 @@ def test_real_muse_news_loads(muse_news_dir):
     assert counts["privleak/forget"] == counts["privleak/holdout"] == counts["privleak/retain"] == 100
     assert len(corpus.raw["forget"][0]) > 1_000_000  # raw/forget.txt read whole
     assert min(len(t) for t in corpus.privleak["forget"]) > 5000
+
+
+def _forget_documents(corpus_copy: Path) -> list[str]:
+    return json.loads((corpus_copy / "raw" / "forget.json").read_text())
+
+
+def test_json_and_txt_with_the_same_text_load_the_json(corpus_copy, capsys):
+    documents = _forget_documents(corpus_copy)
+    # raw/forget.txt beside raw/forget.json, as MUSE ships them: the .txt joins the documents with blank lines and
+    # breaks lines elsewhere, so only the text without whitespace is the same
+    (corpus_copy / "raw" / "forget.txt").write_text("\n\n".join(d.replace(" ", "\n", 1) for d in documents) + "\n")
+    corpus = load_corpus(corpus_copy)
+    assert corpus.raw["forget"] == documents and len(documents) > 1  # document boundaries kept
+    assert corpus.sources["raw/forget"].path == corpus_copy / "raw" / "forget.json"
+    assert corpus.sources["raw/forget"].same_text_as == corpus_copy / "raw" / "forget.txt"
+    assert corpus.sources["raw/retain1"].same_text_as is None
+    assert main(["data", "check", str(corpus_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "raw/forget: read raw/forget.json (raw/forget.txt holds the same text" in out
+    assert "raw/retain1: read raw/retain1.json\n" in out
+
+
+def test_json_and_txt_that_differ_name_both_files(corpus_copy, capsys):
+    documents = _forget_documents(corpus_copy)
+    changed = documents[-1][:-1] + ("X" if documents[-1][-1] != "X" else "Y")  # one character of the last document
+    (corpus_copy / "raw" / "forget.txt").write_text("\n\n".join([*documents[:-1], changed]))
+    with pytest.raises(DataError) as info:
+        load_corpus(corpus_copy)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{corpus_copy / 'raw' / 'forget.json'}: holds different text from "
+                              f"{corpus_copy / 'raw' / 'forget.txt'}")
+    assert main(["data", "check", str(corpus_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "forget.json" in err and "forget.txt" in err
+
+
+def test_extra_splits_with_both_files_load_once(corpus_copy):
+    _write(corpus_copy / "scal" / "forget_1.json", ["first doc", "second doc"])
+    (corpus_copy / "scal" / "forget_1.txt").write_text("first doc\nsecond doc\n")
+    (corpus_copy / "scal" / "forget_2.txt").write_text("only a text file")
+    corpus = load_corpus(corpus_copy)
+    assert corpus.extra == {"scal/forget_1": ["first doc", "second doc"], "scal/forget_2": ["only a text file"]}
+    assert corpus.sources["scal/forget_2"].path.name == "forget_2.txt"

@@ -10,6 +10,13 @@ Layout (one folder per corpus)::
     scal/forget_{1..4}.*, sust/forget_{1..4}.*         optional, documents like raw/
 
 A `.txt` raw file is one document (MUSE ships News' raw/forget.txt like that and chunks it by tokens).
+
+MUSE's public folders ship document splits twice, as `<split>.json` and `<split>.txt` (the same documents joined
+into one text). When both exist the JSON is loaded, because it keeps the document boundaries, after checking that
+the two hold the same text once all whitespace is removed (so the separator the .txt joins documents with does not
+matter); when they differ, a `DataError` names both files. `corpus.sources` records which file each split was
+read from, and `qrunlearn data check` prints it.
+
 Every part is optional when loading; code that needs a part calls `corpus.require(...)`, which raises a
 `DataError` naming the missing file.
 """
@@ -42,11 +49,20 @@ class VerbMemItem:
     gt: str
 
 
+@dataclass(frozen=True)
+class DocumentSource:
+    """The file a document split was read from, and its twin holding the same text (checked, not read), if any."""
+
+    path: Path
+    same_text_as: Path | None = None
+
+
 @dataclass
 class MuseCorpus:
     """A MUSE corpus. Keys of `raw`: forget/retain1/retain2/holdout; of `knowmem`: forget_qa, retain_qa,
     forget_qa_icl, retain_qa_icl; of `privleak`: forget/retain/holdout; `extra` holds scal/ and sust/ splits
-    as "scal/forget_1" etc. Only the files present on disk are loaded."""
+    as "scal/forget_1" etc. Only the files present on disk are loaded. `sources` says which file each document
+    split (raw/ and extra, keyed "raw/forget", "scal/forget_1", ...) was read from."""
 
     root: Path
     raw: dict[str, list[str]] = field(default_factory=dict)
@@ -54,6 +70,7 @@ class MuseCorpus:
     knowmem: dict[str, list[QAPair]] = field(default_factory=dict)
     privleak: dict[str, list[str]] = field(default_factory=dict)
     extra: dict[str, list[str]] = field(default_factory=dict)
+    sources: dict[str, DocumentSource] = field(default_factory=dict)
 
     # -- access with clear errors -------------------------------------------------------------------------
     def require_raw(self, split: str) -> list[str]:
@@ -166,15 +183,46 @@ def read_documents(path: Path) -> list[str]:
     return parse_string_list(path, _read_json(path))
 
 
-def _find_documents(folder: Path, stem: str) -> Path | None:
+def _without_whitespace(text: str) -> str:
+    return "".join(text.split())
+
+
+def _check_same_text(json_path: Path, documents: list[str], txt_path: Path) -> None:
+    """Raise a `DataError` naming both files unless the .txt holds the JSON's documents (whitespace ignored)."""
+    joined = _without_whitespace("".join(documents))
+    text = _without_whitespace(read_documents(txt_path)[0])
+    if joined == text:
+        return
+    offset = next((i for i, (a, b) in enumerate(zip(joined, text)) if a != b), min(len(joined), len(text)))
+    raise DataError(json_path, f"holds different text from {txt_path} (first difference at non-whitespace "
+                               f"character {offset}); MUSE's two copies of a split must match: keep the right one")
+
+
+def load_documents(folder: Path, stem: str) -> tuple[list[str], DocumentSource] | None:
+    """The documents of split `stem` in `folder` and where they came from, or None when neither `<stem>.json`
+    nor `<stem>.txt` exists. With both, the JSON (it keeps document boundaries), once the .txt is checked to hold
+    the same text."""
     json_path, txt_path = folder / f"{stem}.json", folder / f"{stem}.txt"
-    if json_path.exists() and txt_path.exists():
-        raise DataError(folder / stem, "both .json and .txt exist; keep one")
     if json_path.exists():
-        return json_path
+        documents = read_documents(json_path)
+        if not txt_path.exists():
+            return documents, DocumentSource(json_path)
+        _check_same_text(json_path, documents, txt_path)
+        return documents, DocumentSource(json_path, same_text_as=txt_path)
     if txt_path.exists():
-        return txt_path
+        return read_documents(txt_path), DocumentSource(txt_path)
     return None
+
+
+def describe_sources(corpus: MuseCorpus) -> list[str]:
+    """One line per document split: the file it was read from (relative to the corpus root), and its twin."""
+    lines = []
+    for key, source in corpus.sources.items():
+        line = f"{key}: read {source.path.relative_to(corpus.root)}"
+        if source.same_text_as is not None:
+            line += f" ({source.same_text_as.relative_to(corpus.root)} holds the same text; JSON keeps documents apart)"
+        lines.append(line)
+    return lines
 
 
 def load_corpus(root: Path | str) -> MuseCorpus:
@@ -188,9 +236,9 @@ def load_corpus(root: Path | str) -> MuseCorpus:
         raise DataError(root, f"no MUSE folders found (expected some of: {', '.join(known_dirs)})")
 
     for split in RAW_SPLITS:
-        path = _find_documents(root / "raw", split)
-        if path is not None:
-            corpus.raw[split] = read_documents(path)
+        loaded = load_documents(root / "raw", split)
+        if loaded is not None:
+            corpus.raw[split], corpus.sources[f"raw/{split}"] = loaded
 
     verbmem_path = root / "verbmem" / "forget.json"
     if verbmem_path.exists():
@@ -218,8 +266,10 @@ def load_corpus(root: Path | str) -> MuseCorpus:
     for name in EXTRA_DIRS:
         folder = root / name
         if folder.is_dir():
-            for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.txt")):
-                corpus.extra[f"{name}/{path.stem}"] = read_documents(path)
+            for stem in sorted({path.stem for path in [*folder.glob("*.json"), *folder.glob("*.txt")]}):
+                loaded = load_documents(folder, stem)
+                if loaded is not None:
+                    corpus.extra[f"{name}/{stem}"], corpus.sources[f"{name}/{stem}"] = loaded
     return corpus
 
 

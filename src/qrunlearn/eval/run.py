@@ -18,7 +18,10 @@ from qrunlearn.eval.muse import (
     privleak_auc,
     write_eval_outputs,
 )
-from qrunlearn.models.loading import ModelSource, load_causal_lm
+from qrunlearn.models.loading import DTypeName
+from qrunlearn.models.source import ModelSource
+from qrunlearn.quant.registry import load_model_folder
+from qrunlearn.quant.spec import QuantSpec
 
 
 def parse_retrain_auc(text: str) -> float:
@@ -35,11 +38,12 @@ def parse_retrain_auc(text: str) -> float:
     return value
 
 
-def quantization_spec(model) -> Any:
-    """The model config's `quantization_config` (bitsandbytes, HQQ, ...) as a plain dict, if any."""
+def quantization_spec(model, saved: QuantSpec | None = None) -> Any:
+    """The model config's `quantization_config` (bitsandbytes, HQQ, ...) as a plain dict, else the label of the
+    spec re-applied on load (RTN/HQQ folders from `qrunlearn quantize`), else None."""
     spec = getattr(model.config, "quantization_config", None)
     if spec is None:
-        return None
+        return saved.label if saved is not None else None
     return spec.to_dict() if hasattr(spec, "to_dict") else spec
 
 
@@ -51,7 +55,7 @@ def _free(model) -> None:
 
 
 def eval_folder(model_path: Path, data_path: Path, out: Path, config: EvalConfig, retrain_path: Path | None = None,
-                retrain_auc: str | None = None, dtype: str = "auto", progress: bool = True) -> EvalResult:
+                retrain_auc: str | None = None, dtype: DTypeName = "auto", progress: bool = True) -> EvalResult:
     """Evaluate a model folder on a corpus folder and write `out` plus its items file."""
     if retrain_path is not None and retrain_auc is not None:
         raise UserError("give either --retrain or --retrain-auc, not both")
@@ -67,18 +71,18 @@ def eval_folder(model_path: Path, data_path: Path, out: Path, config: EvalConfig
         source.check_tokenizer()
 
     if retrain_path is not None and wants_privleak:
-        retrain_model, retrain_tokenizer = load_causal_lm(retrain_path, dtype=dtype)
+        retrain_model, retrain_tokenizer, _ = load_model_folder(retrain_path, dtype=dtype)
         reference = privleak_auc(retrain_model, retrain_tokenizer, corpus, config, progress=progress)
         _free(retrain_model)
 
-    model, tokenizer = load_causal_lm(model_path, dtype=dtype)
+    model, tokenizer, saved_spec = load_model_folder(model_path, dtype=dtype)
     result = evaluate(model, tokenizer, corpus, config, retrain_auc=reference, progress=progress)
     result.settings["retrain_auc_source"] = (
         str(retrain_path) if retrain_path is not None else retrain_auc
     )
     result.settings["dtype"] = str(next(iter(model.get_input_embeddings().parameters())).dtype)
-    write_eval_outputs(result, out, model_path=model_path, quant_spec=quantization_spec(model), data_path=data_path,
-                       retrain=str(retrain_path) if retrain_path is not None else retrain_auc)
+    write_eval_outputs(result, out, model_path=model_path, quant_spec=quantization_spec(model, saved_spec),
+                       data_path=data_path, retrain=str(retrain_path) if retrain_path is not None else retrain_auc)
     return result
 
 

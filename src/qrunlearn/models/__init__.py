@@ -2,8 +2,11 @@
 
 from qrunlearn.lazy import lazy_exports
 
-_LOADING = ["ModelSource", "default_device", "ensure_pad_token", "load_causal_lm", "load_tokenizer", "resolve_dtype"]
-_GGUF = ["GridShare", "import_gguf", "is_gguf", "q4_1_grid_share"]
-__all__ = _LOADING + _GGUF
-__getattr__, __dir__ = lazy_exports(__name__, {**{name: "qrunlearn.models.loading" for name in _LOADING},
-                                               **{name: "qrunlearn.models.gguf" for name in _GGUF}})
+_EXPORTS = {
+    **{name: "qrunlearn.models.loading" for name in ("default_device", "ensure_pad_token", "load_causal_lm",
+                                                     "load_tokenizer", "resolve_dtype")},
+    **{name: "qrunlearn.models.source" for name in ("ModelSource", "is_gguf", "resolve_model_path")},
+    **{name: "qrunlearn.models.gguf" for name in ("GridShare", "import_gguf", "q4_1_grid_share")},
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

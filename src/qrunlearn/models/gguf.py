@@ -31,12 +31,12 @@ from transformers.utils import logging as hf_logging
 
 from qrunlearn.errors import UserError
 from qrunlearn.io import atomic_directory, atomic_write_json
+from qrunlearn.models.source import is_gguf
 from qrunlearn.quant.common import linear_weight, target_linear_names
 
 if TYPE_CHECKING:  # importing modeling_utils costs seconds; `load_causal_lm`'s module imports this one
     from transformers import PreTrainedModel
 
-GGUF_MAGIC = b"GGUF"
 IMPORT_RECORD = "qrunlearn_gguf.json"
 Q4_1_BLOCK = 32  # weights per block, consecutive along the input dimension
 Q4_1_BLOCK_BYTES = 20  # fp16 d, fp16 m, 16 bytes of 4-bit codes
@@ -49,15 +49,6 @@ GRID_TOLERANCE = 1e-4
 ROTARY_PERMUTED_ARCHITECTURES = ("llama",)
 # Below this on-grid share right after loading, the file's blocks are not laid out the way qrunlearn maps them.
 LAYOUT_CHECK_SHARE = 0.999
-
-
-def is_gguf(path: Path | str) -> bool:
-    """True for a file that starts with GGUF's magic bytes (whatever its name says)."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with path.open("rb") as handle:
-        return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
 def open_gguf(path: Path | str) -> GGUFReader:

@@ -5,12 +5,13 @@
 - a pad token is set when the tokenizer has none (eos, else a new `<pad>`), since batched evaluation and
   training pad;
 - a `.gguf` file (recognised by its magic bytes) is dequantized on load into a plain model (`models.gguf`).
+- a folder another qrunlearn command wrote is accepted where a model is expected: `resolve_model_path`
+  (qrunlearn.models.source) finds the model inside it (`unlearn --out OUT` -> OUT/model, a `run` cell folder ->
+  cells/<id>/unlearn/model).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from qrunlearn.errors import UserError
-from qrunlearn.models.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
+from qrunlearn.models.gguf import load_gguf_model, load_gguf_tokenizer
+from qrunlearn.models.source import ModelSource, is_gguf, resolve_model_path, resolve_tokenizer_path
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,65 +44,13 @@ def source_dtype(name_or_path: str | Path) -> torch.dtype:
     if is_gguf(name_or_path):
         return torch.float32
     try:
-        config = AutoConfig.from_pretrained(str(name_or_path))
+        config = AutoConfig.from_pretrained(str(resolve_model_path(name_or_path)))
     except (OSError, ValueError):
         return torch.float32
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(declared, str):
         declared = DTYPES.get(declared)
     return declared if declared in DTYPES.values() else torch.float32
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from; `is_local` says whether it is on disk (a folder, or a GGUF file)."""
-
-    name_or_path: str
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.name_or_path).exists()
-
-    @property
-    def is_gguf(self) -> bool:
-        return is_gguf(self.name_or_path)
-
-    def check(self) -> None:
-        """Fail with one line when a local folder is not a loadable causal LM (a GGUF file is checked on load)."""
-        if not self.is_local:
-            if self.name_or_path.startswith((".", "/", "~")) or self.name_or_path.count("/") > 1:
-                raise UserError(f"{self.name_or_path}: model folder not found")
-            return  # a hub id: let the hub client decide
-        path = Path(self.name_or_path)
-        if self.is_gguf:
-            return
-        if path.is_file() and path.suffix.lower() == ".gguf":
-            raise UserError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
-        if not path.is_dir():
-            raise UserError(f"{path}: not a model folder or a GGUF file")
-        config_path = path / "config.json"
-        if not config_path.exists():
-            raise UserError(f"{config_path}: missing (not a Hugging Face model folder)")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{config_path}: invalid JSON ({err.msg})") from None
-        architectures = config.get("architectures") or []
-        if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-            raise UserError(f"{config_path}: field 'architectures' is {architectures}, not a causal LM")
-        has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
-        if not has_weights:
-            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-                raise UserError(f"{path}: only pickle weights (.bin/.pt) found; qrunlearn loads safetensors only")
-            raise UserError(f"{path}: no *.safetensors weights found")
-
-    def check_tokenizer(self) -> None:
-        if not self.is_local or self.is_gguf:  # a GGUF carries its tokenizer in its metadata
-            return
-        path = Path(self.name_or_path)
-        names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-        if not any((path / name).exists() for name in names):
-            raise UserError(f"{path}: missing tokenizer (none of {', '.join(names)})")
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -113,12 +63,14 @@ def ensure_pad_token(tokenizer) -> None:
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, padding_side: str = "left"):
-    """The tokenizer of a model folder, hub id or GGUF file, with a pad token and `padding_side` set."""
+    """The tokenizer of a hub id, a GGUF file, a model or tokenizer folder, or a folder holding a model
+    (`resolve_model_path`), with a pad token and `padding_side` set."""
     source = ModelSource(str(name_or_path))
     source.check_tokenizer()
     if source.is_gguf:
         tokenizer = load_gguf_tokenizer(name_or_path)
     else:
+        name_or_path = resolve_tokenizer_path(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
@@ -137,10 +89,12 @@ def load_causal_lm(
 ):
     """Return `(model, tokenizer)` (tokenizer None when `with_tokenizer=False`), model in eval mode.
 
-    `name_or_path`: a Hugging Face folder, a hub id, or a `.gguf` file (dequantized to `dtype` on each load;
-    `qrunlearn models import` converts it once instead)."""
+    `name_or_path`: a Hugging Face folder, a hub id, a folder another qrunlearn command wrote (see
+    `resolve_model_path`), or a `.gguf` file (dequantized to `dtype` on each load; `qrunlearn models import`
+    converts it once instead)."""
     source = ModelSource(str(name_or_path))
     source.check()
+    name_or_path = resolve_model_path(name_or_path)
     hf_logging.disable_progress_bar()  # a bar per load floods a grid's output; qrunlearn shows its own progress
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)

@@ -21,8 +21,8 @@ from torch import nn
 
 from qrunlearn.errors import MissingDependencyError, UserError
 from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata
-from qrunlearn.models.gguf import is_gguf
-from qrunlearn.models.loading import default_device, load_causal_lm, load_tokenizer
+from qrunlearn.models.loading import DTypeName, default_device, load_causal_lm, load_tokenizer
+from qrunlearn.models.source import is_gguf, resolve_model_path
 from qrunlearn.quant.common import (
     FULL_PRECISION_NOTE,
     QuantizedWeight,
@@ -140,7 +140,7 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
     full-precision weights plus `qrunlearn_quant.json` naming the spec that `load_quantized` re-applies.
     Returns a one-line description of what was written."""
     spec = parse_spec(spec)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir, out_dir = resolve_model_path(model_dir), Path(out_dir)
     device = torch.device(device) if device is not None else default_device()
     require_backend(spec)
     if is_gguf(model_dir) and not spec.is_noop and _backend(spec).module == "bnb":
@@ -184,8 +184,8 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
     """(model, tokenizer) quantized with `spec` on `device` (default: CUDA if present, else CPU).
     A folder written by `qrunlearn quantize` is understood: a bnb folder loads as saved; an fp folder with a spec
     file gets that spec re-applied (`spec` may be None; when given, it must match). Any other HF folder: fp weights
-    quantized with `spec`."""
-    model_dir = Path(model_dir)
+    quantized with `spec`. A folder holding a model (`resolve_model_path`) stands for that model."""
+    model_dir = resolve_model_path(model_dir)
     device = torch.device(device) if device is not None else default_device()
     saved = _saved_spec(model_dir)
     wanted = parse_spec(spec) if spec is not None else saved
@@ -208,6 +208,19 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
     require_backend(wanted)
     model, tokenizer = load_causal_lm(model_dir, device=device)
     return quantize_model(model, wanted), tokenizer
+
+
+def load_model_folder(model_dir: Path | str, dtype: DTypeName = "auto", device: str | torch.device | None = None):
+    """(model, tokenizer, spec) for a model folder as it was written: a folder `qrunlearn quantize` wrote loads
+    quantized (`load_quantized`; spec is the one it names), any other in full precision with `dtype` (spec None).
+    Without this an RTN or HQQ folder, which holds full-precision weights plus the spec, would be evaluated in
+    full precision."""
+    saved = _saved_spec(resolve_model_path(model_dir))
+    if saved is None:
+        model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=device)
+        return model, tokenizer, None
+    model, tokenizer = load_quantized(model_dir, saved, device)
+    return model, tokenizer, saved
 
 
 def _saved_spec(model_dir: Path) -> QuantSpec | None:
