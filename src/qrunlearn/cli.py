@@ -22,7 +22,7 @@ from qrunlearn.config import load_config
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
-from qrunlearn.models.config import BaseTargetConfig, FinetuneRecipe
+from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.source import ModelSource
 from qrunlearn.unlearn.config import UnlearnConfig
 
@@ -198,7 +198,8 @@ def models_grid(
 
 # ---- target / retrain models ----------------------------------------------------------------------------------
 @app.command("target")
-@settings_options(FinetuneRecipe, tuple(FinetuneRecipe.model_fields), default_note="with --base")
+@settings_options(BaseTargetConfig, tuple(n for n in BaseTargetConfig.model_fields if n not in ("base", "seed")),
+                  default_note="with --base")
 def target(
     data: Annotated[Path, typer.Option(exists=True, file_okay=False,
                                        help="Corpus folder (MUSE layout) with raw/forget and raw/retain1.")],

@@ -130,8 +130,9 @@ class Experiment:
         if models.target is not None:
             return models.target, models.retrain
         if models.base is not None:
-            recipe: TargetConfig | BaseTargetConfig = BaseTargetConfig(base=models.base, seed=self.config.seed,
-                                                                       **models.finetune.model_dump())
+            recipe: TargetConfig | BaseTargetConfig = BaseTargetConfig(
+                base=models.base, seed=self.config.seed, knowmem_prompt=self.config.eval.knowmem_prompt,
+                **models.finetune.model_dump())
         elif self.config.data.is_synth:
             recipe = TargetConfig(size=models.size, seed=self.config.seed, epochs=models.epochs)
         else:

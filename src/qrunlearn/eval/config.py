@@ -8,6 +8,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MetricName = Literal["verbmem_f", "knowmem_f", "knowmem_r", "privleak"]
+# "muse": MUSE's prompt, ending in "Answer: ". "answer-space": the same text with that last space moved from the
+# prompt to the answer. A BPE tokenizer (GPT-2 style: SmolLM2, Llama-3) makes the prompt's trailing space a lone token
+# that in training text never comes before an answer (there the space is part of the answer's first token), so a
+# small fine-tuned model that knows the answer still fails to produce it (measured on SmolLM2-135M: KnowMem exact
+# match 0.15 with "muse", 0.45 with "answer-space", same model). ROUGE ignores the space, so scores stay comparable.
+KnowMemPrompt = Literal["muse", "answer-space"]
 METRIC_NAMES: tuple[MetricName, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
 # MUSE's published retrain AUCs (Min-40% Prob, privleak/forget vs privleak/holdout)
 RETRAIN_AUC_PRESETS: dict[str, float] = {"news": 0.4772, "books": 0.5393}
@@ -29,6 +35,9 @@ class EvalConfig(BaseModel):
     seed: int = Field(0, description="bootstrap seed")
     mia: bool = Field(True, description="also the LOSS / zlib / Min-K / Min-K++ AUCs (same forward passes)")
     max_context: int | None = Field(None, ge=2, description="override the model config's max_position_embeddings")
+    knowmem_prompt: KnowMemPrompt = Field("muse", description="'muse' = MUSE's prompt exactly; 'answer-space' = the "
+                                                              "prompt's final space moved to the answer (for BPE "
+                                                              "tokenizers that split it off; see eval.config)")
     answer_nll: bool = Field(True, description="with knowmem_f: also the mean NLL of each forget answer given its "
                                                "few-shot prompt (knowmem_f_answer_nll)")
     share_prefix: bool = Field(True, description="compute a prompt prefix common to all items (the few-shot "

@@ -25,7 +25,7 @@ import numpy as np
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import DataError, UserError
 from qrunlearn.eval.bootstrap import auc_samples, mean_interval, percentile_interval
-from qrunlearn.eval.config import METRIC_NAMES, EvalConfig
+from qrunlearn.eval.config import METRIC_NAMES, EvalConfig, KnowMemPrompt
 from qrunlearn.eval.generation import (
     context_length,
     encode,
@@ -165,10 +165,11 @@ def run_verbmem(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, setup:
     return f1s, recalls, logs, encoded.n_truncated
 
 
-def knowmem_prompt(icl: list, question: str) -> str:
-    """MUSE's few-shot format."""
+def knowmem_prompt(icl: list, question: str, style: KnowMemPrompt = "muse") -> str:
+    """MUSE's few-shot format; with "answer-space" the final space is left for the answer (`EvalConfig`)."""
     shots = "".join(f"Question: {pair.question}\nAnswer: {pair.answer}\n\n" for pair in icl)
-    return shots + f"Question: {question}\nAnswer: "
+    prompt = shots + f"Question: {question}\nAnswer: "
+    return prompt if style == "muse" else prompt[:-1]
 
 
 def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalConfig, setup: _Setup,
@@ -176,7 +177,7 @@ def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalCo
     metric = f"knowmem_{split[0]}"
     qa = _head(corpus.require_knowmem(f"{split}_qa"), config.limit)
     icl = corpus.require_knowmem(f"{split}_qa_icl")
-    prompts = [knowmem_prompt(icl, pair.question) for pair in qa]
+    prompts = [knowmem_prompt(icl, pair.question, config.knowmem_prompt) for pair in qa]
 
     def settled(tokens: list[int]) -> bool:
         # once a stop string has appeared, later tokens cannot change the cut text
@@ -195,7 +196,9 @@ def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalCo
                      "recall": score.recall * 100, "prompt_tokens": len(encoded.ids[index]),
                      "truncated": encoded.truncated[index]})
     if split == "forget" and config.answer_nll:
-        answers = [list(ids) for ids in tokenizer([pair.answer for pair in qa], add_special_tokens=False)["input_ids"]]
+        lead = "" if config.knowmem_prompt == "muse" else " "  # the answer carries the prompt's moved space
+        texts = [lead + pair.answer for pair in qa]
+        answers = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         nlls = answer_nll(model, encoded.ids, answers, setup.pad, config.batch_size)
         for log, value in zip(logs, nlls):
             log["answer_nll"] = float(value)

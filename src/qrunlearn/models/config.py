@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qrunlearn.eval.config import KnowMemPrompt
+
 
 class FinetuneRecipe(BaseModel):
     """How a pretrained base is fine-tuned into the target (defaults sized for SmolLM2-135M on the built-in
@@ -28,3 +30,5 @@ class BaseTargetConfig(FinetuneRecipe):
 
     base: str = Field(description="the pretrained model: a HF folder, a hub id or a .gguf file")
     seed: int = 0
+    knowmem_prompt: KnowMemPrompt = Field("muse", description="KnowMem prompt of the per-epoch check (an experiment "
+                                                              "passes its eval.knowmem_prompt)")

@@ -193,7 +193,8 @@ def _knowledge_check(corpus: MuseCorpus, tokenizer, config: BaseTargetConfig, lo
     if not metrics:
         raise UserError(f"{corpus.root / 'knowmem'}: the fine-tune stops on KnowMem-forget exact match, but the corpus "
                         "has no knowmem/forget_qa.json")
-    quick = EvalConfig(metrics=metrics, batch_size=config.eval_batch_size, bootstrap=1, mia=False)
+    quick = EvalConfig(metrics=metrics, batch_size=config.eval_batch_size, bootstrap=1, mia=False, answer_nll=False,
+                       knowmem_prompt=config.knowmem_prompt)
 
     def check(model, epoch: int, train: TrainResult) -> bool:
         started = time.perf_counter()
