@@ -121,7 +121,8 @@ def inference(text: str, model, tokenizer) -> dict[str, float]:
 
 
 def baseline_privleak(model, tokenizer, forget, retain, holdout) -> dict[str, float]:
-    from sklearn.metrics import auc as get_auc, roc_curve
+    from sklearn.metrics import auc as get_auc
+    from sklearn.metrics import roc_curve
 
     # MUSE scores all three splits (and reports the AUC of every pair); PrivLeak reads forget vs holdout
     logs = {name: [inference(t, model, tokenizer) for t in texts] for name, texts in

@@ -84,15 +84,15 @@ def bench_model(label: str, model, methods: list[str], with_survival: bool, batc
     print("|---|---|---|---|---|" + ("---|" if with_survival else ""))
     for spec in methods:
         copy_ = copy.deepcopy(model)
-        _, t_q = timed(lambda: quantize_model(copy_, spec))
+        _, t_q = timed(lambda m=copy_, s=spec: quantize_model(m, s))
         t_f = forward_ms(copy_, ids)
-        base_codes, t_c = timed(lambda: quantized_codes(model, spec))
+        base_codes, t_c = timed(lambda s=spec: quantized_codes(model, s))
         new_codes = quantized_codes(noisy, spec)
         row = (f"| {parse_spec(spec).label} | {t_q:.2f} | {t_f:.0f} ({t_f / t_fp:.2f}x) | {t_c:.2f} | "
                f"{flip_rate(base_codes, new_codes) * 100:.3f}% |")
         if with_survival:
             unlearned = perturbed(model, 1e-3, seed=2)
-            _, t_s = timed(lambda: survival_report(model, unlearned, spec))
+            _, t_s = timed(lambda u=unlearned, s=spec: survival_report(model, u, s))
             row += f" {t_s:.2f} |"
         print(row, flush=True)
         del copy_

@@ -26,8 +26,6 @@ from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import MARKER, TargetConfig, build_target_and_retrain
 
 
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "medium"])
@@ -56,7 +54,8 @@ def main() -> None:
         result = evaluate(model, tokenizer, corpus, config, progress=False)
         m = result.metrics
         row = {
-            "params": marker["n_params"], "train_seconds": train["seconds"], "tokens_per_second": train["tokens_per_second"],
+            "params": marker["n_params"], "train_seconds": train["seconds"],
+            "tokens_per_second": train["tokens_per_second"],
             "final_loss": train["epoch_losses"][-1], "epochs": len(train["epoch_losses"]),
             "em_forget": exact_match(result.items, "knowmem_f"), "em_retain": exact_match(result.items, "knowmem_r"),
             "knowmem_f": m["knowmem_f"], "knowmem_r": m["knowmem_r"], "privleak_auc": m["privleak_auc"],

@@ -18,7 +18,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -99,7 +98,7 @@ def main() -> None:
         _rss_child(*args.rss_child)
         return
 
-    from qrunlearn.data.muse import write_corpus, load_corpus
+    from qrunlearn.data.muse import load_corpus, write_corpus
     from qrunlearn.data.synth import SynthConfig, generate_corpus
     from qrunlearn.models.tiny import PRESETS, ModelPreset
     from qrunlearn.unlearn import UnlearnConfig
@@ -133,7 +132,8 @@ def main() -> None:
     delta = {a: rss[a]["peak_mb"] - rss[a]["rss_before_mb"] for a in rss}
 
     print(f"model 'small' (~4.3M params), GA+GDR, 2 epochs, best of {args.repeats}:")
-    print(f"  full FT {best['full']:.0f} tok/s, LoRA {best['lora']:.0f} tok/s, LoRA/full {best['lora'] / best['full']:.2f}x")
+    print(f"  full FT {best['full']:.0f} tok/s, LoRA {best['lora']:.0f} tok/s, "
+          f"LoRA/full {best['lora'] / best['full']:.2f}x")
     print(f"  GA step: ours {best['ours_ga']:.0f} tok/s, HF Trainer {best['trainer_ga']:.0f} tok/s, "
           f"ours/Trainer {best['ours_ga'] / best['trainer_ga']:.2f}x (goal >= 1.0x)")
     print(f"model h{args.rss_hidden} L8 ({n_big / 1e6:.1f}M params), NPO+KLR, peak RSS:")

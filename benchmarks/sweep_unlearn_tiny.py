@@ -39,7 +39,7 @@ def main() -> None:
         config = base.model_copy(update={"epochs": args.epochs, **spec})
         rows = []
 
-        def hook(epoch, model, tokenizer):
+        def hook(epoch, model, tokenizer, rows=rows):
             m = evaluate(model, tokenizer, corpus, quick, progress=False).metrics
             rows.append(f"e{epoch}: {m['knowmem_f']:.1f}/{m['knowmem_r']:.1f}")
             return {"knowmem_f": m["knowmem_f"]}

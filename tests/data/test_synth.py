@@ -22,7 +22,8 @@ def test_same_seed_byte_identical(tmp_path):
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", [str(f) for f in files], shallow=False)
     assert not mismatch and not errors and len(match) == 12
     assert main(["data", "synth", "--out", str(tmp_path / "c"), "--seed", "4", "--size", "tiny"]) == 0
-    assert (tmp_path / "a" / "raw" / "forget.json").read_bytes() != (tmp_path / "c" / "raw" / "forget.json").read_bytes()
+    first, other = (tmp_path / name / "raw" / "forget.json" for name in ("a", "c"))
+    assert first.read_bytes() != other.read_bytes()
 
 
 def test_full_muse_layout_and_counts(tmp_path):

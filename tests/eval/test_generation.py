@@ -92,8 +92,8 @@ def test_left_truncation_keeps_bos_and_the_end(tiny):
 
 
 def test_shared_prefix_gives_the_same_tokens(tiny, tiny_corpus):
-    from qrunlearn.eval.muse import knowmem_prompt
     from qrunlearn.eval.generation import MIN_SHARED_PREFIX, common_prefix_length
+    from qrunlearn.eval.muse import knowmem_prompt
 
     model, tokenizer = tiny
     icl = tiny_corpus.knowmem["forget_qa_icl"]
@@ -104,6 +104,7 @@ def test_shared_prefix_gives_the_same_tokens(tiny, tiny_corpus):
     shared = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, share_prefix=True)
     plain = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, share_prefix=False)
     assert shared == plain
-    reference = model.generate(torch.tensor([prompts[0]]), attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
+    reference = model.generate(torch.tensor([prompts[0]]),
+                               attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
                                max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert reference[0, len(prompts[0]):].tolist() == shared[0]

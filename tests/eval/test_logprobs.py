@@ -38,8 +38,8 @@ def test_min_k_loss_and_zlib_hand_built():
 
 def test_min_k_pp_standardises_by_the_model_distribution():
     stats = _stats([[-1.0, -2.0, -3.0, -4.0, -5.0]])
-    stats = TokenStats(stats.logprob, mu=torch.full_like(stats.logprob, -1.0), sigma=torch.full_like(stats.logprob, 2.0),
-                       mask=stats.mask)
+    stats = TokenStats(stats.logprob, mu=torch.full_like(stats.logprob, -1.0),
+                       sigma=torch.full_like(stats.logprob, 2.0), mask=stats.mask)
     scores = mia_scores(stats, torch.tensor([1.0]))
     # z = (lp + 1) / 2 = [0, -0.5, -1, -1.5, -2]; int(0.4 * 5) = 2 lowest: -2, -1.5
     assert scores["min_k_pp"][0].item() == pytest.approx(1.75)
@@ -87,7 +87,8 @@ def test_answer_nll_equals_teacher_forced_cross_entropy(tiny_model_dir):
     from qrunlearn.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
-    prompts = [tokenizer(text)["input_ids"] for text in ("Question: Where?\nAnswer: ", "Question: Who is it?\nAnswer: ")]
+    texts = ("Question: Where?\nAnswer: ", "Question: Who is it?\nAnswer: ")
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
     answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Drudrendstead", "a historian")]
     batched = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=2)
     for prompt, answer, value in zip(prompts, answers, batched):

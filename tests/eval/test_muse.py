@@ -6,7 +6,6 @@ import json
 import logging
 
 import pytest
-
 from pydantic import ValidationError
 
 from qrunlearn.errors import DataError, UserError, validation_message

@@ -13,8 +13,6 @@ from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 
 
-
-
 @pytest.mark.slow
 def test_default_target_knows_forget_facts_and_retrain_does_not(tmp_path):
     write_corpus(generate_corpus(SynthConfig(seed=0, size="small")), tmp_path / "data")

@@ -55,10 +55,10 @@ def test_numbers_match_a_hand_computation(tiny_model):
     assert layer.codes_changed_frac == float((qa.codes != qb.codes).double().mean())
     assert math.isclose(layer.mean_abs_dw_in_steps, float((dw.abs() / qa.step.double().flatten()).mean()),
                         rel_tol=1e-9)
-    total = sum(l.numel for l in report.layers)
+    total = sum(layer.numel for layer in report.layers)
     assert report.overall.numel == total
     assert math.isclose(report.overall.codes_changed_frac,
-                        sum(l.codes_changed_frac * l.numel for l in report.layers) / total, rel_tol=1e-9)
+                        sum(layer.codes_changed_frac * layer.numel for layer in report.layers) / total, rel_tol=1e-9)
     assert report.verdict.startswith(f"nf4 keeps {report.overall.projection * 100:.0f}% of the update's projection")
     assert f"of {len(report.layers)} layers keep < 50%" in report.verdict
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from qrunlearn.cli import main

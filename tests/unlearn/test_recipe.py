@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.unlearn import UnlearnConfig, recipe, unlearn
 from qrunlearn.models.train import collate
+from qrunlearn.unlearn import UnlearnConfig, recipe, unlearn
 from qrunlearn.unlearn.data import load_unlearn_data
 from qrunlearn.unlearn.objectives import nll_loss
 
