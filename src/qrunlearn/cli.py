@@ -78,7 +78,9 @@ def settings_options(record: type[BaseModel], names: tuple[str, ...],
             field = record.model_fields[name]
             note = default_note or f"default: {field.default}"
             help_text = f"{(field.description or name).capitalize()} [{note}]"
-            annotation = Annotated[Optional[field.annotation], typer.Option(help=help_text, show_default=False)]
+            # a type built at run time from the pydantic field, which a static checker cannot follow
+            annotation = Annotated[Optional[field.annotation], typer.Option(help=help_text,  # type: ignore[name-defined]
+                                                                            show_default=False)]
             generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                                annotation=annotation))
         params = fixed + generated

@@ -4,7 +4,7 @@ silently falls back to a default."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -62,7 +62,7 @@ class ModelsConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
-def _optional(name: str) -> tuple[object, object]:
+def _optional(name: str) -> tuple[Any, Any]:
     """An UnlearnConfig field as an optional override: same type and constraints, default None."""
     field = UnlearnConfig.model_fields[name]
     annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation

@@ -87,9 +87,11 @@ def collect_rows(references: ReferenceCellResult, cells: list[UnlearnCellResult]
         for precision in precisions:
             survival = cell.survival.get(precision)
             metrics = cell.evals[precision].metrics
-            quantized = not is_full_precision(precision) and target is not None and fp is not None
+            shares = None
+            if not is_full_precision(precision) and target is not None and fp is not None:
+                shares = reversion(target, fp, metrics)
             rows.append(Row(cell=cell.cell, method=cell.method, strategy=cell.strategy, precision=precision,
-                            metrics=metrics, reversion=reversion(target, fp, metrics) if quantized else None,
+                            metrics=metrics, reversion=shares,
                             survival=survival.overall if survival is not None else None))
     return rows
 

@@ -8,7 +8,11 @@ model that never saw either sits near 0.5.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
+
+FloatOrArray = TypeVar("FloatOrArray", float, np.ndarray)
 from sklearn.metrics import auc, roc_curve
 
 
@@ -30,6 +34,6 @@ def pair_wins(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return (diff > 0).astype(np.float64) + 0.5 * (diff == 0)
 
 
-def privleak(auc: float, retrain_auc: float) -> float:
+def privleak(auc: FloatOrArray, retrain_auc: float) -> FloatOrArray:
     """MUSE's PrivLeak: (AUC - AUC_retrain) / AUC_retrain x 100."""
     return (auc - retrain_auc) / retrain_auc * 100.0

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +50,7 @@ def source_dtype(name_or_path: str | Path) -> torch.dtype:
     declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(declared, str):
         declared = DTYPES.get(declared)
-    return declared if declared in DTYPES.values() else torch.float32
+    return declared if isinstance(declared, torch.dtype) and declared in DTYPES.values() else torch.float32
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -98,6 +98,7 @@ def load_causal_lm(
     hf_logging.disable_progress_bar()  # a bar per load floods a grid's output; qrunlearn shows its own progress
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    model: Any  # a transformers model: its attributes are dynamic, so typed loosely
     if source.is_gguf:
         model = load_gguf_model(name_or_path, torch_dtype)
     else:

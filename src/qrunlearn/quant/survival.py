@@ -113,7 +113,7 @@ def _verdict(spec: QuantSpec, layers: list[LayerSurvival], overall: SurvivalOver
     if overall.projection is None:
         return f"{spec.label}: the two models have identical weights in every quantized layer (no update)"
     changed_layers = [layer for layer in layers if layer.projection is not None]
-    low = sum(1 for layer in changed_layers if layer.projection < LOW_PROJECTION)
+    low = sum(1 for layer in changed_layers if layer.projection is not None and layer.projection < LOW_PROJECTION)
     return (f"{spec.label} keeps {overall.projection * 100:.0f}% of the update's projection, cosine "
             f"{overall.cosine:.2f}; {low} of {len(changed_layers)} layers keep < {LOW_PROJECTION:.0%} "
             f"({overall.codes_changed_frac * 100:.2f}% of codes changed, mean |dW| = "

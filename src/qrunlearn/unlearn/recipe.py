@@ -389,6 +389,7 @@ class UnlearnRecipe:
         else:
             nll, count = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)
             if config.method == "npo":
+                assert self.ref_nll is not None, "NPO's reference NLLs are computed in setup()"
                 ref = self.ref_nll[micro.forget]
                 forget = objectives.npo_from_sequences(nll, ref, config.beta, counts["forget_sequences"])
                 log_ratio = float((ref.to(nll) - nll.detach()).sum())
@@ -396,9 +397,9 @@ class UnlearnRecipe:
                 forget = objectives.simnpo_from_sequences(nll, count, config.beta, config.delta,
                                                           counts["forget_sequences"])
         retain = None
-        if stats.retain_nll is not None:
+        if stats.retain_nll is not None and stats.retain_mask is not None:
             retain = objectives.nll_from_tokens(stats.retain_nll, stats.retain_mask, counts["retain_tokens"])
-        elif stats.retain_kl is not None:
+        elif stats.retain_kl is not None and stats.retain_mask is not None:
             retain = objectives.kl_from_tokens(stats.retain_kl, stats.retain_mask, counts["retain_tokens"])
         total = objectives.combine(forget, retain, config.gamma, config.alpha)
         hinge = None
