@@ -3,8 +3,8 @@
 The model is built from its config on the meta device (no weights are read, so a 7B hub config works offline
 once its config.json is local) to count parameters exactly; the rest is arithmetic:
 
-- weights: every parameter in the weights dtype (fp32 under mixed precision, bf16 under pure bf16), plus, under
-  bf16 autocast, the bf16 copies of the weights autocast keeps for the backward pass;
+- weights: full fine-tuning's parameters in fp32 under mixed precision (plus the bf16 copies autocast keeps for the
+  backward pass), in bf16 under pure bf16; LoRA's frozen base in the compute dtype and its adapters in fp32;
 - gradients and AdamW's two moments: the trainable parameters (all for full fine-tuning, the adapters for LoRA);
 - reference: full fine-tuning with KLR keeps a frozen copy in the compute dtype (LoRA disables its adapters
   instead; NPO keeps one number per forget chunk);
@@ -112,20 +112,23 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     model_config = model.config
     compute = resolve_dtype(config.dtype, device)
     mixed = compute == torch.bfloat16 and config.precision == "mixed"
-    weight_bytes = 4 if (compute == torch.float32 or mixed) else 2
     element = torch.finfo(compute).bits // 8
     params = sum(p.numel() for p in model.parameters())
+    shard = processes if config.sharding == "fsdp" else 1
     if config.adapter == "lora":
+        # a frozen base in the compute dtype; peft keeps the adapters (and so their gradients and moments) in fp32
         trainable, lora_widths = _lora_parameters(model, config)
+        trainable_bytes = 4
+        weights = (params * element + trainable * trainable_bytes) // shard
     else:
         trainable, lora_widths = params, 0
-    shard = processes if config.sharding == "fsdp" else 1
-    weights = (params + trainable if config.adapter == "lora" else params) * weight_bytes // shard
-    if mixed:
-        weights += params * 2  # autocast's bf16 weight copies, kept until the backward pass has used them
-    gradients = trainable * weight_bytes // shard
-    optimizer = 2 * trainable * weight_bytes // shard
-    reference = params * element // shard if (config.reg == "klr" and config.adapter == "full") else 0
+        trainable_bytes = 4 if (compute == torch.float32 or mixed) else 2
+        weights = params * trainable_bytes // shard
+        if mixed:
+            weights += params * 2  # autocast's bf16 weight copies, kept until the backward pass has used them
+    gradients = trainable * trainable_bytes // shard
+    optimizer = 2 * trainable * trainable_bytes // shard
+    reference = params * element // shard if config.uses_frozen_reference else 0
     if config.reference_device == "cpu":
         reference = 0  # on the host, not on the training device
 

@@ -44,9 +44,10 @@ def compute_dtype(config: UnlearnConfig, device: torch.device) -> torch.dtype:
 
 
 def weights_dtype(config: UnlearnConfig, device: torch.device) -> torch.dtype:
-    """The dtype the trained weights are stored in: bf16 only for "pure" bf16; mixed precision keeps fp32."""
+    """The dtype the model is loaded in: the compute dtype under "pure" bf16, and for LoRA's frozen base (peft keeps
+    its adapters in fp32 under mixed precision); fp32 master weights for full fine-tuning under mixed precision."""
     dtype = compute_dtype(config, device)
-    return dtype if config.precision == "pure" else torch.float32
+    return dtype if (config.precision == "pure" or config.adapter == "lora") else torch.float32
 
 
 def check_bf16_supported(device: torch.device) -> None:
