@@ -305,13 +305,13 @@ def unlearn_command(
                                     if t.strip()]
     base = UnlearnConfig.defaults(defaults, method, reg, adapter).model_dump()
     config = build_settings(UnlearnConfig, base, settings)
-    check_models(model=model)
     corpus = muse.load_corpus(data)
-    if estimate:
+    if estimate:  # a folder with only a config.json is enough (e.g. configs/llama-2-7b): no weights are read
         world = processes or int(os.environ.get("WORLD_SIZE", "1"))
         length = memory.longest_chunk(model, corpus, config)
         typer.echo(memory.estimate_memory(model, config, world, length, loading.default_device().type).describe())
         return
+    check_models(model=model)
     if out is None:
         raise UserError("--out: missing (the folder to write the unlearned model to)")
     result = recipe.unlearn(model, corpus, config, out, progress=progress, resume=resume)
@@ -390,6 +390,10 @@ def run(
     prepare: Annotated[bool, typer.Option(help="Only build data and target/retrain models (before a --cell "
                                                "array).")] = False,
     list_cells: Annotated[bool, typer.Option("--list-cells", help="Print the cells of the grid and exit.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print each unlearning cell's predicted memory per "
+                                                              "process and exit (needs models.target or "
+                                                              "models.base; only its config.json is read).")] = False,
+    processes: Annotated[int, typer.Option(min=1, help="With --estimate: processes to plan for.")] = 1,
     progress: Annotated[bool, typer.Option(help="Show the live progress display.")] = True,
 ) -> None:
     """Run the paper's grid: unlearn each (method, adapter), evaluate target, retrain and every cell at every
@@ -398,6 +402,16 @@ def run(
     if list_cells:
         for item in experiment.plan_cells(experiment_config):
             typer.echo(f"{item.index}\t{item.id}")
+        return
+    if estimate:
+        model = experiment_config.models.target or experiment_config.models.base
+        if model is None:
+            raise UserError("--estimate: the config names no model (models.target or models.base); the built-in "
+                            "tiny Llama needs well under 1 GiB")
+        for item in experiment.plan_cells(experiment_config)[1:]:
+            cell_config = experiment_config.unlearn_config(item.method, item.strategy)
+            typer.echo(f"{item.id}: " + memory.estimate_memory(model, cell_config, processes, None,
+                                                                loading.default_device().type).describe())
         return
     folder = experiment.run_experiment(experiment_config, out, resume=resume, force=force, cell_index=cell,
                             prepare_only=prepare, progress=progress)

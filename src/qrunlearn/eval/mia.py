@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TypeVar
 
 import numpy as np
+from sklearn.metrics import auc, roc_curve
 
 FloatOrArray = TypeVar("FloatOrArray", float, np.ndarray)
-from sklearn.metrics import auc, roc_curve
 
 
 def muse_auc(first: np.ndarray, second: np.ndarray) -> float:
