@@ -69,10 +69,11 @@ def _optional(name: str) -> tuple[Any, Any]:
     return Optional[annotation], Field(None, description=field.description)
 
 
+# typed Any: a **-spread mapping is checked against every keyword of create_model, not only the field definitions
+_OVERRIDE_FIELDS: dict[str, Any] = {name: _optional(name) for name in TUNABLE}
 UnlearnOverrides = create_model(
     "UnlearnOverrides", __base__=_Strict, __doc__="Per-cell settings layered over the chosen defaults; None keeps "
-    "the default. Generated from `UnlearnConfig` (the fields in `unlearn.config.TUNABLE`).",
-    **{name: _optional(name) for name in TUNABLE})
+    "the default. Generated from `UnlearnConfig` (the fields in `unlearn.config.TUNABLE`).", **_OVERRIDE_FIELDS)
 
 
 class ExperimentConfig(_Strict):

@@ -29,6 +29,8 @@ from qrunlearn.models.gguf import (
     read_import_record,
 )
 from qrunlearn.models.loading import ModelSource, load_causal_lm
+from qrunlearn.quant import rtn
+from qrunlearn.quant.spec import parse_spec
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = 64, 2, 4, 2, 128
 HEAD_DIM = HIDDEN // HEADS
@@ -234,6 +236,13 @@ def test_grid_share_is_one_after_import_and_counts_moved_weights(tiny_gguf, impo
     moved = q4_1_grid_share(model, tiny_gguf[0])
     layer = next(item for item in moved.layers if item.name == grid.module)
     assert layer.numel - layer.on_grid == 100 and moved.numel - moved.on_grid == 100
+
+
+def test_grid_share_of_a_quantized_model_is_a_one_line_error(tiny_gguf, imported):
+    model, _ = load_causal_lm(imported, device="cpu", with_tokenizer=False)
+    quantized = rtn.quantize_model(model, parse_spec("rtn:w4"))  # RTNLinear keeps a dequantized `weight` buffer
+    with pytest.raises(UserError, match=r"layers\.0\.self_attn\.q_proj: a RTNLinear, not a full-precision linear"):
+        q4_1_grid_share(quantized, tiny_gguf[0])
 
 
 def test_jitter_moves_weights_inside_their_bins_off_the_grid(tiny_gguf, imported, tmp_path):

@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from qrunlearn.errors import UserError
 from qrunlearn.io import atomic_directory, atomic_write_json
 from qrunlearn.models.source import is_gguf
-from qrunlearn.quant.common import linear_weight, target_linear_names
+from qrunlearn.quant.common import is_plain_linear, linear_weight, target_linear_names
 
 if TYPE_CHECKING:  # importing modeling_utils costs seconds; `load_causal_lm`'s module imports this one
     from transformers import PreTrainedModel
@@ -164,6 +164,16 @@ def _gguf_to_module_names(reader: GGUFReader, model: torch.nn.Module) -> dict[st
     return mapping
 
 
+def _block_weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The [out, in] weight of block linear `name`. The grids are read against full-precision weights, so a
+    quantized layer (whose `weight` holds packed codes or a dequantized copy) is a one-line error."""
+    module = model.get_submodule(name)
+    if not is_plain_linear(module):
+        raise UserError(f"{name}: a {type(module).__name__}, not a full-precision linear layer; the Q4_1 grid "
+                        "is compared with the unquantized model")
+    return linear_weight(module)
+
+
 def _hf_row_order(values: np.ndarray, gguf_name: str, reader: GGUFReader) -> np.ndarray:
     architecture = gguf_architecture(reader)
     if architecture not in ROTARY_PERMUTED_ARCHITECTURES:
@@ -187,7 +197,7 @@ def q4_1_block_grids(reader: GGUFReader, model: torch.nn.Module) -> list[BlockGr
             continue
         module = module_names[base_name]
         scale, minimum = (_hf_row_order(values, base_name, reader) for values in _block_parameters(tensor))
-        weight = linear_weight(model.get_submodule(module))
+        weight = _block_weight(model, module)
         if tuple(weight.shape) != (scale.shape[0], scale.shape[1] * Q4_1_BLOCK):
             raise UserError(f"{module}: weight {tuple(weight.shape)} does not match the GGUF's {tensor.name} "
                             f"({scale.shape[0]} x {scale.shape[1] * Q4_1_BLOCK}); not the model this file holds")
@@ -247,7 +257,7 @@ def grid_share(model: torch.nn.Module, grids: list[BlockGrid], gguf: Path | str,
     """Count `model`'s weights on the given grids (see `q4_1_grid_share`)."""
     layers = []
     for grid in grids:
-        weight = linear_weight(model.get_submodule(grid.module))
+        weight = _block_weight(model, grid.module)
         layers.append(LayerGridShare(name=grid.module, numel=weight.numel(),
                                      on_grid=_on_grid_count(weight, grid, tolerance)))
     return GridShare(gguf=str(gguf), tolerance=tolerance, numel=sum(layer.numel for layer in layers),
@@ -272,7 +282,7 @@ def jitter_off_grid(model: torch.nn.Module, grids: list[BlockGrid], jitter: floa
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for grid in grids:
-            weight = linear_weight(model.get_submodule(grid.module))
+            weight = _block_weight(model, grid.module)
             unit = torch.rand(weight.shape, generator=generator, dtype=torch.float64).mul_(2).sub_(1)
             noise = grid.blocked(unit).mul_(grid.scale[..., None] * (jitter / 2))
             weight.add_(noise.reshape(weight.shape).to(weight.device, weight.dtype))

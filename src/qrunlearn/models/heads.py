@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from qrunlearn.typing import HFModel
+
 
 class _Passthrough(nn.Module):
     """Stands in for the output head: returns the hidden states it is given. Holds the head so that its parameters
@@ -27,9 +29,10 @@ class _Passthrough(nn.Module):
 
 
 @contextlib.contextmanager
-def hidden_states_forward(transformer: nn.Module) -> Iterator[nn.Module]:
+def hidden_states_forward(transformer: HFModel) -> Iterator[nn.Linear]:
     """Inside the block, `model(...).logits` holds the final hidden states [B, T, H] instead of logits; yields the
-    output head to apply chunk by chunk. `transformer` is the Hugging Face model (peft's base model for LoRA)."""
+    output head (a causal LM's lm_head, an nn.Linear) to apply chunk by chunk. `transformer` is the Hugging Face
+    model (peft's base model for LoRA)."""
     head = transformer.get_output_embeddings()
     transformer.set_output_embeddings(_Passthrough(head))
     try:

@@ -7,6 +7,7 @@ Quantized layers: every linear layer (nn.Linear, or GPT-2's transformers Conv1D)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias, TypeGuard
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from transformers.pytorch_utils import Conv1D
 from qrunlearn.errors import UserError
 
 FULL_PRECISION_NOTE = "embeddings, norms and lm_head stay full precision"
+
+PlainLinear: TypeAlias = nn.Linear | Conv1D  # a full-precision linear layer (GPT-2's Conv1D stores [in, out])
 
 
 @dataclass
@@ -36,19 +39,19 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-def is_plain_linear(module: nn.Module) -> bool:
+def is_plain_linear(module: nn.Module) -> TypeGuard[PlainLinear]:
     """A full-precision linear layer (nn.Linear proper, not a quantized subclass, or a GPT-2 Conv1D)."""
     return type(module) is nn.Linear or _is_conv1d(module)
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
+def linear_weight(module: PlainLinear) -> torch.Tensor:
     """The weight as [out_features, in_features] (Conv1D stores it transposed)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
-def as_linear(module: nn.Module) -> nn.Linear:
+def as_linear(module: PlainLinear) -> nn.Linear:
     """An nn.Linear computing the same function (a copy for Conv1D, the module itself otherwise)."""
-    if not _is_conv1d(module):
+    if not isinstance(module, Conv1D):
         return module
     weight = module.weight.detach().t().contiguous()
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,

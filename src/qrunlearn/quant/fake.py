@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +42,14 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from qrunlearn.errors import UserError
-from qrunlearn.quant.common import is_plain_linear, linear_weight, target_linear_names
+from qrunlearn.quant.common import PlainLinear, is_plain_linear, linear_weight, target_linear_names
 from qrunlearn.quant.rtn import rtn_dequantize
 from qrunlearn.quant.spec import BNB_BLOCKSIZE, QuantSpec, parse_spec
 
 TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
 TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
+
+FakeQuantLayer: TypeAlias = LoraLinear | PlainLinear  # what `fake_quantized` rewires: a LoRA layer is one unit
 
 # bitsandbytes' 4-bit code tables in code order (bnb.functional.get_4bit_type): NF4's quantiles of N(0, 1) and
 # FP4's e2m1 values before bnb divides them by their absolute maximum (12).
@@ -153,6 +156,7 @@ def quantized_value(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.group_size is not None and weight.shape[-1] % spec.group_size:
         raise UserError(f"{spec.label}: group size {spec.group_size} does not divide in_features "
                         f"{weight.shape[-1]} of a {list(weight.shape)} weight")
+    assert spec.bits is not None, "parse_spec gives every rtn spec its bit width"
     return rtn_dequantize(weight, spec.bits, spec.group_size, spec.symmetric)
 
 
@@ -198,7 +202,7 @@ class FakeQuantSwitch:
 def _lora_weight(layer: LoraLinear, name: str) -> torch.Tensor:
     """The [out, in] weight this LoRA layer's forward amounts to, formed as peft's `merge` forms it (W0 += s B A
     per active adapter, in W0's dtype), differentiable in A and B."""
-    weight = layer.get_base_layer().weight
+    weight: torch.Tensor = _base_linear(layer, name).weight
     if layer.merged and layer.disable_adapters:
         raise UserError(f"{name}: adapters are merged and disabled (peft would unmerge them in place); "
                         "unmerge before fake quantization")
@@ -209,29 +213,33 @@ def _lora_weight(layer: LoraLinear, name: str) -> torch.Tensor:
     return weight.t() if layer.fan_in_fan_out else weight  # fan_in_fan_out: a Conv1D base stores [in, out]
 
 
-def _check_lora_layer(layer: LoraLinear, name: str) -> None:
+def _base_linear(layer: LoraLinear, name: str) -> PlainLinear:
+    """The full-precision linear under a LoRA layer's adapters; a one-line UserError for any other base layer."""
     base = layer.get_base_layer()
     if not is_plain_linear(base):
         raise UserError(f"{name}: LoRA on a {type(base).__name__} base layer; fake quantization needs a "
                         "full-precision linear under the adapters")
+    return base
+
+
+def _check_lora_layer(layer: LoraLinear, name: str) -> None:
+    _base_linear(layer, name)
     variants = list(layer.lora_variant) + [adapter for adapter, on in layer.lora_bias.items() if on]
     if variants:
         raise UserError(f"{name}: adapter '{variants[0]}' is a LoRA variant (DoRA, lora_bias, ...); fake "
                         "quantization supports plain LoRA only")
 
 
-def _fake_forward(module: nn.Module, name: str, spec: QuantSpec, switch: FakeQuantSwitch,
+def _fake_forward(module: FakeQuantLayer, name: str, spec: QuantSpec, switch: FakeQuantSwitch,
                   original: Callable) -> Callable:
     """The replacement forward: Q(weight) once per call while the switch is on, the original forward otherwise."""
-    is_lora = isinstance(module, LoraLinear)
-
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not switch.enabled:
             return original(x, *args, **kwargs)
         if kwargs.get("adapter_names") is not None:
             raise UserError(f"{name}: per-sample adapter_names are not supported under fake quantization")
-        if is_lora:
-            weight, bias = _lora_weight(module, name), module.get_base_layer().bias
+        if isinstance(module, LoraLinear):
+            weight, bias = _lora_weight(module, name), _base_linear(module, name).bias
         else:
             weight, bias = linear_weight(module), module.bias
         return F.linear(x, fake_quantize(weight, spec), bias)
@@ -239,11 +247,11 @@ def _fake_forward(module: nn.Module, name: str, spec: QuantSpec, switch: FakeQua
     return forward
 
 
-def fake_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+def fake_quant_layers(model: nn.Module) -> dict[str, FakeQuantLayer]:
     """{name: module} of the layers `fake_quantized` rewires: every full-precision linear inside the transformer
     blocks, and each peft LoRA layer as one unit (its base_layer, lora_A and lora_B are not separate targets)."""
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, FakeQuantLayer] = {}
     for name in target_linear_names(model):
         owner = next((lname for lname in lora if name.startswith(f"{lname}.")), None)
         if owner is not None:
@@ -259,12 +267,12 @@ def fake_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _check_group_divides(layers: dict[str, nn.Module], spec: QuantSpec) -> None:
+def _check_group_divides(layers: dict[str, FakeQuantLayer], spec: QuantSpec) -> None:
     """RTN's group rule, checked before any forward runs (a LoRA layer: its base layer's width)."""
     if spec.method != "rtn" or spec.group_size is None:
         return
     for name, module in layers.items():
-        base = module.get_base_layer() if isinstance(module, LoraLinear) else module
+        base = _base_linear(module, name) if isinstance(module, LoraLinear) else module
         in_features = linear_weight(base).shape[1]
         if in_features % spec.group_size:
             raise UserError(f"{spec.label}: group size {spec.group_size} does not divide in_features {in_features} "
@@ -287,9 +295,11 @@ def fake_quantized(model: nn.Module, spec: QuantSpec | str) -> Iterator[FakeQuan
     switch = FakeQuantSwitch(spec=parsed, layers=tuple(layers))
     saved = {name: m.__dict__.get("forward", _NO_INSTANCE_FORWARD) for name, m in layers.items()}
     try:
+        # Instance attributes in __dict__ (where nn.Module.__setattr__ puts a plain value too): the instance's
+        # forward shadows the class's, and exit restores exactly the __dict__ it found.
         for name, module in layers.items():
-            module.forward = _fake_forward(module, name, parsed, switch, module.forward)
-            module._qrunlearn_fake_quant = True
+            module.__dict__["forward"] = _fake_forward(module, name, parsed, switch, module.forward)
+            module.__dict__["_qrunlearn_fake_quant"] = True
         yield switch
     finally:
         for name, module in layers.items():
@@ -297,4 +307,4 @@ def fake_quantized(model: nn.Module, spec: QuantSpec | str) -> Iterator[FakeQuan
             if saved[name] is _NO_INSTANCE_FORWARD:
                 module.__dict__.pop("forward", None)
             else:
-                module.forward = saved[name]
+                module.__dict__["forward"] = saved[name]

@@ -10,9 +10,11 @@ compressed-tensors' own `quantize`. NOTE: this path is not exercised in the defa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from qrunlearn.errors import MissingDependencyError, UserError
 from qrunlearn.quant.common import check_group_divides
@@ -24,7 +26,7 @@ class Calibration:
     """Calibration texts (the retain split, in order) and how to feed them."""
 
     texts: tuple[str, ...]
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     n_samples: int = 128
     max_length: int = 512
     seed: int = 0
@@ -75,6 +77,7 @@ def codes_from_module(module: nn.Module) -> torch.Tensor | None:
         return None
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    args = module.quantization_scheme.weights
+    scheme: Any = module.quantization_scheme  # llmcompressor's QuantizationScheme, attached by `oneshot`
+    args = scheme.weights
     zero = getattr(module, "weight_zero_point", None)
     return quantize(module.weight, module.weight_scale, zero, args).to(torch.int64)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 import torch
 from torch import nn
 
@@ -17,6 +19,8 @@ from qrunlearn.quant.common import (
 )
 from qrunlearn.quant.spec import QuantSpec
 
+HQQLayer: TypeAlias = Any  # hqq's HQQLinear: hqq is imported lazily (an optional backend) and its `meta` is untyped
+
 
 def _hqq():
     try:
@@ -26,7 +30,7 @@ def _hqq():
     return hqq_quantize
 
 
-def _hqq_linear(linear: nn.Linear, spec: QuantSpec, keep_original: bool) -> nn.Module:
+def _hqq_linear(linear: nn.Linear, spec: QuantSpec, keep_original: bool) -> HQQLayer:
     hq = _hqq()
     config = hq.BaseQuantizeConfig(nbits=spec.bits, group_size=spec.group_size, axis=1)
     device = linear.weight.device
@@ -34,7 +38,7 @@ def _hqq_linear(linear: nn.Linear, spec: QuantSpec, keep_original: bool) -> nn.M
                         del_orig=not keep_original)
 
 
-def _unpacked(module: nn.Module) -> torch.Tensor:
+def _unpacked(module: HQQLayer) -> torch.Tensor:
     hq = _hqq()
     meta = module.meta
     shape = meta["shape"]
@@ -47,6 +51,7 @@ def codes_from_module(module: nn.Module) -> torch.Tensor | None:
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    assert spec.group_size is not None, "the hqq grammar requires a group size (hqq:w{bits}g{group})"
     weight = weight.detach()
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     linear.weight.data.copy_(weight)

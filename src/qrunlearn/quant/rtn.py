@@ -78,6 +78,12 @@ class RTNLinear(nn.Module):
     """A linear layer stored as int8 codes + per-group scale and zero point."""
 
     is_qrunlearn_quantized = True
+    # registered in __init__; declared so that the type checker sees tensors, not `Tensor | Module`
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    weight: torch.Tensor
+    bias: nn.Parameter | None
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int | None, symmetric: bool):
         super().__init__()
@@ -106,6 +112,7 @@ class RTNLinear(nn.Module):
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    assert spec.bits is not None, "parse_spec gives every rtn spec its bit width"
     check_group_divides(model, spec.group_size, spec.label)
     for name in target_linear_names(model):
         module = model.get_submodule(name)
@@ -119,4 +126,5 @@ def codes_from_module(module: nn.Module) -> torch.Tensor | None:
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    assert spec.bits is not None, "parse_spec gives every rtn spec its bit width"
     return rtn_quantize_weight(weight, spec.bits, spec.group_size, spec.symmetric)

@@ -87,7 +87,7 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
     if method in ("fp", "none") and not rest:
         return QuantSpec(method="fp")
     if method in ("nf4", "fp4") and not rest:
-        return QuantSpec(method=method, bits=4, group_size=BNB_BLOCKSIZE, symmetric=True)
+        return QuantSpec(method="nf4" if method == "nf4" else "fp4", bits=4, group_size=BNB_BLOCKSIZE, symmetric=True)
     if method == "int8" and not rest:
         return QuantSpec(method="int8", bits=8, group_size=None, symmetric=True)
     if method == "rtn" and (m := _RTN_RE.fullmatch(rest)):

@@ -104,7 +104,7 @@ def _head_backward(ctx, hidden, weight, bias, grad_out, logit_grad):
             grad_bias.to(bias.dtype) if grad_bias is not None else None)
 
 
-def chunked_token_nll(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
+def chunked_token_nll(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                       chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position NLL [B, T-1] (0 on masked positions) and the mask, like `objectives.token_nll`, from the final
     hidden states [B, T, H] and the output head (an nn.Linear)."""
@@ -114,7 +114,7 @@ def chunked_token_nll(hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
     return nll * mask, mask
 
 
-def chunked_token_kl(hidden: torch.Tensor, head: nn.Module, ref_hidden: torch.Tensor, ref_head: nn.Module,
+def chunked_token_kl(hidden: torch.Tensor, head: nn.Linear, ref_hidden: torch.Tensor, ref_head: nn.Linear,
                      labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position KL(p_ref || p_theta) [B, T-1] and the mask, like `objectives.token_kl`; the reference side
     (hidden states and head) carries no gradient."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
@@ -69,7 +69,7 @@ class MemoryEstimate(BaseModel):
         return "\n".join(lines)
 
 
-def meta_model(name_or_path: str | Path) -> torch.nn.Module:
+def meta_model(name_or_path: str | Path) -> PreTrainedModel:
     """The model's architecture with no storage behind its weights."""
     try:
         config = AutoConfig.from_pretrained(str(name_or_path))

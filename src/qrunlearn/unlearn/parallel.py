@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -33,9 +33,11 @@ from torch import nn
 from qrunlearn.errors import UserError
 from qrunlearn.models.loading import resolve_dtype
 from qrunlearn.quant.common import block_list_names
+from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
 
 OptimizerFactory = Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def compute_dtype(config: UnlearnConfig, device: torch.device) -> torch.dtype:
@@ -85,7 +87,7 @@ class DataParallel:
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
         return self.accelerator.prepare(model, optimizer)
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
+    def unwrap(self, model: nn.Module) -> HFModel:
         return self.accelerator.unwrap_model(model)
 
     def accumulating(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -147,23 +149,24 @@ class FullySharded:
         self.mixed = dtype == torch.bfloat16 and config.precision == "mixed"
         self.mixed_precision = "bf16 (FSDP2 MixedPrecisionPolicy)" if self.mixed else "no"
 
-    def shard(self, model: nn.Module) -> nn.Module:
+    def shard(self, model: ModuleT) -> ModuleT:
         """Shard each transformer block, then the root (embeddings, norm, head)."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed else None
-        kwargs = {"mp_policy": policy} if policy is not None else {}
+        # the default policy (fully_shard's own default) casts nothing
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed
+                  else MixedPrecisionPolicy())
         for name in block_list_names(model):
-            for block in model.get_submodule(name):
-                fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+            for block in cast(nn.ModuleList, model.get_submodule(name)):  # block_list_names finds ModuleLists
+                fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
 
     def prepare(self, model: nn.Module, make_optimizer: OptimizerFactory) -> tuple[nn.Module, torch.optim.Optimizer]:
         model = self.shard(model.to(self.device))
         return model, make_optimizer([p for p in model.parameters() if p.requires_grad])
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
+    def unwrap(self, model: nn.Module) -> HFModel:
         return model
 
     def accumulating(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -196,7 +199,8 @@ class FullySharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(model, options=options)
+        # full_state_dict=True gathers every entry into a plain tensor (no DTensor / ShardedTensor is left)
+        state = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
         return state if self.is_main else None
 
     def save_checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -212,7 +216,7 @@ class FullySharded:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
+        state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}  # dcp loads into it in place
         dcp.load(state, checkpoint_id=str(folder / "sharded"))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         _set_rng_state(load_file(str(folder / f"rng_{self.process_index}.safetensors")))

@@ -28,6 +28,7 @@ from qrunlearn.errors import UserError
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.quant.fake import fake_quantized
 from qrunlearn.quant.spec import QuantSpec
+from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.parallel import FullySharded, Parallel, compute_dtype
 
@@ -66,8 +67,8 @@ class Reference:
     model for LoRA. Under quantization-aware unlearning it is quantized like the policy (`qat`), so both sides of
     each comparison are the deployed models."""
 
-    def __init__(self, config: UnlearnConfig, model: nn.Module, parallel: Parallel, qat: QuantSpec | None = None):
-        self.copy: nn.Module | None = None
+    def __init__(self, config: UnlearnConfig, model: HFModel, parallel: Parallel, qat: QuantSpec | None = None):
+        self.copy: HFModel | None = None
         self.parallel = parallel
         self.device = parallel.device
         self.qat = qat
@@ -81,7 +82,7 @@ class Reference:
             p.requires_grad_(False)
         frozen = frozen.to(device=self.device, dtype=compute_dtype(config, parallel.device))
         self.copy = parallel.shard(frozen) if isinstance(parallel, FullySharded) else frozen
-        self.head = self.copy.get_output_embeddings()
+        self.head: nn.Linear = self.copy.get_output_embeddings()
         if self.device != parallel.device:  # the chunked KL applies the head beside the policy's hidden states
             self.head = copy.deepcopy(self.head).to(parallel.device)
 
@@ -93,7 +94,7 @@ class Reference:
         return fake_quantized(self.copy, self.qat)
 
     @torch.no_grad()
-    def logits(self, policy: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, policy: HFModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.parallel.autocast():
             if self.copy is not None:
                 with self._quantized():
@@ -103,8 +104,8 @@ class Reference:
                 return policy(input_ids=input_ids, attention_mask=attention_mask).logits
 
     @torch.no_grad()
-    def hidden_states(self, policy: nn.Module, input_ids: torch.Tensor,
-                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+    def hidden_states(self, policy: HFModel, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
         """Final hidden states [B, T, H] and the output head, for the chunked KL."""
         with self.parallel.autocast():
             if self.copy is not None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from qrunlearn.io import atomic_directory, atomic_write_json, replace_directory
 from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.lora import merged_copy, wrap_lora
 from qrunlearn.unlearn.parallel import Parallel
@@ -103,12 +104,13 @@ def save_model_folder(parallel: Parallel, model: nn.Module, tokenizer, folder: P
         atomic_write_json(tmp / RECORD_FILE, record)
 
 
-def _gathered(parallel: Parallel, model: nn.Module, source: tuple[str, UnlearnConfig], lora: bool) -> nn.Module | None:
+def _gathered(parallel: Parallel, model: nn.Module, source: tuple[str, UnlearnConfig], lora: bool) -> HFModel | None:
     """The sharded model's weights gathered onto the main process as a plain (for LoRA: merged) model on the CPU;
     None on the other processes. The plain model is rebuilt from the source folder, then given the trained weights."""
     state = parallel.full_state_dict(model)  # a collective: every process calls it
     if not parallel.is_main:
         return None
+    assert state is not None, "full_state_dict returns the weights on the main process"
     model_path, config = source
     plain, _ = load_causal_lm(model_path, dtype="float32", device="cpu", with_tokenizer=False)
     if lora:
