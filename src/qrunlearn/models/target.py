@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from qrunlearn.data.muse import MuseCorpus, load_corpus
@@ -186,7 +187,7 @@ def _roles(corpus: MuseCorpus) -> list[tuple[str, list[str]]]:
 
 # ---- from a pretrained base ---------------------------------------------------------------------------------------
 def _knowledge_check(corpus: MuseCorpus, tokenizer, config: BaseTargetConfig, log: list[EpochKnowledge],
-                     stop_at: float | None) -> Callable[[Any, int, TrainResult], bool]:
+                     stop_at: float | None, progress: bool) -> Callable[[Any, int, TrainResult], bool]:
     """The trainer's per-epoch check: score KnowMem on forget and retain, keep the row, stop at the threshold."""
     metrics = tuple(metric for metric, qa in (("knowmem_f", "forget_qa"), ("knowmem_r", "retain_qa"))
                     if qa in corpus.knowmem)
@@ -206,6 +207,9 @@ def _knowledge_check(corpus: MuseCorpus, tokenizer, config: BaseTargetConfig, lo
                                   knowmem_r=result.metrics.get("knowmem_r"),
                                   seconds=time.perf_counter() - started))
         em = log[-1].em_forget
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {log[-1].loss:.3f}, KnowMem exact match forget {em} retain "
+                       f"{log[-1].em_retain}")
         return stop_at is not None and em is not None and em >= stop_at
 
     return check
@@ -217,7 +221,7 @@ def _finetune(name: str, docs: list[str], corpus: MuseCorpus, config: BaseTarget
     model, tokenizer = load_causal_lm(config.base, dtype="float32")
     _check_tokenizer(tokenizer, docs, config.base)
     log: list[EpochKnowledge] = []
-    check = _knowledge_check(corpus, tokenizer, config, log, stop_at)
+    check = _knowledge_check(corpus, tokenizer, config, log, stop_at, progress)
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=resolve_dtype("auto", device)) if device.type == "cuda" \
         else contextlib.nullcontext()
