@@ -435,6 +435,7 @@ class UnlearnRecipe:
         if saved is None or saved.fingerprint != self.fingerprint or self.state.epochs_done == 0:
             raise UserError(f"{reason} before any epoch finished; no model written (try a lower --lr)")
         storage.restore_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir)
+        saved.resumed_after = self.state.resumed_after  # this session's resume is not in the checkpoint
         self.state = saved
         self.state.stopped_reason = f"{reason}; kept the last good checkpoint (epoch {saved.epochs_done})"
         if self.parallel.is_main:
