@@ -456,24 +456,32 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
+
+
+def _interrupted() -> int:
+    print("interrupted", file=sys.stderr)
+    return INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C exits 130."""
     configure_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+    except KeyboardInterrupt:
+        return _interrupted()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except ValidationError as err:
         print(f"error: {validation_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
             raise
-        print(f"error: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+        where = f"{err.filename}: " if err.filename else ""  # qrunlearn's own writes always name their file
+        print(f"error: {where}{err.strerror}", file=sys.stderr)
         return 2
     except SystemExit as exit_:
         return int(exit_.code or 0)
@@ -485,9 +493,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {_one_line(err.format_message())}", file=sys.stderr)  # type: ignore[attr-defined]
             return 2
         if type(err).__name__ in ("Abort", "Exit"):
+            if isinstance(err.__context__, KeyboardInterrupt):  # typers on plain click raise Ctrl-C as Abort
+                return _interrupted()
             return int(getattr(err, "exit_code", 1))
         raise
-    return 0
+    # Outside standalone mode typer >= 0.29 does not raise on Ctrl-C: it catches the KeyboardInterrupt and returns
+    # 130 (the commands themselves return None, so a 130 here is always a Ctrl-C).
+    if code == INTERRUPTED:
+        return _interrupted()
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -176,6 +176,8 @@ class Experiment:
         finished = None if force else self.load_cell(cell)
         if finished is not None:
             return finished
+        for leftover in self.cell_dir(cell).glob(".result.json.*.tmp"):  # an earlier process killed mid-write
+            leftover.unlink(missing_ok=True)
         started = time.perf_counter()
         result = self.run_reference_cell(tick) if cell.kind == "reference" else self.run_unlearn_cell(cell, tick)
         result.wall_seconds = time.perf_counter() - started

@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -40,35 +41,61 @@ def _usual_mode(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+CRASH_AT_ENV = "QRUNLEARN_CRASH_AT"
+
+
+def crash_point(point: str, path: Path) -> None:
+    """Fault injection, for the crash tests only (tests/test_crash_resume.py): when the environment variable
+    QRUNLEARN_CRASH_AT is "<point>:<path suffix>" (e.g. "write:references/result.json") and names this point and
+    a path ending in that suffix, the process kills itself with SIGKILL, as a power cut or the OOM killer would,
+    at a moment too short to hit by watching the file system. Unset, it costs one environment lookup."""
+    wanted = os.environ.get(CRASH_AT_ENV)
+    if not wanted:
+        return
+    name, _, suffix = wanted.partition(":")
+    suffix_parts = Path(suffix).parts
+    if name == point and suffix_parts and path.parts[-len(suffix_parts):] == suffix_parts:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def _temporary_sibling(path: Path) -> Iterator[tuple[int, str]]:
+    """A temporary file beside `path` (an open descriptor and its name) for the body to fill; renamed onto `path`
+    afterwards, removed if the body fails. An OSError (a full disk, a read-only folder) is raised again naming
+    `path`, the file the user asked for, rather than the hidden temporary or nothing (a failed write() names no
+    file at all)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        _usual_mode(tmp)
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def atomic_write_text(path: Path | str, text: str) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _usual_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _temporary_sibling(path) as (fd, _), os.fdopen(fd, "w", encoding="utf-8") as handle:
+        half = len(text) // 2
+        handle.write(text[:half])
+        handle.flush()
+        crash_point("write", path)  # the crash tests stop here: a half-written temporary, `path` untouched
+        handle.write(text[half:])
+        handle.flush()
+        os.fsync(handle.fileno())
     return path
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _usual_mode(tmp)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _temporary_sibling(path) as (fd, _), os.fdopen(fd, "wb") as handle:
+        handle.write(data)
     return path
 
 
@@ -100,10 +127,25 @@ def replace_directory(tmp: Path, final: Path) -> None:
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
         os.replace(final, trash)
+        crash_point("swap", final)  # the crash tests stop here: `final` missing, its old copy in `trash`
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def restore_interrupted_swaps(folder: Path) -> None:
+    """Tidy `folder` after a process writing in it was killed: a `replace_directory` cut between its two renames
+    gets its old folder back, and the old copies and temporaries of finished or abandoned writes are removed.
+    Only for a folder that no other process is writing to."""
+    for old in sorted(folder.glob(".*.old-*")):
+        final = folder / old.name[1:].rsplit(".old-", 1)[0]
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for leftover in folder.glob(".*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -127,6 +127,9 @@ class UnlearnRecipe:
         """Everything training needs; returns the recorded result instead when `out_dir` holds this run
         finished (and resuming is allowed)."""
         config, parallel = self.config, self.parallel
+        if parallel.is_main:
+            storage.tidy(self.out_dir)
+        parallel.wait()
         set_seed(config.seed)
         needs_retain = config.reg != "none"
         check_texts(self.corpus, config.forget_split, config.retain_split, needs_retain)
@@ -171,6 +174,8 @@ class UnlearnRecipe:
         if record is None:
             return None
         if record.status == "finished" and record.progress.fingerprint == self.fingerprint:
+            if self.parallel.is_main:  # left when a kill came between the finished record and its removal
+                storage.remove_checkpoint(self.out_dir)
             adapter = self.out_dir / "adapter"
             return UnlearnResult.from_progress(self.out_dir, record.progress, adapter if adapter.is_dir() else None,
                                                reused=True)
@@ -185,6 +190,7 @@ class UnlearnRecipe:
             storage.restore_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir)
             if self.show_progress and self.parallel.is_main:
                 print(f"resuming {self.out_dir} after epoch {saved.epochs_done}")
+            saved.resumed_after.append(saved.epochs_done)
             return saved
         if self.parallel.is_main:
             storage.clear_outputs(self.out_dir)
@@ -430,6 +436,7 @@ class UnlearnRecipe:
         if saved is None or saved.fingerprint != self.fingerprint or self.state.epochs_done == 0:
             raise UserError(f"{reason} before any epoch finished; no model written (try a lower --lr)")
         storage.restore_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir)
+        saved.resumed_after = self.state.resumed_after  # this session's resume is not in the checkpoint
         self.state = saved
         self.state.stopped_reason = f"{reason}; kept the last good checkpoint (epoch {saved.epochs_done})"
         if self.parallel.is_main:

@@ -43,6 +43,7 @@ class Progress(BaseModel):
     seconds: float = 0.0
     selected_epoch: int | None = None
     stopped_reason: str = "completed"
+    resumed_after: list[int] = Field(default_factory=list)  # epochs done at each resume from a checkpoint
 
 
 class RunRecord(BaseModel):

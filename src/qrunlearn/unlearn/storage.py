@@ -15,7 +15,7 @@ from peft import get_peft_model_state_dict
 from pydantic import ValidationError
 from torch import nn
 
-from qrunlearn.io import atomic_directory, atomic_write_json, replace_directory
+from qrunlearn.io import atomic_directory, atomic_write_json, replace_directory, restore_interrupted_swaps
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
@@ -69,6 +69,15 @@ def write_record(out_dir: Path, record: RunRecord) -> None:
 
 def remove_checkpoint(out_dir: Path) -> None:
     shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
+
+
+def tidy(out_dir: Path) -> None:
+    """Put `out_dir` in order after a killed run (main process, before the run reads anything from it): a folder
+    swap cut between its renames (a checkpoint, a model) gets its old folder back, and temporaries and old copies
+    (a checkpoint's worth of disk each) go, in the run folder and among its per-epoch models."""
+    for folder in (out_dir, out_dir / "epochs"):
+        if folder.is_dir():
+            restore_interrupted_swaps(folder)
 
 
 def clear_outputs(out_dir: Path) -> None:
