@@ -1,0 +1,106 @@
+"""Training throughput and model FLOP utilisation (MFU) of the target trainer and of the unlearning loop, on the tiny
+built-in Llama and (when given) a real model such as SmolLM2-135M.
+
+MFU = 6 * N * trained tokens / s (+ 2 * N per token of a reference forward, for KLR) / the machine's fp32 matmul peak,
+measured in the same run as the best of several 2048^3 fp32 GEMMs with the same thread count. N counts every
+parameter that takes part in a matmul (tied embeddings once, as the output head). Tokens exclude padding: padded
+positions are work the loop wastes.
+
+    .venv/bin/python benchmarks/bench_throughput.py --data runs/demo/data
+    .venv/bin/python benchmarks/bench_throughput.py --data runs/smollm2/data --model models/smollm2 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from qrunlearn.data.muse import load_corpus
+from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.models.tiny import PRESETS, build_model, train_tokenizer
+from qrunlearn.models.train import TrainConfig, train_causal_lm
+from qrunlearn.unlearn import UnlearnConfig, unlearn
+
+
+def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 GEMM rate, FLOP/s, at the current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: all but the input embedding, unless it doubles as the output head."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())
+    return total if embedding.data_ptr() == head.data_ptr() else total - embedding.numel()
+
+
+def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfig, peak: float) -> str:
+    n = matmul_params(model)
+    result = train_causal_lm(model, tokenizer, docs, config, progress=False)
+    rate = result.tokens_per_second
+    return f"| target trainer | {name} | {n / 1e6:.1f}M | {rate:.0f} | {6 * n * rate / 1e9:.1f} | {6 * n * rate / peak:.0%} |"
+
+
+def unlearn_row(name: str, model_dir: str, corpus, config: UnlearnConfig, peak: float, n: int) -> str:
+    with tempfile.TemporaryDirectory() as out:
+        result = unlearn(model_dir, corpus, config, out, progress=False, resume=False)
+    rate = result.tokens / result.seconds
+    # every trained token costs a forward and a backward (6N); KLR's retain tokens also a reference forward (2N)
+    reference_share = 0.5 if config.reg == "klr" else 0.0
+    flops = (6 + 2 * reference_share) * n * rate
+    label = f"{config.method}+{config.reg} {config.adapter}"
+    return f"| unlearning ({label}) | {name} | {n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a MUSE folder (the built-in benchmark's)")
+    parser.add_argument("--model", help="also a real model (HF folder), e.g. models/smollm2")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    corpus = load_corpus(args.data)
+    docs = corpus.raw["forget"] + corpus.raw["retain1"]
+    peak = matmul_peak()
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.threads} threads)")
+    print("| loop | model | matmul params | tokens/s | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|")
+    tokenizer = train_tokenizer(docs, PRESETS["small"].vocab_target)
+    torch.manual_seed(0)
+    tiny = build_model(PRESETS["small"], len(tokenizer), tokenizer, seed=0)
+    print(trainer_row("tiny (small preset)", tiny, tokenizer, docs,
+                      TrainConfig(epochs=args.epochs, batch_size=8, max_length=256), peak), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        tiny.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        n = matmul_params(tiny)
+        for reg in ("gdr", "klr"):
+            config = UnlearnConfig.tiny_defaults("ga", reg, "full").model_copy(update={"epochs": args.epochs})
+            print(unlearn_row("tiny (small preset)", folder, corpus, config, peak, n), flush=True)
+    if args.model:
+        model, tokenizer = load_causal_lm(args.model, dtype="float32", device="cpu")
+        n = matmul_params(model)
+        print(trainer_row(args.model, model, tokenizer, docs,
+                          TrainConfig(epochs=1, batch_size=8, max_length=256, group_by_length=True), peak), flush=True)
+        del model
+        for reg in ("gdr", "klr"):
+            config = UnlearnConfig.paper_defaults("ga", reg, "full").model_copy(update={
+                "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 256, "gradient_checkpointing": False,
+                "loss_chunk": 0})
+            print(unlearn_row(args.model, args.model, corpus, config, peak, n), flush=True)
+
+
+if __name__ == "__main__":
+    main()
