@@ -49,7 +49,8 @@ def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfi
     n = matmul_params(model)
     result = train_causal_lm(model, tokenizer, docs, config, progress=False)
     rate = result.tokens_per_second
-    return f"| target trainer | {name} | {n / 1e6:.1f}M | {rate:.0f} | {6 * n * rate / 1e9:.1f} | {6 * n * rate / peak:.0%} |"
+    flops = 6 * n * rate
+    return f"| target trainer | {name} | {n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |"
 
 
 def unlearn_row(name: str, model_dir: str, corpus, config: UnlearnConfig, peak: float, n: int) -> str:
