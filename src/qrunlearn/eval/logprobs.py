@@ -29,11 +29,14 @@ MIN_K_RATIOS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 PRIVLEAK_RATIO = 0.4
 MIN_K_PP_RATIO = 0.4
 # Logits elements (positions x vocabulary) turned into statistics at once. Small enough that the chunk's logits and
-# their temporaries stay in the CPU's caches (measured on SmolLM2, 1 thread: 128 positions x 49k vocabulary took
-# 1.7 s per 1.8k-token text against 2.3 s for the whole text at once), large enough for an efficient head matmul.
+# their temporaries stay in the CPU's caches, large enough for an efficient head matmul. Measured on SmolLM2 (49k
+# vocabulary), 1 thread, head + statistics of a 1.8k-token text: MKL 1.7 s in chunks of 128 positions vs 2.3 s
+# whole; oneDNN 1.4 s for 64-128 positions, 1.6 s for 192-256.
 _STATS_ELEMENT_BUDGET = {"cuda": 1 << 26, "cpu": 1 << 22}
 # Most positions (rows x longest text) one scoring forward pass takes. Logits never exist for a whole batch (the
-# head runs chunk by chunk), so this bounds only the activations.
+# head runs chunk by chunk), so this bounds only the activations. On CPU, two 1.8k-token texts per pass: on 2
+# shared cores each parallel region waits for a descheduled thread, and bigger regions amortise that (SmolLM2 body:
+# 13-21 s per text alone, 8-15 s in pairs); on 1 thread pairs cost the same as singles.
 _POSITION_BUDGET = {"cuda": 1 << 16, "cpu": 1 << 12}
 # Most logits elements (positions x vocabulary) of one pass for models whose logits are not their head's output
 # (`models.heads.head_gives_logits`), which return them whole.
