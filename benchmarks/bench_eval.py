@@ -1,9 +1,11 @@
 """Evaluation speed: a one-prompt-at-a-time loop written like MUSE's reference code vs `qrunlearn.eval.muse`,
 same model, same data, one process. Prints both wall times, their ratio, every metric side by side and the
-largest difference (ROUGE metrics and PrivLeak in points, AUCs x100).
+largest difference (ROUGE metrics and PrivLeak in points, AUCs x100), then the model FLOP utilisation (MFU) of
+each metric and of the VerbMem prefill.
 
     python benchmarks/bench_eval.py                                   # built-in target on the synth 'small' corpus
-    python benchmarks/bench_eval.py --data ../shared/data/muse-news --limit 20 --retrain-auc 0.4772
+    python benchmarks/bench_eval.py --model ../main/models/smollm2 --data ../shared/data/muse-news --limit 8 \
+        --retrain-auc 0.4772
 
 The baseline copies MUSE's loops (`model.generate` per prompt; a forward pass per privleak text whose token
 log-probs are gathered with `.item()` in a Python loop; `np.sort` for Min-K%; sklearn's ROC), with two
@@ -11,14 +13,21 @@ changes so that both sides compute the same numbers: prompts longer than the mod
 way (MUSE's 4k-context Llama never needed it), and MUSE's extra lower-cased pass over every privleak text
 (its PPL/lower score, which we do not compute) is left out, which makes the baseline faster than MUSE's code
 and the ratio conservative. Like MUSE (and like ours, which logs its NLL), the baseline scores privleak/retain
-too.
-Ours also computes what the baseline does not: bootstrap intervals and Min-K%++. Each metric runs ours then the baseline, so both see the same machine load.
+too. It runs on stock PyTorch (MKL for float32 CPU matmuls), as MUSE's code would.
+Ours also computes what the baseline does not: bootstrap intervals, Min-K%++ and the KnowMem answer NLL. Each
+metric runs ours then the baseline, so both see the same machine load.
+
+MFU = FLOPs the work needs (`qrunlearn.eval.flops`: tokens x block weights, the head where logits are needed,
+causal attention; counted from ours' item logs) / (wall seconds x peak). The peak is measured in the same run: the
+best of several 2048^3 float32 matmuls at the same thread count, through PyTorch's default BLAS and through oneDNN,
+whichever is faster. "verbmem prefill" times the prefill of the VerbMem prompts alone (one new token each).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import zlib
@@ -32,7 +41,23 @@ sys.path.insert(0, str(REPO / "src"))
 
 from qrunlearn.data.muse import load_corpus  # noqa: E402
 from qrunlearn.eval import EvalConfig, evaluate  # noqa: E402
+from qrunlearn.eval.flops import (  # noqa: E402
+    ModelShape,
+    causal_pairs,
+    forward_flops,
+    generation_flops,
+    prefill_flops,
+    scoring_flops,
+)
+from qrunlearn.eval.generation import (  # noqa: E402
+    encode,
+    eos_token_ids,
+    greedy_generate,
+    pad_token_id,
+    shared_prefix_length,
+)
 from qrunlearn.models.loading import load_causal_lm  # noqa: E402
+from qrunlearn.models.onednn import onednn_linear  # noqa: E402
 
 MIN_K_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
@@ -154,6 +179,62 @@ def run_baseline(model, tokenizer, corpus, metric: str, limit, retrain_auc) -> d
     return metrics
 
 
+# ---- FLOPs and the machine's peak ---------------------------------------------------------------------------
+def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best-of-`repeats` GFLOP/s of a size^3 float32 matmul at the current thread count, through PyTorch's default
+    BLAS and through oneDNN (`models.onednn`; equal to the default where it is not available)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+
+    def best(run) -> float:
+        fastest = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            fastest = min(fastest, time.perf_counter() - start)
+        return 2 * size**3 / fastest / 1e9
+
+    with torch.no_grad():
+        default = best(lambda: a @ b)
+        with onednn_linear():
+            onednn = best(lambda: torch.nn.functional.linear(a, b))
+    return {"default_blas": default, "onednn": onednn}
+
+
+def _knowmem_flops(shape: ModelShape, tokenizer, items: list[dict], share_prefix: bool) -> int:
+    """The shared few-shot prefix once, then each prompt's suffix and decoding, and each answer's NLL pass."""
+    ids = encode(tokenizer, [item["prompt"] for item in items], None, keep="last").ids
+    prefix = shared_prefix_length(ids) if share_prefix else 0
+    total = forward_flops(shape, prefix, 0, causal_pairs(prefix))
+    for item in items:
+        total += generation_flops(shape, item["prompt_tokens"], item["new_tokens"], prefix)
+        if "answer_tokens" in item:
+            run = item["prompt_tokens"] + item["answer_tokens"] - prefix
+            total += forward_flops(shape, run, item["answer_tokens"], causal_pairs(run, prefix))
+    return total
+
+
+def metric_flops(shape: ModelShape, tokenizer, metric: str, items: list[dict], share_prefix: bool = True) -> int:
+    """FLOPs one metric needs, from ours' per-item logs (prompt and generated token counts, scored text lengths)."""
+    rows = [item for item in items if item["metric"] == metric]
+    if metric == "verbmem_f":
+        return sum(generation_flops(shape, item["prompt_tokens"], item["new_tokens"]) for item in rows)
+    if metric == "privleak":
+        return sum(scoring_flops(shape, item["tokens"]) for item in rows)
+    return _knowmem_flops(shape, tokenizer, rows, share_prefix)
+
+
+def time_verbmem_prefill(model, tokenizer, corpus, limit, batch_size: int) -> tuple[float, int]:
+    """Wall seconds and FLOPs of the VerbMem prompts' prefill alone (one new token each), as `evaluate` runs it."""
+    items = corpus.verbmem[:limit] if limit else corpus.verbmem
+    ids = encode(tokenizer, [item.prompt for item in items], None, keep="last").ids
+    eos = eos_token_ids(model, tokenizer)
+    start = time.perf_counter()
+    with onednn_linear():
+        greedy_generate(model, ids, 1, pad_token_id(tokenizer, eos), eos, batch_size)
+    seconds = time.perf_counter() - start
+    return seconds, sum(prefill_flops(ModelShape.of(model), len(prompt)) for prompt in ids)
+
+
 # ---- driver -------------------------------------------------------------------------------------------------
 def _default_model(data: Path) -> Path:
     from qrunlearn.models.target import TargetConfig, build_target_and_retrain
@@ -162,7 +243,7 @@ def _default_model(data: Path) -> Path:
     return Path(build_target_and_retrain(data, out, TargetConfig(size="small"))["target"].path)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="model folder (default: the built-in 'small' target, trained "
                                                    "and cached under runs/bench_eval)")
@@ -173,67 +254,115 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-onednn", action="store_true", help="ours without oneDNN linears (EvalConfig)")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def _corpus_dir(data: Path | None) -> Path:
+    if data is not None:
+        return data
+    from qrunlearn.data.muse import write_corpus
+    from qrunlearn.data.synth import SynthConfig, generate_corpus
+
+    data = REPO / "runs" / "bench_eval" / "synth_small"
+    if not (data / "privleak").exists():
+        write_corpus(generate_corpus(SynthConfig(seed=0, size="small")), data)
+    return data
+
+
+def _side_by_side(model, tokenizer, corpus, args) -> dict:
+    """Each metric, ours then the baseline; wall seconds, metric values and ours' FLOPs per metric."""
+    shape = ModelShape.of(model)
+    run: dict = {"ours": {}, "baseline": {}, "ours_s": {}, "baseline_s": {}, "flops": {}}
+    for metric in args.metrics:
+        config = EvalConfig(metrics=(metric,), limit=args.limit, batch_size=args.batch_size,
+                            onednn_linear=not args.no_onednn)
+        start = time.perf_counter()
+        result = evaluate(model, tokenizer, corpus, config, retrain_auc=args.retrain_auc, progress=False)
+        run["ours_s"][metric] = time.perf_counter() - start
+        run["ours"].update(result.metrics)
+        run["flops"][metric] = metric_flops(shape, tokenizer, metric, result.items, config.share_prefix)
+        start = time.perf_counter()
+        run["baseline"].update(run_baseline(model, tokenizer, corpus, metric, args.limit, args.retrain_auc))
+        run["baseline_s"][metric] = time.perf_counter() - start
+        print(f"{metric}: baseline {run['baseline_s'][metric]:.2f}s, ours {run['ours_s'][metric]:.2f}s", flush=True)
+    return run
+
+
+def _print_metrics(run: dict) -> float:
+    print(f"\n{'metric':<16}{'baseline':>12}{'ours':>12}{'|diff|':>10}   (AUCs x100)")
+    worst = 0.0
+    for key, base in run["baseline"].items():
+        scale = 1.0 if key in ("verbmem_f", "knowmem_f", "knowmem_r", "privleak") else 100.0
+        diff = abs(run["ours"][key] - base) * scale
+        worst = max(worst, diff)
+        print(f"{key:<16}{base * scale:>12.3f}{run['ours'][key] * scale:>12.3f}{diff:>10.4f}")
+    return worst
+
+
+def _print_timings_and_mfu(run: dict, peak: float) -> None:
+    rows = [(key, run["baseline_s"][key], run["ours_s"][key], run["flops"][key]) for key in run["ours_s"]]
+    if run["prefill"]:
+        rows.append(("verbmem prefill", None, run["prefill"]["seconds"], run["prefill"]["flops"]))
+    print(f"\n{'time (s)':<16}{'baseline':>10}{'ours':>10}{'ratio':>8}{'GFLOP':>10}{'MFU base':>10}{'MFU ours':>10}")
+    for key, base, ours, flops in rows:
+        # the baseline does the same work as ours for VerbMem and PrivLeak only (KnowMem: no shared prefix, no early
+        # stop, no answer NLL), so only there is its MFU on the same FLOPs meaningful
+        same_work = base is not None and key in ("verbmem_f", "privleak")
+        base_s = f"{base:>10.2f}" if base is not None else f"{'-':>10}"
+        ratio = f"{base / ours:>7.2f}x" if base is not None else f"{'-':>8}"
+        base_mfu = f"{flops / (base * peak * 1e9):>10.1%}" if same_work else f"{'-':>10}"
+        ours_mfu = f"{flops / (ours * peak * 1e9):>10.1%}"
+        print(f"{key:<16}{base_s}{ours:>10.2f}{ratio}{flops / 1e9:>10.0f}{base_mfu}{ours_mfu}")
+    base_time, ours_time = sum(run["baseline_s"].values()), sum(run["ours_s"].values())
+    print(f"{'total':<16}{base_time:>10.2f}{ours_time:>10.2f}{base_time / ours_time:>7.2f}x")
+
+
+def main() -> None:
+    args = _parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    data = args.data
-    if data is None:
-        from qrunlearn.data.muse import write_corpus
-        from qrunlearn.data.synth import SynthConfig, generate_corpus
-
-        data = REPO / "runs" / "bench_eval" / "synth_small"
-        if not (data / "privleak").exists():
-            write_corpus(generate_corpus(SynthConfig(seed=0, size="small")), data)
+    data = _corpus_dir(args.data)
     model_dir = args.model or _default_model(data)
     corpus = load_corpus(data)
     model, tokenizer = load_causal_lm(model_dir, dtype=args.dtype, device=args.device)
     print(f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {model.device}, "
           f"{args.dtype}), data {data}, limit {args.limit}, batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    peaks = [matmul_peak()]
 
     # warm-up both code paths on one item so that neither pays first-call costs inside the timing
-    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap=10), retrain_auc=args.retrain_auc,
-             progress=False)
+    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap=10, onednn_linear=not args.no_onednn),
+             retrain_auc=args.retrain_auc, progress=False)
     for metric in METRICS:
         run_baseline(model, tokenizer, corpus, metric, 1, args.retrain_auc)
 
-    # metric by metric, ours then the baseline, so that both see the same machine load
-    ours_metrics, base_metrics, ours_timings, base_timings = {}, {}, {}, {}
-    for metric in METRICS:
-        start = time.perf_counter()
-        result = evaluate(model, tokenizer, corpus, EvalConfig(metrics=(metric,), limit=args.limit,
-                                                               batch_size=args.batch_size),
-                          retrain_auc=args.retrain_auc, progress=False)
-        ours_timings[metric] = time.perf_counter() - start
-        ours_metrics.update(result.metrics)
-        start = time.perf_counter()
-        base_metrics.update(run_baseline(model, tokenizer, corpus, metric, args.limit, args.retrain_auc))
-        base_timings[metric] = time.perf_counter() - start
-        print(f"{metric}: baseline {base_timings[metric]:.2f}s, ours {ours_timings[metric]:.2f}s", flush=True)
-    ours_time, base_time = sum(ours_timings.values()), sum(base_timings.values())
-
-    print(f"\n{'metric':<16}{'baseline':>12}{'ours':>12}{'|diff|':>10}   (AUCs x100)")
-    worst = 0.0
-    for key, base in base_metrics.items():
-        scale = 1.0 if key in ("verbmem_f", "knowmem_f", "knowmem_r", "privleak") else 100.0
-        diff = abs(ours_metrics[key] - base) * scale
-        worst = max(worst, diff)
-        print(f"{key:<16}{base * scale:>12.3f}{ours_metrics[key] * scale:>12.3f}{diff:>10.4f}")
-    print(f"\n{'time (s)':<16}{'baseline':>12}{'ours':>12}{'ratio':>10}")
-    for key in METRICS:
-        print(f"{key:<16}{base_timings[key]:>12.2f}{ours_timings[key]:>12.2f}"
-              f"{base_timings[key] / ours_timings[key]:>10.1f}x")
-    print(f"{'total':<16}{base_time:>12.2f}{ours_time:>12.2f}{base_time / ours_time:>10.1f}x")
-    print(f"\nspeed-up {base_time / ours_time:.1f}x; largest metric difference {worst:.4f} points")
+    load_before = os.getloadavg()
+    run = _side_by_side(model, tokenizer, corpus, args)
+    run["prefill"] = {}
+    if "verbmem_f" in args.metrics:
+        seconds, flops = time_verbmem_prefill(model, tokenizer, corpus, args.limit, args.batch_size)
+        run["prefill"] = {"seconds": seconds, "flops": flops}
+    load_after = os.getloadavg()
+    peaks.append(matmul_peak())
+    peak = max(max(p.values()) for p in peaks)
+    worst = _print_metrics(run)
+    _print_timings_and_mfu(run, peak)
+    print(f"\npeak {peak:.0f} GFLOP/s (2048^3 float32, {torch.get_num_threads()} threads, best of 5, before / after: "
+          + ", ".join(f"default BLAS {p['default_blas']:.0f}, oneDNN {p['onednn']:.0f}" for p in peaks)
+          + f"); load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    base_time, ours_time = sum(run["baseline_s"].values()), sum(run["ours_s"].values())
+    print(f"speed-up {base_time / ours_time:.2f}x; largest metric difference {worst:.4f} points")
     if args.json is not None:
         args.json.write_text(json.dumps({
             "model": str(model_dir), "data": str(data), "limit": args.limit, "batch_size": args.batch_size,
             "device": str(model.device), "threads": torch.get_num_threads(), "baseline_seconds": base_time,
             "ours_seconds": ours_time, "speedup": base_time / ours_time, "max_metric_diff": worst,
-            "baseline": base_metrics, "ours": ours_metrics, "baseline_timings": base_timings,
-            "ours_timings": ours_timings,
+            "baseline": run["baseline"], "ours": run["ours"], "baseline_timings": run["baseline_s"],
+            "ours_timings": run["ours_s"], "flops": run["flops"], "verbmem_prefill": run["prefill"],
+            "peaks_gflops": peaks, "peak_gflops": peak, "load_average": [load_before, load_after],
         }, indent=2))
 
 

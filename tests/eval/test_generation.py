@@ -92,7 +92,7 @@ def test_left_truncation_keeps_bos_and_the_end(tiny):
 
 
 def test_shared_prefix_gives_the_same_tokens(tiny, tiny_corpus):
-    from qrunlearn.eval.generation import MIN_SHARED_PREFIX, common_prefix_length
+    from qrunlearn.eval.generation import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix, shared_prefix_length
     from qrunlearn.eval.muse import knowmem_prompt
 
     model, tokenizer = tiny
@@ -101,10 +101,34 @@ def test_shared_prefix_gives_the_same_tokens(tiny, tiny_corpus):
     prompts = encode(tokenizer, texts, None, keep="last").ids
     assert common_prefix_length(prompts) >= MIN_SHARED_PREFIX  # the few-shot block is shared
     eos = eos_token_ids(model, tokenizer)
-    shared = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, share_prefix=True)
-    plain = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, share_prefix=False)
+    prefix = shared_prefix(model, prompts)
+    assert prefix is not None and prefix.length == shared_prefix_length(prompts)
+    assert prefix.length == min(common_prefix_length(prompts), min(map(len, prompts)) - 1)
+    assert shared_prefix_length(prompts[:1]) == 0 and shared_prefix_length([p[:10] for p in prompts]) == 0
+    shared = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2, prefix=prefix)
+    plain = greedy_generate(model, prompts, 16, tokenizer.pad_token_id, eos, batch_size=2)
     assert shared == plain
     reference = model.generate(torch.tensor([prompts[0]]),
-                               attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long),
-                               max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                               attention_mask=torch.ones(1, len(prompts[0]), dtype=torch.long), max_new_tokens=16,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert reference[0, len(prompts[0]):].tolist() == shared[0]
+
+
+def test_decode_threads_apply_to_the_decoding_steps_only(tiny, tiny_corpus):
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer, tiny_corpus, n=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+
+        def record(tokens: list[int]) -> bool:  # called inside the decoding loop
+            seen.append(torch.get_num_threads())
+            return False
+
+        single = generate_batch(model, prompts, 6, tokenizer.pad_token_id, eos_ids=(), should_stop=record,
+                                decode_threads=1)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        assert single == generate_batch(model, prompts, 6, tokenizer.pad_token_id, eos_ids=())
+    finally:
+        torch.set_num_threads(before)

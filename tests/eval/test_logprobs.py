@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from qrunlearn.eval import logprobs
 from qrunlearn.eval.logprobs import TokenStats, mia_scores, score_texts, token_stats
 
 
@@ -60,6 +61,23 @@ def test_token_stats_match_a_direct_computation():
     assert stats.mask.tolist() == [[True] * 4, [True, True, False, False]]
 
 
+def test_token_stats_from_hidden_states_in_chunks_match_the_full_logits(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 7, 8)
+    ids = torch.randint(0, 11, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    full = token_stats(head(hidden), ids, mask)
+    monkeypatch.setitem(logprobs._STATS_ELEMENT_BUDGET, "cpu", 2 * 11)  # 2 positions per chunk: 3 chunks per row
+    chunked = token_stats(hidden, ids, mask, head=head)
+    real = full.mask
+    for name in ("logprob", "mu", "sigma"):
+        expected, got = getattr(full, name)[real], getattr(chunked, name)[real]
+        assert torch.allclose(got, expected, atol=1e-6), name
+    # pads are never computed: they keep the neutral values the scores mask out anyway
+    assert chunked.logprob[1, 3:].tolist() == [0.0] * 3 and chunked.sigma[1, 3:].tolist() == [1.0] * 3
+
+
 def test_batched_scores_equal_one_at_a_time(tiny_model_dir, tiny_corpus):
     from qrunlearn.models.loading import load_causal_lm
 
@@ -87,8 +105,8 @@ def test_answer_nll_equals_teacher_forced_cross_entropy(tiny_model_dir):
     from qrunlearn.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
-    texts = ("Question: Where?\nAnswer: ", "Question: Who is it?\nAnswer: ")
-    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    questions = ("Question: Where?\nAnswer: ", "Question: Who is it?\nAnswer: ")
+    prompts = [tokenizer(text)["input_ids"] for text in questions]
     answers = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Drudrendstead", "a historian")]
     batched = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=2)
     for prompt, answer, value in zip(prompts, answers, batched):
@@ -98,3 +116,58 @@ def test_answer_nll_equals_teacher_forced_cross_entropy(tiny_model_dir):
         expected = torch.nn.functional.cross_entropy(logits, torch.tensor(answer)).item()
         assert value == pytest.approx(expected, rel=1e-5)
     assert batched[0] != pytest.approx(batched[1])
+
+
+def test_answer_nll_with_a_shared_prefix_equals_the_full_pass(tiny_model_dir, tiny_corpus):
+    from qrunlearn.eval.generation import shared_prefix
+    from qrunlearn.eval.logprobs import answer_nll
+    from qrunlearn.eval.muse import knowmem_prompt
+    from qrunlearn.models.loading import load_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    icl, qa = tiny_corpus.knowmem["forget_qa_icl"], tiny_corpus.knowmem["forget_qa"][:5]
+    prompts = [tokenizer(knowmem_prompt(icl, pair.question))["input_ids"] for pair in qa]
+    answers = [tokenizer(pair.answer, add_special_tokens=False)["input_ids"] for pair in qa]
+    prefix = shared_prefix(model, prompts)
+    assert prefix is not None and prefix.length > len(prompts[0]) // 2  # the few-shot block is most of the prompt
+    full = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=3)
+    shared = answer_nll(model, prompts, answers, tokenizer.pad_token_id, batch_size=3, prefix=prefix)
+    np.testing.assert_allclose(shared, full, rtol=1e-5)
+    assert len(set(np.round(full, 4))) > 1
+
+
+def _capped_gemma():
+    """A model whose logits are its head's output soft-capped (Gemma 2), with logits large enough for the cap to
+    matter."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0,
+                          max_position_embeddings=128, pad_token_id=0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+def test_a_model_that_transforms_its_logits_is_scored_on_its_own_logits(tiny_model_dir):
+    from qrunlearn.eval.logprobs import answer_nll
+    from qrunlearn.models.heads import head_gives_logits
+    from qrunlearn.models.loading import load_causal_lm
+
+    assert head_gives_logits(load_causal_lm(tiny_model_dir, device="cpu")[0])
+    model = _capped_gemma()
+    assert not head_gives_logits(model)
+    torch.manual_seed(1)
+    texts = [torch.randint(1, 97, (n,)).tolist() for n in (12, 7, 9)]
+    scores = score_texts(model, texts, [10, 10, 10], pad_id=0, batch_size=3)
+    nll = answer_nll(model, [t[:5] for t in texts], [t[5:] for t in texts], pad_id=0, batch_size=3)
+    for i, ids in enumerate(texts):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        assert logits.abs().max() > 4.0  # the cap is active
+        loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+        assert scores["loss"][i] == pytest.approx(loss, rel=1e-5)
+        answer = torch.nn.functional.cross_entropy(logits[4:-1], torch.tensor(ids[5:])).item()
+        assert nll[i] == pytest.approx(answer, rel=1e-5)

@@ -19,6 +19,12 @@ METRIC_NAMES: tuple[MetricName, ...] = ("verbmem_f", "knowmem_f", "knowmem_r", "
 RETRAIN_AUC_PRESETS: dict[str, float] = {"news": 0.4772, "books": 0.5393}
 
 
+# Decoding steps run on one CPU thread by default. A step is memory-bound work split into ~250 small parallel regions
+# (each matmul, each attention); when the cores are shared with other processes every region waits for a descheduled
+# thread. Measured on 2 shared cores (load ~5), SmolLM2, 8 rows: 0.4-5.5 s per step with 2 threads, 0.12 s with 1.
+# On an idle machine with many cores, more threads may decode faster (not measured here): set it to None there.
+
+
 class EvalConfig(BaseModel):
     """What to evaluate and how. One definition: the `eval` command's options and an experiment's `eval:`
     section are both this record."""
@@ -42,3 +48,8 @@ class EvalConfig(BaseModel):
                                                "few-shot prompt (knowmem_f_answer_nll)")
     share_prefix: bool = Field(True, description="compute a prompt prefix common to all items (the few-shot "
                                                  "block) once")
+    decode_threads: int | None = Field(1, ge=1, description="CPU threads of the single-token decoding steps (None = "
+                                                            "torch's setting); see the comment above")
+    onednn_linear: bool = Field(True, description="on CPU, run float32 linear layers through oneDNN (2-2.5x MKL's "
+                                                  "speed on AMD CPUs; results differ in the last bits); false = "
+                                                  "PyTorch's default BLAS")

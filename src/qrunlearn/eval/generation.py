@@ -1,28 +1,31 @@
 """Batched greedy decoding with a KV cache, for any Hugging Face causal LM (plain, quantized or merged).
 
-Prompts are left-padded so that every row's next token sits in the last column; position ids are counted
-from each row's first real token, so a padded row sees exactly the positions it would see alone. Rows stop at
+Prompts are right-padded for the prefill pass, which then needs no attention mask (a real token never attends
+to the pads after it) and takes SDPA's causal kernel; each row's first new token comes from its last real
+position. New tokens are appended after the padded block, the pads masked out and position ids continuing from
+each row's own length, so a padded row sees exactly the keys and positions it would see alone. Rows stop at
 an end-of-sequence token (as `model.generate` does) or, when a `should_stop` test is given, as soon as the text
 generated so far settles the final answer (KnowMem's stop strings), which saves the remaining steps without
 changing the cut text.
 
 Prompts that share a long token prefix (KnowMem's ten few-shot examples) compute that prefix's keys and values
-once; each batch copies the cache and runs only its own suffixes, padded between prefix and suffix (masked, with
-positions counted as if there were no padding). The prefix is found on the token ids of the full prompts, so
-tokenisation is exactly that of each whole prompt.
+once; each batch copies the cache and runs only its own suffixes. The prefix is found on the token ids of the
+full prompts, so tokenisation is exactly that of each whole prompt.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from qrunlearn.models.heads import head_set_aside
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -112,33 +115,56 @@ def encode(tokenizer, texts: Sequence[str], max_tokens: int | None, keep: str) -
     return Encoded(out_ids, truncated)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-            cache=None, last_only: bool = False):
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+            cache=None):
     """One forward pass with explicit positions and an optional KV cache (returned as `(logits, cache)`)."""
     extra = {_CACHE_ARG: cache} if cache is not None else {}
-    if last_only and _accepts_logits_to_keep(model):
-        extra["logits_to_keep"] = 1  # prefill: only the last position's logits are needed
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 **extra)
     return out.logits, getattr(out, _CACHE_ARG)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, mask)` of shape (rows, longest), each sequence at the start of its row."""
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        if seq:
-            input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, width - len(seq):] = 1
+        input_ids[row, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, :len(seq)] = 1
     return input_ids, mask
+
+
+@dataclass
+class Prefill:
+    """Final hidden states of right-padded prompts (after a shared prefix) and the cache holding their keys and
+    values. `hidden[row, lengths[row] - 1]` is the state that predicts the row's first new token. `head` turns
+    hidden states into logits; None when `hidden` already holds the logits (the head was not set aside)."""
+
+    hidden: torch.Tensor  # (rows, width, hidden size or vocabulary)
+    lengths: torch.Tensor  # (rows,) real tokens per row, on the CPU
+    cache: object
+    head: torch.nn.Module | None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.head is None else self.head(hidden)
+
+
+def prefill(model, input_ids: torch.Tensor, lengths: torch.Tensor, offset: int, cache,
+            direct_head: bool = True) -> Prefill:
+    """Run right-padded `input_ids` (rows, width) that continue `offset` tokens already in `cache`.
+
+    No attention mask is passed: with right padding a real token never attends to the pads after it, so causal
+    attention alone gives every real position exactly its unpadded result. With nothing cached before, SDPA then
+    takes its causal kernel, which skips the blocks above the diagonal; a padding mask forced the dense masked path
+    over the whole cache, about twice the attention work. With `direct_head` the head is left out of the pass
+    (positions whose logits are not needed cost nothing) and callers apply it to the positions they need; set it
+    False for a model whose logits are not its head's output (`models.heads.head_gives_logits`)."""
+    rows, width = input_ids.shape
+    positions = torch.arange(offset, offset + width, device=input_ids.device).expand(rows, -1)
+    with head_set_aside(model, direct_head) as head:
+        hidden, cache = forward(model, input_ids, None, positions, cache)
+    return Prefill(hidden=hidden, lengths=lengths, cache=cache, head=head)
 
 
 # Below this many shared tokens, copying the prefix cache is not worth it.
@@ -165,10 +191,8 @@ class SharedPrefix:
 @torch.inference_mode()
 def build_shared_prefix(model, prefix: Sequence[int]) -> SharedPrefix | None:
     """The prefix's cache, or None where the cache does not expose per-layer keys and values."""
-    device = input_device(model)
-    input_ids = torch.tensor([list(prefix)], device=device)
-    mask = torch.ones_like(input_ids)
-    _, cache = forward(model, input_ids, mask, torch.arange(len(prefix), device=device)[None], last_only=True)
+    input_ids = torch.tensor([list(prefix)], device=input_device(model))
+    cache = prefill(model, input_ids, torch.tensor([len(prefix)]), 0, cache=None).cache
     if not all(hasattr(layer, "keys") for layer in getattr(cache, "layers", [None])):
         return None  # a cache whose per-layer keys and values cannot be read back: no sharing
     return SharedPrefix(len(prefix), cache)
@@ -188,28 +212,67 @@ def new_cache(model, max_length: int, rows: int, prefix: SharedPrefix | None):
     return cache
 
 
+def prefill_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int, prefix: SharedPrefix | None,
+                    room: int, direct_head: bool = True) -> Prefill:
+    """`prefill` of each prompt's tokens after `prefix` (every prompt must start with the prefix and be longer),
+    in a fresh cache with `room` positions left after the longest prompt."""
+    shared = prefix.length if prefix is not None else 0
+    suffixes = [list(p[shared:]) for p in prompts]
+    if not all(suffixes):
+        raise ValueError("every prompt needs at least one token after the shared prefix")
+    input_ids, mask = right_pad(suffixes, pad_id)
+    cache = new_cache(model, shared + input_ids.shape[1] + room, len(prompts), prefix)
+    return prefill(model, input_ids.to(input_device(model)), mask.sum(-1), shared, cache, direct_head)
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None, device: torch.device) -> Iterator[None]:
+    """Torch's intra-op thread count set to `threads` inside the block, on CPU (unchanged for None or elsewhere)."""
+    previous = torch.get_num_threads()
+    if threads is None or device.type != "cpu" or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @torch.inference_mode()
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
                    eos_ids: Sequence[int], should_stop: Callable[[list[int]], bool] | None = None,
-                   prefix: SharedPrefix | None = None) -> list[list[int]]:
+                   prefix: SharedPrefix | None = None, decode_threads: int | None = None) -> list[list[int]]:
     """Greedy continuations of a batch of tokenised prompts. Each row's new tokens end with its eos (kept,
     like `generate`) or stop after `max_new_tokens`, or once `should_stop(tokens_so_far)` is true. With a
-    `prefix`, every prompt must start with its tokens and be longer than it."""
+    `prefix`, every prompt must start with its tokens and be longer than it. `decode_threads` sets the CPU threads
+    of the single-token steps (None: torch's setting; see `EvalConfig.decode_threads`)."""
     device = input_device(model)
     rows = len(prompts)
     shared = prefix.length if prefix is not None else 0
-    input_ids, suffix_mask = left_pad([p[shared:] for p in prompts], pad_id)
-    cache = new_cache(model, shared + input_ids.shape[1] + max_new_tokens, rows, prefix)
-    mask = torch.cat([torch.ones((rows, shared), dtype=suffix_mask.dtype), suffix_mask], dim=1)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    logits, cache = forward(model, input_ids, mask, positions, cache=cache, last_only=True)
-    eos = set(int(e) for e in eos_ids)
+    start = prefill_prompts(model, prompts, pad_id, prefix, room=max_new_tokens)
+    lengths = start.lengths.to(device)
+    # the head alone: a model that transforms its logits after the head (a soft cap, a scale) does so
+    # monotonically, so the greedy choice is the same
+    logits = start.logits(start.hidden[torch.arange(rows, device=device), lengths - 1])
+    # while decoding, the pads between a row's prompt and its new tokens stay masked out
+    real = torch.arange(start.hidden.shape[1], device=device)[None] < lengths[:, None]
+    mask = torch.cat([torch.ones((rows, shared), dtype=torch.long, device=device), real.long()], dim=1)
+    with intra_op_threads(decode_threads, device):
+        return _decode(model, logits, start.cache, mask, (shared + lengths - 1)[:, None], max_new_tokens, pad_id,
+                       set(int(e) for e in eos_ids), should_stop)
+
+
+def _decode(model, logits: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
+            pad_id: int, eos: set[int], should_stop: Callable[[list[int]], bool] | None) -> list[list[int]]:
+    """The greedy loop of `generate_batch`, from the first new token's `logits` (rows, vocab); `positions` holds
+    each row's last prompt position."""
+    rows = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
-    ones = torch.ones((rows, 1), dtype=mask.dtype, device=device)
+    ones = torch.ones((rows, 1), dtype=mask.dtype, device=mask.device)
     for step in range(max_new_tokens):
-        next_tokens = logits[:, -1, :].argmax(dim=-1).tolist()
+        next_tokens = logits.argmax(dim=-1).tolist()
         for row, token in enumerate(next_tokens):
             if done[row]:
                 continue
@@ -221,31 +284,42 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         # finished rows keep feeding a pad token; their outputs are ignored and cannot affect other rows
         feed = [pad_id if done[row] else next_tokens[row] for row in range(rows)]
         mask = torch.cat([mask, ones], dim=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = forward(model, torch.tensor(feed, device=device).unsqueeze(1), mask, positions, cache)
+        positions = positions + 1
+        logits, cache = forward(model, torch.tensor(feed, device=mask.device).unsqueeze(1), mask, positions, cache)
+        logits = logits[:, -1]
     return generated
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix worth sharing among `prompts` (0 when under MIN_SHARED_PREFIX or fewer than two
+    prompts). Each prompt keeps at least one token outside it: that token's logits give its first new token."""
+    if len(prompts) < 2:
+        return 0
+    length = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def shared_prefix(model, prompts: Sequence[Sequence[int]]) -> SharedPrefix | None:
+    """The cache of the prefix `shared_prefix_length` finds, or None when there is none worth sharing."""
+    length = shared_prefix_length(prompts)
+    return build_shared_prefix(model, prompts[0][:length]) if length else None
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int,
                     eos_ids: Sequence[int], batch_size: int,
-                    should_stop: Callable[[list[int]], bool] | None = None, share_prefix: bool = True,
-                    progress: bool = False, desc: str = "generate") -> list[list[int]]:
+                    should_stop: Callable[[list[int]], bool] | None = None, prefix: SharedPrefix | None = None,
+                    decode_threads: int | None = None, progress: bool = False,
+                    desc: str = "generate") -> list[list[int]]:
     """`generate_batch` over all prompts, longest first (similar lengths share a batch, so little padding),
-    results returned in the input order. With `share_prefix`, a token prefix common to all prompts (at least
-    MIN_SHARED_PREFIX long) is computed once."""
-    prefix = None
-    if share_prefix and len(prompts) > 1:
-        # keep at least one token per prompt outside the prefix: it yields the first new token's logits
-        length = min(common_prefix_length(prompts), min(len(p) for p in prompts) - 1)
-        if length >= MIN_SHARED_PREFIX:
-            prefix = build_shared_prefix(model, prompts[0][:length])
+    results returned in the input order. `prefix` (from `shared_prefix`) is a token prefix common to all prompts
+    whose keys and values are computed once."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
             outputs = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, pad_id, eos_ids,
-                                     should_stop, prefix)
+                                     should_stop, prefix, decode_threads)
             for index, tokens in zip(chunk, outputs):
                 results[index] = tokens
             bar.update(len(chunk))

@@ -1,9 +1,10 @@
 """MUSE's evaluation (VerbMem, KnowMem on forget and retain, PrivLeak) plus MIA AUCs, batched.
 
 Definitions follow MUSE exactly (see paper.md, "MUSE metrics, exactly"); what differs is only how the work is
-scheduled: prompts are generated in left-padded batches with a KV cache, and all privleak texts are scored in
-batched forward passes. `benchmarks/bench_eval.py` checks the numbers against a one-prompt-at-a-time loop
-written like MUSE's.
+scheduled: prompts are generated in right-padded batches with a KV cache (a shared few-shot prefix computed once),
+all privleak texts are scored in batched forward passes, and on CPU float32 linear layers run through oneDNN
+(`models.onednn`). `benchmarks/bench_eval.py` checks the numbers against a one-prompt-at-a-time loop written like
+MUSE's.
 
 One adaptation MUSE never needed: a prompt longer than the model's context minus the new tokens keeps its
 last tokens (and its BOS), and a privleak text longer than the context keeps its first tokens. Both are
@@ -33,6 +34,7 @@ from qrunlearn.eval.generation import (
     greedy_generate,
     input_device,
     pad_token_id,
+    shared_prefix,
 )
 from qrunlearn.eval.logprobs import (
     MIN_K_RATIOS,
@@ -50,6 +52,7 @@ from qrunlearn.eval.rouge import (
     rouge_l,
 )
 from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
+from qrunlearn.models.onednn import onednn_linear
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -136,13 +139,16 @@ def _warn_truncated(what: str, count: int, total: int, limit: int | None) -> Non
 
 def _generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, setup: _Setup, config: EvalConfig,
                     label: str, should_stop: Callable[[list[int]], bool] | None, progress: bool):
+    """Tokenised prompts, their generations (decoded) with the number of new tokens of each, and the shared prefix
+    the prompts were run with (None when not shared)."""
     budget = _prompt_budget(setup, max_new_tokens)
     encoded = encode(tokenizer, prompts, budget, keep="last")
     _warn_truncated(f"{label} prompts", encoded.n_truncated, len(prompts), budget)
+    prefix = shared_prefix(model, encoded.ids) if config.share_prefix else None
     outputs = greedy_generate(model, encoded.ids, max_new_tokens, setup.pad, setup.eos, config.batch_size,
-                              should_stop=should_stop, share_prefix=config.share_prefix, progress=progress,
-                              desc=label)
-    return encoded, decode(tokenizer, outputs)
+                              should_stop=should_stop, prefix=prefix, decode_threads=config.decode_threads,
+                              progress=progress, desc=label)
+    return encoded, decode(tokenizer, outputs), [len(tokens) for tokens in outputs], prefix
 
 
 def run_verbmem(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, setup: _Setup,
@@ -150,8 +156,8 @@ def run_verbmem(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, setup:
     """ROUGE-L F1 and recall (x100) per item, item logs, number of truncated prompts."""
     items = _head(corpus.require_verbmem(), config.limit)
     max_new = config.max_new_tokens_verbmem
-    encoded, generations = _generate_texts(model, tokenizer, [it.prompt for it in items], max_new, setup, config,
-                                           "verbmem_f", None, progress)
+    encoded, generations, new_tokens, _ = _generate_texts(model, tokenizer, [it.prompt for it in items], max_new,
+                                                          setup, config, "verbmem_f", None, progress)
     gt_ids = tokenizer([it.gt for it in items], add_special_tokens=True)["input_ids"]
     references = decode(tokenizer, [list(ids[:max_new]) for ids in gt_ids])
     f1s, recalls, logs = [], [], []
@@ -161,7 +167,8 @@ def run_verbmem(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, setup:
         recalls.append(score.recall * 100)
         logs.append({"metric": "verbmem_f", "id": index, "prompt": item.prompt, "generation": generation,
                      "reference": reference, "score": score.f1 * 100, "recall": score.recall * 100,
-                     "prompt_tokens": len(encoded.ids[index]), "truncated": encoded.truncated[index]})
+                     "prompt_tokens": len(encoded.ids[index]), "new_tokens": new_tokens[index],
+                     "truncated": encoded.truncated[index]})
     return f1s, recalls, logs, encoded.n_truncated
 
 
@@ -183,8 +190,8 @@ def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalCo
         # once a stop string has appeared, later tokens cannot change the cut text
         return contains_stop_string(decode(tokenizer, [tokens])[0])
 
-    encoded, generations = _generate_texts(model, tokenizer, prompts, config.max_new_tokens_knowmem, setup, config,
-                                           metric, settled, progress)
+    encoded, generations, new_tokens, prefix = _generate_texts(model, tokenizer, prompts, config.max_new_tokens_knowmem,
+                                                               setup, config, metric, settled, progress)
     f1s, recalls, logs = [], [], []
     for index, (pair, prompt, raw) in enumerate(zip(qa, prompts, generations)):
         generation = cut_at_stop_strings(raw)
@@ -194,14 +201,15 @@ def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalCo
         logs.append({"metric": metric, "id": index, "question": pair.question, "prompt": prompt,
                      "generation": generation, "reference": pair.answer, "score": score.f1 * 100,
                      "recall": score.recall * 100, "prompt_tokens": len(encoded.ids[index]),
-                     "truncated": encoded.truncated[index]})
+                     "new_tokens": new_tokens[index], "truncated": encoded.truncated[index]})
     if split == "forget" and config.answer_nll:
         lead = "" if config.knowmem_prompt == "muse" else " "  # the answer carries the prompt's moved space
         texts = [lead + pair.answer for pair in qa]
         answers = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        nlls = answer_nll(model, encoded.ids, answers, setup.pad, config.batch_size)
-        for log, value in zip(logs, nlls):
+        nlls = answer_nll(model, encoded.ids, answers, setup.pad, config.batch_size, prefix)
+        for log, value, ids in zip(logs, nlls, answers):
             log["answer_nll"] = float(value)
+            log["answer_tokens"] = len(ids)
     return f1s, recalls, logs, encoded.n_truncated
 
 
@@ -252,8 +260,9 @@ def privleak_auc(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, progr
     """Min-40% AUC of privleak forget (label 0) vs holdout (label 1): a retrain model's reference AUC."""
     check_corpus(corpus, ("privleak",))
     setup = _setup(model, tokenizer, config)
-    result = run_privleak_scores(model, tokenizer, corpus, config, setup, with_extra=False,
-                                 splits=("forget", "holdout"), progress=progress)
+    with onednn_linear(config.onednn_linear):
+        result = run_privleak_scores(model, tokenizer, corpus, config, setup, with_extra=False,
+                                     splits=("forget", "holdout"), progress=progress)
     return muse_auc(result.scores["forget"][PRIVLEAK_SCORE], result.scores["holdout"][PRIVLEAK_SCORE])
 
 
@@ -271,25 +280,15 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
     truncated: dict[str, int] = {}
     started = time.perf_counter()
     try:
-        for metric in config.metrics:
-            start = time.perf_counter()
-            if metric == "privleak":
-                _add_privleak(result, model, tokenizer, corpus, config, setup, retrain_auc, truncated, progress)
-            else:
-                if metric == "verbmem_f":
-                    f1s, recalls, logs, cut = run_verbmem(model, tokenizer, corpus, config, setup, progress)
+        with onednn_linear(config.onednn_linear) as routed:
+            for metric in config.metrics:
+                start = time.perf_counter()
+                if metric == "privleak":
+                    _add_privleak(result, model, tokenizer, corpus, config, setup, retrain_auc, truncated, progress)
                 else:
-                    f1s, recalls, logs, cut = run_knowmem(model, tokenizer, corpus, _KNOWMEM_SPLIT[metric], config,
-                                                          setup, progress)
-                truncated[metric] = cut
-                result.items.extend(logs)
-                if logs and "answer_nll" in logs[0]:
-                    result.metrics[f"{metric}_answer_nll"] = float(np.mean([log["answer_nll"] for log in logs]))
-                for name, values in ((metric, f1s), (f"{metric}_recall", recalls)):
-                    result.metrics[name] = float(np.mean(values))
-                    result.intervals[name] = mean_interval(np.array(values), config.bootstrap,
-                                                           _stream(config.seed, name))
-            result.timings[metric] = time.perf_counter() - start
+                    _add_generation_metric(result, metric, model, tokenizer, corpus, config, setup, truncated,
+                                           progress)
+                result.timings[metric] = time.perf_counter() - start
     finally:
         model.train(was_training)
     result.timings["total"] = time.perf_counter() - started
@@ -300,12 +299,30 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
         "eos_token_ids": list(setup.eos),
         "pad_token_id": setup.pad,
         "device": str(input_device(model)),
+        "onednn_linear": routed,
         "truncated": truncated,
         "n_items": _count_items(result.items),
         "privleak_score": PRIVLEAK_SCORE,
         "auc_orientation": "roc_curve(y, -score) with privleak/forget labelled 0 and privleak/holdout 1 (MUSE)",
     }
     return result
+
+
+def _add_generation_metric(result: EvalResult, metric: str, model, tokenizer, corpus: MuseCorpus, config: EvalConfig,
+                           setup: _Setup, truncated: dict[str, int], progress: bool) -> None:
+    """VerbMem or KnowMem: items, mean ROUGE-L F1 and recall with their intervals, and the answer NLL if logged."""
+    if metric == "verbmem_f":
+        f1s, recalls, logs, cut = run_verbmem(model, tokenizer, corpus, config, setup, progress)
+    else:
+        f1s, recalls, logs, cut = run_knowmem(model, tokenizer, corpus, _KNOWMEM_SPLIT[metric], config, setup,
+                                              progress)
+    truncated[metric] = cut
+    result.items.extend(logs)
+    if logs and "answer_nll" in logs[0]:
+        result.metrics[f"{metric}_answer_nll"] = float(np.mean([log["answer_nll"] for log in logs]))
+    for name, values in ((metric, f1s), (f"{metric}_recall", recalls)):
+        result.metrics[name] = float(np.mean(values))
+        result.intervals[name] = mean_interval(np.array(values), config.bootstrap, _stream(config.seed, name))
 
 
 def _stream(seed: int, name: str) -> int:

@@ -39,3 +39,27 @@ def hidden_states_forward(transformer: HFModel) -> Iterator[nn.Linear]:
         yield head
     finally:
         transformer.set_output_embeddings(head)
+
+
+@torch.inference_mode()
+def head_gives_logits(transformer: nn.Module) -> bool:
+    """Whether the model's logits are its output head applied to the final hidden states, unchanged, checked on a
+    two-token input. False for models that transform them after the head (Gemma 2's soft cap, Cohere's and
+    Granite's scales): applying the head alone there gives other log-probabilities (though the same argmax)."""
+    weight = transformer.get_input_embeddings().weight
+    ids = torch.tensor([[0, 1]], device=weight.device)
+    logits = transformer(input_ids=ids, use_cache=False).logits
+    with hidden_states_forward(transformer) as head:
+        hidden = transformer(input_ids=ids, use_cache=False).logits
+    return torch.allclose(head(hidden).float(), logits.float(), rtol=1e-5, atol=1e-6)
+
+
+@contextlib.contextmanager
+def head_set_aside(transformer: nn.Module, direct: bool) -> Iterator[nn.Module | None]:
+    """`hidden_states_forward` when `direct` (the result of `head_gives_logits`), yielding the head; otherwise an
+    ordinary pass whose `.logits` are the model's own, yielding None."""
+    if not direct:
+        yield None
+        return
+    with hidden_states_forward(transformer) as head:
+        yield head

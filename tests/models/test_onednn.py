@@ -1,0 +1,70 @@
+"""oneDNN routing of float32 linear layers: which calls it takes, and that it computes the same thing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qrunlearn.models import onednn
+from qrunlearn.models.onednn import onednn_linear
+
+pytestmark = pytest.mark.skipif(onednn._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
+
+
+@pytest.fixture
+def routed_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Input shapes of the calls that reached oneDNN."""
+    calls: list[tuple[int, ...]] = []
+    real = onednn._ONEDNN_LINEAR
+
+    def spy(*args):
+        calls.append(tuple(args[0].shape))
+        return real(*args)
+
+    monkeypatch.setattr(onednn, "_ONEDNN_LINEAR", spy)
+    return calls
+
+
+def test_inference_linears_are_routed_and_agree(routed_calls):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        expected = layer(x)
+        with onednn_linear() as routed:
+            got = layer(x)
+            unbiased = torch.nn.functional.linear(x[0], layer.weight)
+    assert routed and routed_calls == [(3, 7, 64), (7, 64)]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unbiased, x[0] @ layer.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_training_other_dtypes_and_disabled_are_left_alone(routed_calls):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with onednn_linear():
+        layer(x).sum().backward()  # gradients recorded: the default path, which has a backward
+        assert layer.weight.grad is not None
+        with torch.no_grad():
+            torch.nn.functional.linear(x.double(), layer.weight.double())
+            torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16())
+    with torch.no_grad(), onednn_linear(enabled=False) as routed:
+        layer(x)
+    assert not routed and routed_calls == []
+
+
+def test_a_llama_forward_agrees_with_the_default_blas(routed_calls):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 200, (2, 33))
+    with torch.inference_mode():
+        expected = model(input_ids=ids).logits
+        with onednn_linear():
+            got = model(input_ids=ids).logits
+    assert len(routed_calls) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, then the head
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
