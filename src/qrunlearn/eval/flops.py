@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qrunlearn.typing import HFModel
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -26,7 +28,7 @@ class ModelShape:
     hidden: int  # the output head's input width
 
     @classmethod
-    def of(cls, model: nn.Module) -> ModelShape:
+    def of(cls, model: HFModel) -> ModelShape:
         """Read from a Hugging Face causal LM (plain or merged; quantized layers are not `nn.Linear`)."""
         head = model.get_output_embeddings()
         weights = sum(module.weight.numel() for module in model.modules()

@@ -19,10 +19,11 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, StaticCache
+from transformers import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qrunlearn.models.heads import head_set_aside
@@ -185,7 +186,7 @@ class SharedPrefix:
     """Keys and values (batch size 1) of the first `length` tokens, which every prompt of a call starts with."""
 
     length: int
-    cache: object
+    cache: Any  # a transformers Cache whose layers expose keys and values
 
 
 @torch.inference_mode()
@@ -202,6 +203,7 @@ def new_cache(model, max_length: int, rows: int, prefix: SharedPrefix | None):
     """A preallocated (static) KV cache of `max_length` positions, holding `prefix` repeated over `rows` when
     given. A growing cache re-copies all keys and values at every step (torch.cat), which dominated decoding
     time on CPU; a static one writes each step in place."""
+    cache: Cache
     try:
         cache = StaticCache(config=model.config, max_cache_len=max_length)
     except (TypeError, ValueError, AttributeError):  # a config the static cache cannot size: grow instead

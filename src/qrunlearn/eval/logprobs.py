@@ -103,7 +103,7 @@ def token_stats(outputs: torch.Tensor, input_ids: torch.Tensor, attention_mask: 
             logits = outputs[row, start:stop] if head is None else head(outputs[row, start:stop])
             values, mean, spread = distribution_stats(logits, targets[row, start:stop], with_distribution)
             logprob[row, start:stop] = values
-            if mean is not None:
+            if mean is not None and spread is not None:
                 mu[row, start:stop] = mean
                 sigma[row, start:stop] = spread
     return TokenStats(logprob=logprob, mu=mu, sigma=sigma, mask=mask)

@@ -42,7 +42,7 @@ def hidden_states_forward(transformer: HFModel) -> Iterator[nn.Linear]:
 
 
 @torch.inference_mode()
-def head_gives_logits(transformer: nn.Module) -> bool:
+def head_gives_logits(transformer: HFModel) -> bool:
     """Whether the model's logits are its output head applied to the final hidden states, unchanged, checked on a
     two-token input. False for models that transform them after the head (Gemma 2's soft cap, Cohere's and
     Granite's scales): applying the head alone there gives other log-probabilities (though the same argmax)."""
