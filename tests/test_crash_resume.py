@@ -84,7 +84,8 @@ def prepared(tmp_path_factory) -> Prepared:
     assert main(["run", str(synth), "--out", str(root), "--prepare", "--no-progress"]) == 0
     grid, select = root / "grid.yaml", root / "select.yaml"
     grid.write_text(yaml.safe_dump(_config(root)))
-    select.write_text(yaml.safe_dump(_config(root, precisions=["fp"], select_epoch=True)))
+    # every epoch trained (no stop at the selected one): the Ctrl-C below falls in epoch 2 after a selection in 1
+    select.write_text(yaml.safe_dump(_config(root, precisions=["fp"], select_epoch=True, stop_at_selected=False)))
     return Prepared(root, grid, select)
 
 
@@ -486,3 +487,13 @@ def test_epoch_selection_survives_resume_and_reuse(prepared, tmp_path, monkeypat
     assert reused.unlearn.selected_epoch == resumed.unlearn.selected_epoch
     assert reused.unlearn.model_dir == resumed.unlearn.model_dir
     assert reused.evals["fp"].metrics == resumed.evals["fp"].metrics
+
+
+def test_unlearning_stops_at_the_selected_epoch(prepared, tmp_path):
+    config = tmp_path / "stop.yaml"
+    config.write_text(yaml.safe_dump(_config(prepared.root, precisions=["fp"], select_epoch=True)))
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = _cell_result(tmp_path / "out").unlearn
+    # the barely trained target meets MUSE's rule at epoch 1 of 3: nothing after it is trained
+    assert summary.selected_epoch == 1 and summary.epochs_run == 1, summary.epochs
+    assert summary.stopped_reason.startswith("selected: epoch 1"), summary.stopped_reason

@@ -93,6 +93,9 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = EvalConfig(batch_size=64)
     select_epoch: bool = Field(
         default=False, description="MUSE's rule: keep the first epoch whose KnowMem-forget <= the retrain's.")
+    stop_at_selected: bool = Field(
+        default=True, description="with select_epoch, stop unlearning at the selected epoch (the later ones are "
+                                  "never evaluated); false trains every epoch and keeps them all")
 
     @model_validator(mode="before")
     @classmethod

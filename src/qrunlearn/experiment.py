@@ -281,6 +281,9 @@ class Experiment:
         target, _ = self.model_paths(progress=False)
         reference = self.retrain_reference()
         config = self.config.unlearn_config(cell.method, cell.strategy)
+        if self.config.select_epoch and self.config.stop_at_selected and reference.knowmem_f is not None:
+            # the epochs after MUSE's selected one would never be evaluated: stop there
+            config = config.model_copy(update={"stop_knowmem_f": reference.knowmem_f})
         set_seed(self.config.seed)
         tick(f"{cell.id}: unlearn")
         hook = knowmem_hook(self.corpus(), self.config.eval_config()) if self.config.select_epoch else None
