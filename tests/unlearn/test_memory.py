@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qrunlearn.cli import main
 from qrunlearn.unlearn import UnlearnConfig
 from qrunlearn.unlearn.lora import wrap_lora
-from qrunlearn.unlearn.memory import estimate_memory
+from qrunlearn.unlearn.memory import _block_and_root_parameters, estimate_memory, meta_model
 
 # vocabulary 128, hidden 64, MLP 128, 2 blocks, 4 query / 2 key-value heads (key/value width 32), untied head
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -52,7 +52,10 @@ def test_settings_move_the_right_terms(model_dir):
     pure = estimate_memory(model_dir, _cfg(dtype="bfloat16", precision="pure"), device="cpu")
     assert checkpointed.activations < plain.activations and checkpointed.weights == plain.weights
     assert chunked.loss_temporaries < plain.loss_temporaries / 5
-    assert sharded.weights == plain.weights // 4 and sharded.optimizer == plain.optimizer // 4
+    block, root = _block_and_root_parameters(meta_model(model_dir))
+    # shards of everything, plus the whole copies FSDP2 gathers: two blocks and the root's own parameters
+    assert sharded.weights == plain.weights // 4 + (2 * block + root) * 4 and sharded.optimizer == plain.optimizer // 4
+    assert sharded.reference == plain.reference // 4 + block * 4
     assert sharded.activations == plain.activations  # activations are per process, not sharded
     assert offloaded.reference == 0
     assert mixed.weights == 4 * PARAMS + 2 * PARAMS and mixed.optimizer == plain.optimizer  # fp32 master + bf16 copies

@@ -12,7 +12,10 @@ once its config.json is local) to count parameters exactly; the rest is arithmet
   block, see `_block_bytes_per_token`), or with checkpointing only each block's input plus one block's worth;
 - loss temporaries: the fp32 logits and the copies the loss and its gradient make, for the whole micro-batch or
   for one chunk of `loss_chunk` positions.
-Sharded (FSDP) quantities are divided by the number of processes. Validated against measured peaks in
+Sharded (FSDP) quantities are divided by the number of processes; FSDP2 then holds whole copies of what it has
+all-gathered, in the compute dtype: two blocks (the one computing and the one prefetched) and the root's own
+parameters (embeddings, final norm, head), which the root keeps gathered between forward and backward; mixed
+precision casts at the gather, so no autocast copies are kept. Validated against measured peaks in
 benchmarks/bench_memory.py (benchmarks/RESULTS.md).
 """
 
@@ -27,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
 from qrunlearn.models.loading import load_tokenizer, resolve_dtype
+from qrunlearn.quant.common import block_list_names
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.data import load_unlearn_data
 from qrunlearn.unlearn.lora import default_lora_targets
@@ -90,6 +94,14 @@ def _lora_parameters(model: torch.nn.Module, config: UnlearnConfig) -> tuple[int
     return params, widths
 
 
+def _block_and_root_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters of the largest transformer block, parameters outside the blocks)."""
+    blocks = [block for name in block_list_names(model) for block in model.get_submodule(name)]
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
+    return largest, sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+
+
 def _block_bytes_per_token(model_config, element: int) -> int:
     """Bytes autograd keeps per token for one Llama-style block: two RMSNorms (fp32 input and rsqrt kept, output in
     the compute dtype), q and k before rotary, q/k/v as attention sees them (key/value heads repeated), the
@@ -124,11 +136,16 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
         trainable, lora_widths = params, 0
         trainable_bytes = 4 if (compute == torch.float32 or mixed) else 2
         weights = params * trainable_bytes // shard
-        if mixed:
+        if mixed and shard == 1:
             weights += params * 2  # autocast's bf16 weight copies, kept until the backward pass has used them
+    if config.sharding == "fsdp":
+        block, root = _block_and_root_parameters(model)
+        weights += (2 * block + root) * element
     gradients = trainable * trainable_bytes // shard
     optimizer = 2 * trainable * trainable_bytes // shard
     reference = params * element // shard if config.uses_frozen_reference else 0
+    if reference and config.sharding == "fsdp":
+        reference += _block_and_root_parameters(model)[0] * element  # the block being gathered for its forward
     if config.reference_device == "cpu":
         reference = 0  # on the host, not on the training device
 
