@@ -7,8 +7,10 @@ instruction set. Measured on an AMD EPYC (Zen 5), one thread, GFLOP/s MKL vs one
 results are the same products summed in another order, so they differ from MKL's in the last bits only.
 
 `onednn_linear()` routes `torch.nn.functional.linear` (what every `nn.Linear` calls) to oneDNN's linear for float32
-CPU tensors while no gradient is recorded. Everything else (CUDA, other dtypes, quantized layers, training) runs
-unchanged. Attention is not affected: SDPA's CPU kernel keeps its own matmuls.
+CPU tensors outside autocast. With gradients recorded, the backward pass's two products (input gradient, weight
+gradient) run through oneDNN too (`_OneDnnLinear`), so training gets the same speed-up. Everything else (CUDA, other
+dtypes, autocast, quantized layers) runs unchanged. Attention is not affected: SDPA's CPU kernel keeps its own
+matmuls.
 """
 
 from __future__ import annotations
@@ -35,9 +37,38 @@ _ONEDNN_LINEAR = _find_onednn_linear()
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    return (not torch.is_grad_enabled() and weight.dim() == 2
+    return (weight.dim() == 2 and x.dim() >= 2 and not torch.is_autocast_enabled("cpu")
             and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype == torch.float32
                     and t.device.type == "cpu" for t in tensors))
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x W^T + b with oneDNN for the forward product and both backward products (dx = dy W, dW = dy^T x).
+    The transposed operands are copied contiguous: a copy is O(n^2) against the product's O(n^3)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _linear(grad_out, weight.t().contiguous())
+        if ctx.needs_input_grad[1]:
+            grad_w = _linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b
 
 
 class _OneDnnLinearMode(TorchFunctionMode):
@@ -46,7 +77,9 @@ class _OneDnnLinearMode(TorchFunctionMode):
         if func is torch.nn.functional.linear:
             x, weight, bias = _linear_arguments(*args, **kwargs)
             if _eligible(x, weight, bias):
-                return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+                if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+                    return _OneDnnLinear.apply(x, weight, bias)
+                return _linear(x, weight, bias)
         return func(*args, **kwargs)
 
 

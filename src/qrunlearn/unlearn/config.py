@@ -58,7 +58,7 @@ TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
     "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
     "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "sure_percentile", "quail_weight",
-    "quail_spec", "quail_margin", "qat", "qat_mix",
+    "quail_spec", "quail_margin", "qat", "qat_mix", "onednn_linear",
 )
 
 
@@ -102,6 +102,10 @@ class UnlearnConfig(BaseModel):
                                                  "whole batch); bounds the memory of large-vocabulary logits")
     sharding: Literal["none", "fsdp"] = Field("none", description="none = one process or DDP; fsdp = FSDP2 over "
                                                                   "the processes of `accelerate launch`")
+    onednn_linear: bool = Field(True, description="on CPU, float32 linear layers (forward and backward) through "
+                                                  "oneDNN instead of PyTorch's default BLAS (2-2.3x on AMD CPUs; "
+                                                  "results differ in the last bits); no effect on GPUs, in bf16 or "
+                                                  "with gradient checkpointing")
     reference_device: Literal["auto", "cpu"] = Field(
         "auto", description="where full fine-tuning's frozen reference (KLR, QUAIL) lives: beside the policy, or on "
                             "the CPU")

@@ -38,6 +38,7 @@ from qrunlearn.errors import UserError
 from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
+from qrunlearn.models.onednn import onednn_linear
 from qrunlearn.models.train import collate
 from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
 from qrunlearn.quant.spec import QuantSpec
@@ -110,6 +111,12 @@ class UnlearnRecipe:
         self.model_path, self.corpus, self.config = str(model_path), corpus, config
         self.out_dir, self.epoch_hook, self.show_progress, self.resume = Path(out_dir), epoch_hook, progress, resume
         self.parallel = make_parallel(config)
+
+    @property
+    def _onednn(self) -> bool:
+        """oneDNN linears (`models.onednn`), except under activation checkpointing: its recomputed forwards run in
+        the backward pass outside the routing, and must save the same tensors as the first forward did."""
+        return self.config.onednn_linear and not self.config.gradient_checkpointing
 
     def run(self) -> UnlearnResult:
         finished = self.setup()
@@ -208,7 +215,8 @@ class UnlearnRecipe:
         for step in self._schedule(1):
             for micro in step.micro_batches:
                 micro, weight = _share_of_process(micro, step)
-                with self._deployed_forward():  # under QAT the reference is the deployed original, Q(W0)
+                # under QAT the reference is the deployed original, Q(W0); the kernels are the training step's
+                with onednn_linear(self._onednn), self._deployed_forward():
                     stats = self._statistics(micro)  # every process runs as many forwards (sharded models need it)
                 sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
                 for index, value in zip(micro.forget, sums.tolist()):
@@ -234,7 +242,8 @@ class UnlearnRecipe:
         self.model.train()
         losses: list[StepLoss] = []
         for index, step in enumerate(self._schedule(epoch), start=1):
-            loss = self._optimizer_step(epoch, index, step)
+            with onednn_linear(self._onednn):
+                loss = self._optimizer_step(epoch, index, step)
             if not math.isfinite(loss.loss):
                 self._recover_from_non_finite(f"non-finite loss at epoch {epoch} step {index}")
                 return None
