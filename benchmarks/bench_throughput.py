@@ -2,9 +2,11 @@
 built-in Llama and (when given) a real model such as SmolLM2-135M.
 
 MFU = 6 * N * trained tokens / s (+ 2 * N per token of a reference forward, for KLR) / the machine's fp32 matmul peak,
-measured in the same run as the best of several 2048^3 fp32 GEMMs with the same thread count. N counts every
-parameter that takes part in a matmul (tied embeddings once, as the output head). Tokens exclude padding: padded
-positions are work the loop wastes.
+measured in the same run as the best of several 2048^3 fp32 GEMMs with the same thread count, through PyTorch's
+default BLAS (MKL) and through oneDNN; the peak is the faster of the two. N counts every parameter that takes part in
+a matmul (tied embeddings once, as the output head). Tokens exclude padding: padded positions are work the loop
+wastes. Every loop runs twice, side by side: linears through the default BLAS, then through oneDNN
+(`models.onednn`, the default on CPU).
 
     .venv/bin/python benchmarks/bench_throughput.py --data runs/demo/data
     .venv/bin/python benchmarks/bench_throughput.py --data runs/smollm2/data --model models/smollm2 --steps 4
@@ -13,6 +15,7 @@ positions are work the loop wastes.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -20,21 +23,30 @@ import torch
 
 from qrunlearn.data.muse import load_corpus
 from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.models.onednn import onednn_linear
 from qrunlearn.models.tiny import PRESETS, build_model, train_tokenizer
 from qrunlearn.models.train import TrainConfig, train_causal_lm
 from qrunlearn.unlearn import UnlearnConfig, unlearn
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 GEMM rate, FLOP/s, at the current thread count."""
+def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best fp32 GEMM rate, FLOP/s, at the current thread count: default BLAS and oneDNN."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best
+
+    def best(run) -> float:
+        run()
+        fastest = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            fastest = min(fastest, time.perf_counter() - started)
+        return 2 * size**3 / fastest
+
+    with torch.no_grad():
+        default = best(lambda: a @ b)
+        with onednn_linear():
+            onednn = best(lambda: torch.nn.functional.linear(a, b))
+    return {"default BLAS": default, "oneDNN": onednn}
 
 
 def matmul_params(model) -> int:
@@ -45,12 +57,19 @@ def matmul_params(model) -> int:
     return total if embedding.data_ptr() == head.data_ptr() else total - embedding.numel()
 
 
+def kernels(onednn: bool) -> str:
+    return "oneDNN" if onednn else "default BLAS"
+
+
 def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfig, peak: float) -> str:
     n = matmul_params(model)
+    state = copy.deepcopy(model.state_dict())  # both kernel choices train the same starting model
     result = train_causal_lm(model, tokenizer, docs, config, progress=False)
+    model.load_state_dict(state)
     rate = result.tokens_per_second
     flops = 6 * n * rate
-    return f"| target trainer | {name} | {n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |"
+    return (f"| target trainer | {name} | {kernels(config.onednn_linear)} | {n / 1e6:.1f}M | {rate:.0f} | "
+            f"{flops / 1e9:.1f} | {flops / peak:.0%} |")
 
 
 def unlearn_row(name: str, model_dir: str, corpus, config: UnlearnConfig, peak: float, n: int) -> str:
@@ -61,7 +80,8 @@ def unlearn_row(name: str, model_dir: str, corpus, config: UnlearnConfig, peak: 
     reference_share = 0.5 if config.reg == "klr" else 0.0
     flops = (6 + 2 * reference_share) * n * rate
     label = f"{config.method}+{config.reg} {config.adapter}"
-    return f"| unlearning ({label}) | {name} | {n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |"
+    return (f"| unlearning ({label}) | {name} | {kernels(config.onednn_linear)} | {n / 1e6:.1f}M | {rate:.0f} | "
+            f"{flops / 1e9:.1f} | {flops / peak:.0%} |")
 
 
 def main() -> None:
@@ -74,33 +94,42 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.data)
     docs = corpus.raw["forget"] + corpus.raw["retain1"]
-    peak = matmul_peak()
-    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.threads} threads)")
-    print("| loop | model | matmul params | tokens/s | GFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|")
+    peaks = matmul_peak()
+    peak = max(peaks.values())
+    print(f"fp32 2048^3 matmul, {args.threads} threads: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in
+                                                                    peaks.items()) + "; MFU against the faster")
+    print("| loop | model | linears | matmul params | tokens/s | GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|")
     tokenizer = train_tokenizer(docs, PRESETS["small"].vocab_target)
     torch.manual_seed(0)
     tiny = build_model(PRESETS["small"], len(tokenizer), tokenizer, seed=0)
-    print(trainer_row("tiny (small preset)", tiny, tokenizer, docs,
-                      TrainConfig(epochs=args.epochs, batch_size=8, max_length=256), peak), flush=True)
+    for onednn in (False, True):
+        print(trainer_row("tiny (small preset)", tiny, tokenizer, docs,
+                          TrainConfig(epochs=args.epochs, batch_size=8, max_length=256, onednn_linear=onednn), peak),
+              flush=True)
     with tempfile.TemporaryDirectory() as folder:
         tiny.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         n = matmul_params(tiny)
         for reg in ("gdr", "klr"):
-            config = UnlearnConfig.tiny_defaults("ga", reg, "full").model_copy(update={"epochs": args.epochs})
-            print(unlearn_row("tiny (small preset)", folder, corpus, config, peak, n), flush=True)
+            for onednn in (False, True):
+                config = UnlearnConfig.tiny_defaults("ga", reg, "full").model_copy(
+                    update={"epochs": args.epochs, "onednn_linear": onednn})
+                print(unlearn_row("tiny (small preset)", folder, corpus, config, peak, n), flush=True)
     if args.model:
         model, tokenizer = load_causal_lm(args.model, dtype="float32", device="cpu")
         n = matmul_params(model)
-        print(trainer_row(args.model, model, tokenizer, docs,
-                          TrainConfig(epochs=1, batch_size=8, max_length=256, group_by_length=True), peak), flush=True)
+        for onednn in (False, True):
+            print(trainer_row(args.model, model, tokenizer, docs,
+                              TrainConfig(epochs=1, batch_size=8, max_length=256, group_by_length=True,
+                                          onednn_linear=onednn), peak), flush=True)
         del model
         for reg in ("gdr", "klr"):
-            config = UnlearnConfig.paper_defaults("ga", reg, "full").model_copy(update={
-                "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 256, "gradient_checkpointing": False,
-                "loss_chunk": 0})
-            print(unlearn_row(args.model, args.model, corpus, config, peak, n), flush=True)
+            for onednn in (False, True):
+                config = UnlearnConfig.paper_defaults("ga", reg, "full").model_copy(update={
+                    "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 256,
+                    "gradient_checkpointing": False, "loss_chunk": 0, "onednn_linear": onednn})
+                print(unlearn_row(args.model, args.model, corpus, config, peak, n), flush=True)
 
 
 if __name__ == "__main__":
