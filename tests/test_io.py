@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from qrunlearn import io
-from qrunlearn.io import CRASH_AT_ENV, atomic_write_bytes, atomic_write_text, crash_point, restore_interrupted_swaps
+from qrunlearn.io import (
+    CRASH_AT_ENV,
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_text,
+    crash_point,
+    restore_interrupted_swaps,
+)
 
 
 def _no_space(*_args: object) -> None:
@@ -69,3 +76,16 @@ def test_the_crash_hook_fires_only_at_its_point_and_path(tmp_path, monkeypatch):
     atomic_write_text(result, "{}")  # the write's own crash point, with the kill stubbed: it carries on
     assert kills == [signal.SIGKILL] * 2 and result.read_text() == "{}"
     assert [p.name for p in Path(result.parent).iterdir()] == ["result.json"]
+
+
+def test_atomic_directory_gives_private_files_the_usual_mode(tmp_path):
+    import stat
+
+    with atomic_directory(tmp_path / "model") as folder:
+        private = folder / "weights.bin"
+        private.write_bytes(b"x")
+        private.chmod(0o600)  # as a library writing through mkstemp leaves it
+    mode = stat.S_IMODE((tmp_path / "model" / "weights.bin").stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask

@@ -162,6 +162,9 @@ def atomic_directory(final: Path | str, overwrite: bool = True) -> Iterator[Path
         yield tmp
         if final.exists() and not overwrite:
             raise FileExistsError(final)
+        for written in tmp.rglob("*"):  # libraries that write atomically themselves leave private (0600) files
+            if written.is_file() and not written.is_symlink():
+                _usual_mode(written)
         replace_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
