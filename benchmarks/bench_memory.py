@@ -8,6 +8,10 @@ longest chunk.
     .venv/bin/python benchmarks/bench_memory.py --model runs/demo/models/target --data runs/demo/data
     .venv/bin/python benchmarks/bench_memory.py --model models/smollm2 --data runs/smollm2/data \\
         --batch-size 4 --max-length 256 --grid
+    .venv/bin/python benchmarks/bench_memory.py --model runs/demo/models/target --data runs/demo/data --strategies
+
+`--strategies` measures one epoch of NPO+KLR under each strategy of `unlearn/strategy.py` (the settings a grid cell
+gets, tiny defaults) and prints its tokens/s and peak memory relative to LoRA's, side by side.
 """
 
 from __future__ import annotations
@@ -64,6 +68,26 @@ def measure(args: argparse.Namespace, config) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+STRATEGIES = ("full", "lora", "sure", "quail", "qat:nf4", "lora+qat:nf4")
+
+
+def compare_strategies(args: argparse.Namespace, corpus) -> None:
+    from qrunlearn.config import ExperimentConfig
+
+    grid = ExperimentConfig(methods=("npo_klr",), strategies=STRATEGIES, defaults="tiny")
+    rows = {}
+    for strategy in STRATEGIES:
+        config = grid.unlearn_config("npo_klr", strategy).model_copy(update={"epochs": 1})
+        rows[strategy] = measure(args, config)
+    lora = rows["lora"]
+    print("| strategy (NPO+KLR) | tokens/s | tokens/s vs LoRA | peak GiB | peak vs LoRA |")
+    print("|---|---|---|---|---|")
+    for strategy, row in rows.items():
+        print(f"| {strategy} | {row['tokens_per_second']:.0f} | "
+              f"{row['tokens_per_second'] / lora['tokens_per_second']:.2f} | {row['peak_above_baseline'] / GIB:.3f} | "
+              f"{row['peak_above_baseline'] / lora['peak_above_baseline']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -72,6 +96,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--forget-docs", type=int, default=0, help="use only the first N forget/retain documents")
     parser.add_argument("--grid", action="store_true", help="also checkpointing / chunked-loss variants")
+    parser.add_argument("--strategies", action="store_true", help="cost of each strategy relative to LoRA")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--config")
     args = parser.parse_args()
@@ -87,6 +112,9 @@ def main() -> None:
     if args.forget_docs:
         corpus.raw["forget"] = corpus.raw["forget"][: args.forget_docs]
         corpus.raw["retain1"] = corpus.raw["retain1"][: args.forget_docs]
+    if args.strategies:
+        compare_strategies(args, corpus)
+        return
     variants = [{}]
     if args.grid:
         variants += [{"gradient_checkpointing": True}, {"gradient_checkpointing": True, "loss_chunk": 64}]
