@@ -5,8 +5,9 @@ MFU = 6 * N * trained tokens / s (+ 2 * N per token of a reference forward, for 
 measured in the same run as the best of several 2048^3 fp32 GEMMs with the same thread count, through PyTorch's
 default BLAS (MKL) and through oneDNN; the peak is the faster of the two. N counts every parameter that takes part in
 a matmul (tied embeddings once, as the output head). Tokens exclude padding: padded positions are work the loop
-wastes. Every loop runs twice, side by side: linears through the default BLAS, then through oneDNN
-(`models.onednn`, the default on CPU).
+wastes. Every loop runs with linears through the default BLAS and through oneDNN (`models.onednn`, the default on
+CPU), alternating `--repeats` times (A B A B ...) so that a change in the machine's load hits both; the best run of
+each is printed.
 
     .venv/bin/python benchmarks/bench_throughput.py --data runs/demo/data
     .venv/bin/python benchmarks/bench_throughput.py --data runs/smollm2/data --model models/smollm2 --steps 4
@@ -61,21 +62,37 @@ def kernels(onednn: bool) -> str:
     return "oneDNN" if onednn else "default BLAS"
 
 
-def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfig, peak: float) -> str:
+def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfig, peak: float,
+                rate: float) -> str:
     n = matmul_params(model)
-    state = copy.deepcopy(model.state_dict())  # both kernel choices train the same starting model
-    result = train_causal_lm(model, tokenizer, docs, config, progress=False)
-    model.load_state_dict(state)
-    rate = result.tokens_per_second
     flops = 6 * n * rate
     return (f"| target trainer | {name} | {kernels(config.onednn_linear)} | {n / 1e6:.1f}M | {rate:.0f} | "
             f"{flops / 1e9:.1f} | {flops / peak:.0%} |")
 
 
-def unlearn_row(name: str, model_dir: str, corpus, config: UnlearnConfig, peak: float, n: int) -> str:
+def trainer_rate(model, tokenizer, docs: list[str], config: TrainConfig) -> float:
+    state = copy.deepcopy(model.state_dict())  # every run trains the same starting model
+    result = train_causal_lm(model, tokenizer, docs, config, progress=False)
+    model.load_state_dict(state)
+    return result.tokens_per_second
+
+
+def unlearn_rate(model_dir: str, corpus, config: UnlearnConfig) -> float:
     with tempfile.TemporaryDirectory() as out:
         result = unlearn(model_dir, corpus, config, out, progress=False, resume=False)
-    rate = result.tokens / result.seconds
+    return result.tokens / result.seconds
+
+
+def alternating(measure, configs: tuple, repeats: int) -> list[float]:
+    """Best rate of each config, the configs run in turn `repeats` times."""
+    best = [0.0] * len(configs)
+    for _ in range(repeats):
+        for index, config in enumerate(configs):
+            best[index] = max(best[index], measure(config))
+    return best
+
+
+def unlearn_row(name: str, config: UnlearnConfig, peak: float, n: int, rate: float) -> str:
     # every trained token costs a forward and a backward (6N); KLR's retain tokens also a reference forward (2N)
     reference_share = 0.5 if config.reg == "klr" else 0.0
     flops = (6 + 2 * reference_share) * n * rate
@@ -90,6 +107,8 @@ def main() -> None:
     parser.add_argument("--model", help="also a real model (HF folder), e.g. models/smollm2")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per kernel choice (tiny model)")
+    parser.add_argument("--model-repeats", type=int, default=1, help="the same for --model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.data)
@@ -103,33 +122,37 @@ def main() -> None:
     tokenizer = train_tokenizer(docs, PRESETS["small"].vocab_target)
     torch.manual_seed(0)
     tiny = build_model(PRESETS["small"], len(tokenizer), tokenizer, seed=0)
-    for onednn in (False, True):
-        print(trainer_row("tiny (small preset)", tiny, tokenizer, docs,
-                          TrainConfig(epochs=args.epochs, batch_size=8, max_length=256, onednn_linear=onednn), peak),
-              flush=True)
+    configs = tuple(TrainConfig(epochs=args.epochs, batch_size=8, max_length=256, onednn_linear=onednn)
+                    for onednn in (False, True))
+    rates = alternating(lambda c: trainer_rate(tiny, tokenizer, docs, c), configs, args.repeats)
+    for config, rate in zip(configs, rates):
+        print(trainer_row("tiny (small preset)", tiny, tokenizer, docs, config, peak, rate), flush=True)
     with tempfile.TemporaryDirectory() as folder:
         tiny.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         n = matmul_params(tiny)
         for reg in ("gdr", "klr"):
-            for onednn in (False, True):
-                config = UnlearnConfig.tiny_defaults("ga", reg, "full").model_copy(
-                    update={"epochs": args.epochs, "onednn_linear": onednn})
-                print(unlearn_row("tiny (small preset)", folder, corpus, config, peak, n), flush=True)
+            configs = tuple(UnlearnConfig.tiny_defaults("ga", reg, "full").model_copy(
+                update={"epochs": args.epochs, "onednn_linear": onednn}) for onednn in (False, True))
+            rates = alternating(lambda c: unlearn_rate(folder, corpus, c), configs, args.repeats)
+            for config, rate in zip(configs, rates):
+                print(unlearn_row("tiny (small preset)", config, peak, n, rate), flush=True)
     if args.model:
         model, tokenizer = load_causal_lm(args.model, dtype="float32", device="cpu")
         n = matmul_params(model)
-        for onednn in (False, True):
-            print(trainer_row(args.model, model, tokenizer, docs,
-                              TrainConfig(epochs=1, batch_size=8, max_length=256, group_by_length=True,
-                                          onednn_linear=onednn), peak), flush=True)
+        configs = tuple(TrainConfig(epochs=1, batch_size=8, max_length=256, group_by_length=True,
+                                    onednn_linear=onednn) for onednn in (False, True))
+        rates = alternating(lambda c: trainer_rate(model, tokenizer, docs, c), configs, args.model_repeats)
+        for config, rate in zip(configs, rates):
+            print(trainer_row(args.model, model, tokenizer, docs, config, peak, rate), flush=True)
         del model
         for reg in ("gdr", "klr"):
-            for onednn in (False, True):
-                config = UnlearnConfig.paper_defaults("ga", reg, "full").model_copy(update={
-                    "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 256,
-                    "gradient_checkpointing": False, "loss_chunk": 0, "onednn_linear": onednn})
-                print(unlearn_row(args.model, args.model, corpus, config, peak, n), flush=True)
+            configs = tuple(UnlearnConfig.paper_defaults("ga", reg, "full").model_copy(update={
+                "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 256, "gradient_checkpointing": False,
+                "loss_chunk": 0, "onednn_linear": onednn}) for onednn in (False, True))
+            rates = alternating(lambda c: unlearn_rate(args.model, corpus, c), configs, args.model_repeats)
+            for config, rate in zip(configs, rates):
+                print(unlearn_row(args.model, config, peak, n, rate), flush=True)
 
 
 if __name__ == "__main__":
