@@ -9,7 +9,8 @@ once its config.json is local) to count parameters exactly; the rest is arithmet
 - reference: full fine-tuning with KLR keeps a frozen copy in the compute dtype (LoRA disables its adapters
   instead; NPO keeps one number per forget chunk);
 - activations: what autograd keeps per token and transformer block (counted tensor by tensor for a Llama-style
-  block, see `_block_bytes_per_token`), or with checkpointing only each block's input plus one block's worth;
+  block, see `_block_bytes_per_token`), or with checkpointing only each block's input plus one block's worth
+  recomputed in the backward pass (counted only where it exceeds the loss temporaries, freed by then);
 - loss temporaries: the fp32 logits and the copies the loss and its gradient make, for the whole micro-batch or
   for one chunk of `loss_chunk` positions.
 Sharded (FSDP) quantities are divided by the number of processes; FSDP2 then holds whole copies of what it has
@@ -155,12 +156,6 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     layers = model_config.num_hidden_layers
     per_block = _block_bytes_per_token(model_config, element)
     per_block += element * lora_widths // layers if config.adapter == "lora" and config.lora_dropout > 0 else 0
-    if config.gradient_checkpointing:
-        activations = tokens * (layers * model_config.hidden_size * element + per_block)
-    else:
-        activations = tokens * layers * per_block
-    activations += tokens * model_config.hidden_size * (element + 4)  # embeddings out, final norm
-
     positions = min(config.loss_chunk, length) if config.loss_chunk else length
     copies = KL_LOGIT_COPIES if config.reg == "klr" else NLL_LOGIT_COPIES
     vocabulary = model_config.vocab_size
@@ -168,6 +163,13 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     loss = logits_rows * positions * vocabulary * 4 * copies
     if not config.loss_chunk:
         loss += rows * length * vocabulary * element  # the model's own logits output
+    if config.gradient_checkpointing:
+        # each block's input is kept; one block's activations exist again while it is recomputed in the backward
+        # pass, after the loss temporaries are gone, so only the larger of the two counts towards the peak
+        activations = tokens * layers * model_config.hidden_size * element + max(0, tokens * per_block - loss)
+    else:
+        activations = tokens * layers * per_block
+    activations += tokens * model_config.hidden_size * (element + 4)  # embeddings out, final norm
     return MemoryEstimate(parameters=params, trainable_parameters=trainable, weights=weights, gradients=gradients,
                           optimizer=optimizer, reference=reference, activations=activations,
                           loss_temporaries=loss, tokens_per_micro_batch=tokens, processes=processes)
