@@ -106,7 +106,7 @@ def main() -> None:
 
     from qrunlearn.data.muse import load_corpus
     from qrunlearn.unlearn import UnlearnConfig
-    from qrunlearn.unlearn.memory import estimate_memory, longest_chunk
+    from qrunlearn.unlearn.memory import estimate_memory, micro_batch_shape
 
     corpus = load_corpus(args.data)
     if args.forget_docs:
@@ -126,8 +126,8 @@ def main() -> None:
             config = UnlearnConfig(method="npo", reg="klr", adapter=adapter, lr=1e-5, epochs=1,
                                    batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, alpha=1.0,
                                    dtype="float32", **variant)
-            length = longest_chunk(args.model, corpus, config)
-            estimate = estimate_memory(args.model, config, 1, length, "cpu").total
+            shape = micro_batch_shape(args.model, corpus, config)
+            estimate = estimate_memory(args.model, config, 1, shape.length, "cpu", rows=shape.rows).total
             measured = measure(args, config)
             peak = measured["peak_above_baseline"]
             peaks[(adapter, *variant.values())] = peak

@@ -308,8 +308,9 @@ def unlearn_command(
     corpus = muse.load_corpus(data)
     if estimate:  # a folder with only a config.json is enough (e.g. configs/llama-2-7b): no weights are read
         world = processes or int(os.environ.get("WORLD_SIZE", "1"))
-        length = memory.longest_chunk(model, corpus, config)
-        typer.echo(memory.estimate_memory(model, config, world, length, loading.default_device().type).describe())
+        shape = memory.micro_batch_shape(model, corpus, config)
+        typer.echo(memory.estimate_memory(model, config, world, shape.length if shape else None,
+                                          loading.default_device().type, rows=shape.rows if shape else None).describe())
         return
     check_models(model=model)
     if out is None:

@@ -67,5 +67,12 @@ def test_cli_estimate_prints_without_training(tiny_model_dir, tiny_corpus_dir, t
     code = main(["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--method", "npo",
                  "--reg", "klr", "--estimate", "--processes", "2", "--sharding", "fsdp"])
     out = capsys.readouterr().out
-    assert code == 0 and "per process (2 processes" in out and "total" in out
+    assert code == 0 and "per process (2 processes" in out and "peak" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_the_peak_never_holds_gradients_and_activations_at_once(model_dir):
+    for config in (_cfg(), _cfg(adapter="lora", lora_r=4), _cfg(gradient_checkpointing=True, loss_chunk=10)):
+        estimate = estimate_memory(model_dir, config, device="cpu")
+        assert estimate.total == (estimate.weights + estimate.optimizer + estimate.reference
+                                  + max(estimate.gradients, estimate.activations + estimate.loss_temporaries))

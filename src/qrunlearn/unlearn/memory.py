@@ -23,6 +23,7 @@ benchmarks/bench_memory.py (benchmarks/RESULTS.md).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from pydantic import BaseModel
@@ -59,8 +60,11 @@ class MemoryEstimate(BaseModel):
 
     @property
     def total(self) -> int:
-        return (self.weights + self.gradients + self.optimizer + self.reference + self.activations
-                + self.loss_temporaries)
+        """The peak: gradients are freed before each forward (zero_grad(set_to_none=True)) and grow during the
+        backward pass while the activations are freed, so they and the forward's activations and loss temporaries
+        are not alive at once; the larger of the two counts."""
+        return (self.weights + self.optimizer + self.reference
+                + max(self.gradients, self.activations + self.loss_temporaries))
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
@@ -70,7 +74,8 @@ class MemoryEstimate(BaseModel):
                  f"{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable; "
                  f"{self.tokens_per_micro_batch} tokens per micro-batch):"]
         lines += [f"  {name:<18} {value / GIB:8.2f} GiB" for name, value in rows]
-        lines.append(f"  {'total':<18} {self.total / GIB:8.2f} GiB")
+        lines.append(f"  {'peak':<18} {self.total / GIB:8.2f} GiB  (weights + optimizer + reference + the larger of "
+                     "gradients and activations + loss temporaries)")
         return "\n".join(lines)
 
 
@@ -97,7 +102,8 @@ def _lora_parameters(model: torch.nn.Module, config: UnlearnConfig) -> tuple[int
 
 def _block_and_root_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters of the largest transformer block, parameters outside the blocks)."""
-    blocks = [block for name in block_list_names(model) for block in model.get_submodule(name)]
+    blocks = [block for name in block_list_names(model)
+              for block in cast(torch.nn.ModuleList, model.get_submodule(name))]
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     largest = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     return largest, sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
@@ -118,7 +124,8 @@ def _block_bytes_per_token(model_config, element: int) -> int:
 
 
 def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: int = 1,
-                    sequence_length: int | None = None, device: str = "cuda") -> MemoryEstimate:
+                    sequence_length: int | None = None, device: str = "cuda",
+                    rows: int | None = None) -> MemoryEstimate:
     """Per-process bytes of an unlearning run of `model_path` with `config` on `processes` processes.
     `sequence_length`: the longest micro-batch's padded width (default: `config.max_length`)."""
     model = meta_model(model_path)
@@ -151,7 +158,7 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
         reference = 0  # on the host, not on the training device
 
     length = sequence_length or config.max_length
-    rows = config.batch_size * (2 if config.reg != "none" else 1)
+    rows = rows or config.batch_size * (2 if config.reg != "none" else 1)
     tokens = rows * length
     layers = model_config.num_hidden_layers
     per_block = _block_bytes_per_token(model_config, element)
@@ -159,7 +166,7 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     positions = min(config.loss_chunk, length) if config.loss_chunk else length
     copies = KL_LOGIT_COPIES if config.reg == "klr" else NLL_LOGIT_COPIES
     vocabulary = model_config.vocab_size
-    logits_rows = config.batch_size if config.reg == "klr" and config.loss_chunk else rows
+    logits_rows = rows // 2 if config.reg == "klr" and config.loss_chunk else rows  # chunked KL: the retain half
     loss = logits_rows * positions * vocabulary * 4 * copies
     if not config.loss_chunk:
         loss += rows * length * vocabulary * element  # the model's own logits output
@@ -175,13 +182,22 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
                           loss_temporaries=loss, tokens_per_micro_batch=tokens, processes=processes)
 
 
-def longest_chunk(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig) -> int | None:
-    """The longest tokenised chunk the run would train on (a micro-batch's padded width is at most this), or None
-    when the tokenizer is not available here."""
+class MicroBatchShape(BaseModel):
+    """The largest micro-batch the run will see: its padded width and its rows (forget + retain)."""
+
+    length: int
+    rows: int
+
+
+def micro_batch_shape(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig) -> MicroBatchShape | None:
+    """The longest tokenised chunk the run would train on (a micro-batch's padded width is at most this) and the rows
+    of a full micro-batch (fewer than the batch size when the corpus has fewer chunks), or None when the tokenizer
+    is not available here."""
     try:
         tokenizer = load_tokenizer(model_path)
     except UserError:
         return None
     data = load_unlearn_data(corpus, tokenizer, config.forget_split, config.retain_split,
                              needs_retain=config.reg != "none", max_length=config.max_length)
-    return max(len(chunk) for chunk in data.forget + data.retain)
+    rows = min(config.batch_size, len(data.forget)) + (min(config.batch_size, len(data.retain)) if data.retain else 0)
+    return MicroBatchShape(length=max(len(chunk) for chunk in data.forget + data.retain), rows=rows)
