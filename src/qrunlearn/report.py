@@ -63,16 +63,20 @@ def low_precision(precisions: Sequence[str]) -> str | None:
     return min(quantized, key=lambda p: parse_spec(p).bits or 0)
 
 
-def _share(target: float | None, fp: float | None, q: float | None, minimum: float) -> float | None:
-    if target is None or fp is None or q is None or abs(target - fp) < minimum:
+def _share(target: float | None, fp: float | None, q: float | None, minimum: float,
+           forgetting_sign: int) -> float | None:
+    """(q - fp) / (target - fp), or None unless unlearning moved the metric by at least `minimum` in the forgetting
+    direction (`forgetting_sign` -1: down, as KnowMem-forget; +1: up, as the answers' NLL): a share of an effect
+    that went the wrong way would read as reversion where there was no forgetting to undo."""
+    if target is None or fp is None or q is None or forgetting_sign * (fp - target) < minimum:
         return None
     return (q - fp) / (target - fp)
 
 
 def reversion(target: Metrics, fp: Metrics, q: Metrics) -> Reversion:
-    return Reversion(knowmem_f=_share(target.knowmem_f, fp.knowmem_f, q.knowmem_f, MIN_EFFECT["knowmem_f"]),
+    return Reversion(knowmem_f=_share(target.knowmem_f, fp.knowmem_f, q.knowmem_f, MIN_EFFECT["knowmem_f"], -1),
                      answer_nll=_share(target.knowmem_f_answer_nll, fp.knowmem_f_answer_nll, q.knowmem_f_answer_nll,
-                                       MIN_EFFECT["answer_nll"]))
+                                       MIN_EFFECT["answer_nll"], +1))
 
 
 def collect_rows(references: ReferenceCellResult, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Row]:
@@ -309,7 +313,8 @@ def report_markdown(results: ExperimentResults, table: str) -> str:
              "at full precision) that quantization undoes, for KnowMem-forget and for the mean NLL of the forget "
              "answers given their questions; 1 = back at the target, 0 = unchanged, < 0 = quantization forgot more. "
              f"A cell counts as reverted at a KnowMem share >= {REVERT_SHARE}; shares are left out where unlearning "
-             f"moved the metric less than {MIN_EFFECT['knowmem_f']} point / {MIN_EFFECT['answer_nll']} nats.", "",
+             f"moved the metric less than {MIN_EFFECT['knowmem_f']} point / {MIN_EFFECT['answer_nll']} nats in the "
+             "forgetting direction (KnowMem-forget down, answer NLL up).", "",
              "## Strategies at each quantized precision", "", *_strategy_table(results.strategies), ""]
     transfer = transfer_lines(results.strategies)
     if transfer:
