@@ -42,20 +42,23 @@ def _usual_mode(path: str | Path, directory: bool = False) -> None:
 
 
 CRASH_AT_ENV = "QRUNLEARN_CRASH_AT"
+CRASH_SIGNAL_ENV = "QRUNLEARN_CRASH_SIGNAL"
 
 
 def crash_point(point: str, path: Path) -> None:
     """Fault injection, for the crash tests only (tests/test_crash_resume.py): when the environment variable
     QRUNLEARN_CRASH_AT is "<point>:<path suffix>" (e.g. "write:references/result.json") and names this point and
     a path ending in that suffix, the process kills itself with SIGKILL, as a power cut or the OOM killer would,
-    at a moment too short to hit by watching the file system. Unset, it costs one environment lookup."""
+    at a moment too short to hit by watching the file system; with QRUNLEARN_CRASH_SIGNAL=INT it sends itself
+    SIGINT instead, a Ctrl-C at that exact point. Unset, it costs one environment lookup."""
     wanted = os.environ.get(CRASH_AT_ENV)
     if not wanted:
         return
     name, _, suffix = wanted.partition(":")
     suffix_parts = Path(suffix).parts
     if name == point and suffix_parts and path.parts[-len(suffix_parts):] == suffix_parts:
-        os.kill(os.getpid(), signal.SIGKILL)
+        interrupt = os.environ.get(CRASH_SIGNAL_ENV) == "INT"
+        os.kill(os.getpid(), signal.SIGINT if interrupt else signal.SIGKILL)
 
 
 @contextmanager

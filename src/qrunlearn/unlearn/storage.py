@@ -15,7 +15,13 @@ from peft import get_peft_model_state_dict
 from pydantic import ValidationError
 from torch import nn
 
-from qrunlearn.io import atomic_directory, atomic_write_json, replace_directory, restore_interrupted_swaps
+from qrunlearn.io import (
+    atomic_directory,
+    atomic_write_json,
+    crash_point,
+    replace_directory,
+    restore_interrupted_swaps,
+)
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
@@ -40,6 +46,7 @@ def save_checkpoint(parallel: Parallel, model: nn.Module, optimizer: torch.optim
     if parallel.is_main:
         atomic_write_json(tmp / "state.json", progress)
         replace_directory(tmp, final)
+        crash_point("saved", final)  # the Ctrl-C test interrupts here: a whole checkpoint, training not finished
     parallel.wait()
 
 
