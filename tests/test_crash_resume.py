@@ -107,7 +107,13 @@ def _start(config: Path, out: Path, *flags: str, crash_at: str | None = None,
     with out.with_name(out.name + ".stderr").open("w") as log:  # a file, not a pipe: nothing can block on it
         return subprocess.Popen([str(SCRIPT), "run", str(config), "--out", str(out), "--no-progress", *flags],
                                 env=_env(crash_at, interrupt), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=log)
+                                stderr=log, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A test suite started in the background (`make test &`, nohup) has SIGINT ignored, and its children inherit
+    that: the run could not be interrupted. Give the child the default disposition, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
