@@ -39,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from peak import matmul_peak  # noqa: E402  (benchmarks/peak.py, beside this script)
+
 from qrunlearn.data.muse import load_corpus  # noqa: E402
 from qrunlearn.eval import EvalConfig, evaluate  # noqa: E402
 from qrunlearn.eval.flops import (  # noqa: E402
@@ -180,26 +182,6 @@ def run_baseline(model, tokenizer, corpus, metric: str, limit, retrain_auc) -> d
 
 
 # ---- FLOPs and the machine's peak ---------------------------------------------------------------------------
-def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best-of-`repeats` GFLOP/s of a size^3 float32 matmul at the current thread count, through PyTorch's default
-    BLAS and through oneDNN (`models.onednn`; equal to the default where it is not available)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-
-    def best(run) -> float:
-        fastest = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            fastest = min(fastest, time.perf_counter() - start)
-        return 2 * size**3 / fastest / 1e9
-
-    with torch.no_grad():
-        default = best(lambda: a @ b)
-        with onednn_linear():
-            onednn = best(lambda: torch.nn.functional.linear(a, b))
-    return {"default_blas": default, "onednn": onednn}
-
-
 def _knowmem_flops(shape: ModelShape, tokenizer, items: list[dict], share_prefix: bool) -> int:
     """The shared few-shot prefix once, then each prompt's suffix and decoding, and each answer's NLL pass."""
     ids = encode(tokenizer, [item["prompt"] for item in items], None, keep="last").ids

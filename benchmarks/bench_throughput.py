@@ -18,36 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 
 import torch
+from peak import matmul_peak  # benchmarks/peak.py, beside this script
 
 from qrunlearn.data.muse import load_corpus
 from qrunlearn.models.loading import load_causal_lm
-from qrunlearn.models.onednn import onednn_linear
 from qrunlearn.models.tiny import PRESETS, build_model, train_tokenizer
 from qrunlearn.models.train import TrainConfig, train_causal_lm
 from qrunlearn.unlearn import UnlearnConfig, unlearn
-
-
-def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best fp32 GEMM rate, FLOP/s, at the current thread count: default BLAS and oneDNN."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-
-    def best(run) -> float:
-        run()
-        fastest = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            fastest = min(fastest, time.perf_counter() - started)
-        return 2 * size**3 / fastest
-
-    with torch.no_grad():
-        default = best(lambda: a @ b)
-        with onednn_linear():
-            onednn = best(lambda: torch.nn.functional.linear(a, b))
-    return {"default BLAS": default, "oneDNN": onednn}
 
 
 def matmul_params(model) -> int:
@@ -114,9 +93,9 @@ def main() -> None:
     corpus = load_corpus(args.data)
     docs = corpus.raw["forget"] + corpus.raw["retain1"]
     peaks = matmul_peak()
-    peak = max(peaks.values())
-    print(f"fp32 2048^3 matmul, {args.threads} threads: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in
-                                                                    peaks.items()) + "; MFU against the faster")
+    peak = max(peaks.values()) * 1e9
+    print(f"fp32 2048^3 matmul, {args.threads} threads: default BLAS {peaks['default_blas']:.0f} GFLOP/s, oneDNN "
+          f"{peaks['onednn']:.0f} GFLOP/s; MFU against the faster")
     print("| loop | model | linears | matmul params | tokens/s | GFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|")
     tokenizer = train_tokenizer(docs, PRESETS["small"].vocab_target)
