@@ -1,4 +1,4 @@
-"""Float32 linear layers through oneDNN on the CPU, for inference.
+"""Float32 linear layers through oneDNN on the CPU, for training and inference.
 
 PyTorch sends float32 CPU matmuls to its BLAS, MKL in the official wheels. MKL chooses its kernels by CPU vendor and
 runs its AVX2 code on AMD processors even where they have AVX-512; oneDNN, which every wheel also carries, chooses by

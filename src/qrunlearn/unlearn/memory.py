@@ -146,14 +146,13 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
         weights = params * trainable_bytes // shard
         if mixed and shard == 1:
             weights += params * 2  # autocast's bf16 weight copies, kept until the backward pass has used them
-    if config.sharding == "fsdp":
-        block, root = _block_and_root_parameters(model)
-        weights += (2 * block + root) * element
+    block, root = _block_and_root_parameters(model) if config.sharding == "fsdp" else (0, 0)
+    weights += (2 * block + root) * element  # what FSDP2 holds gathered (nothing without sharding)
     gradients = trainable * trainable_bytes // shard
     optimizer = 2 * trainable * trainable_bytes // shard
     reference = params * element // shard if config.uses_frozen_reference else 0
-    if reference and config.sharding == "fsdp":
-        reference += _block_and_root_parameters(model)[0] * element  # the block being gathered for its forward
+    if reference:
+        reference += block * element  # under FSDP, the block being gathered for its forward
     if config.reference_device == "cpu":
         reference = 0  # on the host, not on the training device
 
