@@ -68,6 +68,7 @@ def measure(args: argparse.Namespace, config) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+ONE_PASS = 10**9  # `pass_cost_tokens` that no padding outweighs
 STRATEGIES = ("full", "lora", "sure", "quail", "qat:nf4", "lora+qat:nf4")
 
 
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--forget-docs", type=int, default=0, help="use only the first N forget/retain documents")
     parser.add_argument("--grid", action="store_true", help="also checkpointing / chunked-loss variants")
+    parser.add_argument("--loss-chunk", type=int, default=64, help="the chunked-loss variant's chunk (paper: 512)")
+    parser.add_argument("--only-grid", action="store_true", help="with --grid: skip the plain variant")
     parser.add_argument("--strategies", action="store_true", help="cost of each strategy relative to LoRA")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--config")
@@ -115,17 +118,18 @@ def main() -> None:
     if args.strategies:
         compare_strategies(args, corpus)
         return
-    variants = [{}]
+    variants: list[dict] = [] if args.only_grid else [{}]
     if args.grid:
-        variants += [{"gradient_checkpointing": True}, {"gradient_checkpointing": True, "loss_chunk": 64}]
+        variants += [{"gradient_checkpointing": True}, {"gradient_checkpointing": True, "loss_chunk": args.loss_chunk}]
     peaks: dict[tuple, float] = {}
     print("| adapter | checkpointing | loss chunk | estimate GiB | measured GiB | estimate / measured | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for variant in variants:
         for adapter in ("full", "lora"):
+            # one padded pass per micro-batch: the shape the estimate models (grouped passes are smaller)
             config = UnlearnConfig(method="npo", reg="klr", adapter=adapter, lr=1e-5, epochs=1,
                                    batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, alpha=1.0,
-                                   dtype="float32", **variant)
+                                   dtype="float32", pass_cost_tokens=ONE_PASS, **variant)
             shape = micro_batch_shape(args.model, corpus, config)
             estimate = estimate_memory(args.model, config, 1, shape.length, "cpu", rows=shape.rows).total
             measured = measure(args, config)

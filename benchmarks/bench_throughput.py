@@ -6,11 +6,12 @@ measured in the same run as the best of several 2048^3 fp32 GEMMs with the same 
 default BLAS (MKL) and through oneDNN; the peak is the faster of the two. N counts every parameter that takes part in
 a matmul (tied embeddings once, as the output head). Tokens exclude padding: padded positions are work the loop
 wastes. Every loop runs with linears through the default BLAS and through oneDNN (`models.onednn`, the default on
-CPU), alternating `--repeats` times (A B A B ...) so that a change in the machine's load hits both; the best run of
-each is printed.
+CPU), and with each batch in one padded forward pass or its sequences grouped by length into several passes
+(`pass_cost_tokens`, the default of both loops). The variants alternate `--repeats` times (A B A B ...) so
+that a change in the machine's load hits them all; the best run of each is printed.
 
     .venv/bin/python benchmarks/bench_throughput.py --data runs/demo/data
-    .venv/bin/python benchmarks/bench_throughput.py --data runs/smollm2/data --model models/smollm2 --steps 4
+    .venv/bin/python benchmarks/bench_throughput.py --data runs/smollm2/data --model models/smollm2 --threads 1
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfi
                 rate: float) -> str:
     n = matmul_params(model)
     flops = 6 * n * rate
-    return (f"| target trainer | {name} | {kernels(config.onednn_linear)} | {n / 1e6:.1f}M | {rate:.0f} | "
-            f"{flops / 1e9:.1f} | {flops / peak:.0%} |")
+    return (f"| target trainer | {name} | {kernels(config.onednn_linear)}, {passes(config.pass_cost_tokens)} | "
+            f"{n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |")
 
 
 def trainer_rate(model, tokenizer, docs: list[str], config: TrainConfig) -> float:
@@ -76,8 +77,28 @@ def unlearn_row(name: str, config: UnlearnConfig, peak: float, n: int, rate: flo
     reference_share = 0.5 if config.reg == "klr" else 0.0
     flops = (6 + 2 * reference_share) * n * rate
     label = f"{config.method}+{config.reg} {config.adapter}"
-    return (f"| unlearning ({label}) | {name} | {kernels(config.onednn_linear)} | {n / 1e6:.1f}M | {rate:.0f} | "
-            f"{flops / 1e9:.1f} | {flops / peak:.0%} |")
+    return (f"| unlearning ({label}) | {name} | {kernels(config.onednn_linear)}, {passes(config.pass_cost_tokens)} "
+            f"| {n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |")
+
+
+ONE_PASS = 10**9  # a pass cost no padding outweighs: every batch padded to its longest chunk, as before
+# the variants of each loop: (oneDNN linears, pass cost); "default" = the loop's default grouping by length
+VARIANTS = ((False, ONE_PASS), (True, ONE_PASS), (True, "default"))
+
+
+def passes(cost) -> str:
+    return "one padded pass per batch" if cost == ONE_PASS else "passes grouped by length"
+
+
+def trainer_configs(**settings) -> tuple[TrainConfig, ...]:
+    return tuple(TrainConfig(**settings, onednn_linear=onednn,
+                             **({} if cost == "default" else {"pass_cost_tokens": cost})) for onednn, cost in VARIANTS)
+
+
+def unlearn_configs(base: UnlearnConfig, **update) -> tuple[UnlearnConfig, ...]:
+    return tuple(base.model_copy(update={**update, "onednn_linear": onednn,
+                                         "pass_cost_tokens": None if cost == "default" else cost})
+                 for onednn, cost in VARIANTS)
 
 
 def main() -> None:
@@ -101,8 +122,7 @@ def main() -> None:
     tokenizer = train_tokenizer(docs, PRESETS["small"].vocab_target)
     torch.manual_seed(0)
     tiny = build_model(PRESETS["small"], len(tokenizer), tokenizer, seed=0)
-    configs = tuple(TrainConfig(epochs=args.epochs, batch_size=8, max_length=256, onednn_linear=onednn)
-                    for onednn in (False, True))
+    configs = trainer_configs(epochs=args.epochs, batch_size=8, max_length=256)
     rates = alternating(lambda c: trainer_rate(tiny, tokenizer, docs, c), configs, args.repeats)
     for config, rate in zip(configs, rates):
         print(trainer_row("tiny (small preset)", tiny, tokenizer, docs, config, peak, rate), flush=True)
@@ -111,24 +131,21 @@ def main() -> None:
         tokenizer.save_pretrained(folder)
         n = matmul_params(tiny)
         for reg in ("gdr", "klr"):
-            configs = tuple(UnlearnConfig.tiny_defaults("ga", reg, "full").model_copy(
-                update={"epochs": args.epochs, "onednn_linear": onednn}) for onednn in (False, True))
+            configs = unlearn_configs(UnlearnConfig.tiny_defaults("ga", reg, "full"), epochs=args.epochs)
             rates = alternating(lambda c: unlearn_rate(folder, corpus, c), configs, args.repeats)
             for config, rate in zip(configs, rates):
                 print(unlearn_row("tiny (small preset)", config, peak, n, rate), flush=True)
     if args.model:
         model, tokenizer = load_causal_lm(args.model, dtype="float32", device="cpu")
         n = matmul_params(model)
-        configs = tuple(TrainConfig(epochs=1, batch_size=8, max_length=256, group_by_length=True,
-                                    onednn_linear=onednn) for onednn in (False, True))
+        configs = trainer_configs(epochs=1, batch_size=8, max_length=256, group_by_length=True)
         rates = alternating(lambda c: trainer_rate(model, tokenizer, docs, c), configs, args.model_repeats)
         for config, rate in zip(configs, rates):
             print(trainer_row(args.model, model, tokenizer, docs, config, peak, rate), flush=True)
         del model
         for reg in ("gdr", "klr"):
-            configs = tuple(UnlearnConfig.paper_defaults("ga", reg, "full").model_copy(update={
-                "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_length": 256, "gradient_checkpointing": False,
-                "loss_chunk": 0, "onednn_linear": onednn}) for onednn in (False, True))
+            configs = unlearn_configs(UnlearnConfig.paper_defaults("ga", reg, "full"), epochs=1, batch_size=4,
+                                      grad_accum=1, max_length=256, gradient_checkpointing=False, loss_chunk=0)
             rates = alternating(lambda c: unlearn_rate(args.model, corpus, c), configs, args.model_repeats)
             for config, rate in zip(configs, rates):
                 print(unlearn_row(args.model, config, peak, n, rate), flush=True)

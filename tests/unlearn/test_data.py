@@ -5,7 +5,14 @@ import pytest
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
 from qrunlearn.models.train import collate
-from qrunlearn.unlearn.data import chunk_documents, epoch_schedule, load_unlearn_data
+from qrunlearn.unlearn.data import (
+    MicroBatch,
+    UnlearnData,
+    chunk_documents,
+    epoch_schedule,
+    load_unlearn_data,
+    row_groups,
+)
 
 
 class _Tok:
@@ -61,3 +68,15 @@ def test_empty_forget_and_missing_retain_are_user_errors(tmp_path):
         load_unlearn_data(corpus, _Tok(), "forget", "retain1", needs_retain=True, max_length=8)
     data = load_unlearn_data(corpus, _Tok(), "forget", "retain1", needs_retain=False, max_length=8)
     assert data.forget == [[1, 10, 11, 12]] and data.retain == []
+
+
+def test_row_groups_keep_forget_and_retain_rows_apart():
+    data = UnlearnData(forget=[[1] * 5, [1] * 100, [1] * 7], retain=[[1] * 98, [1] * 6, [1] * 40])
+    micro = MicroBatch(forget=[0, 1, 2], retain=[0, 1, 2])
+    groups = row_groups(micro, data, pass_cost=8)
+    assert sorted(i for g in groups for i in g.forget) == [0, 1, 2]
+    assert sorted(i for g in groups for i in g.retain) == [0, 1, 2]
+    for g in groups:  # the lengths in a group are close: no 5-token chunk padded to 100
+        lengths = [len(data.forget[i]) for i in g.forget] + [len(data.retain[i]) for i in g.retain]
+        assert max(lengths) - min(lengths) <= 2 or len(lengths) == 1
+    assert row_groups(micro, data, None) == [micro]

@@ -42,7 +42,9 @@ def test_fsdp_on_two_processes_matches_one_process(adapter, extra, tiny_model_di
     args = ["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--adapter", adapter,
             *COMMON, *extra]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main([*args, "--out", str(one), "--batch-size", "2", "--grad-accum", "2"]) == 0
+    # one pass per micro-batch, as under FSDP (grouping by length would change the float summation order)
+    assert main([*args, "--out", str(one), "--batch-size", "2", "--grad-accum", "2",
+                 "--pass-cost-tokens", "1000000"]) == 0
     # two processes x 2 sequences = the same global batch; LoRA also forms its losses in chunks of 16 positions
     _launch_two([*args, "--out", str(two), "--batch-size", "2", "--sharding", "fsdp",
                  *(["--loss-chunk", "16"] if adapter == "lora" else [])])

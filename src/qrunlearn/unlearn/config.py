@@ -58,8 +58,13 @@ TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
     "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
     "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "sure_percentile", "quail_weight",
-    "quail_spec", "quail_margin", "qat", "qat_mix", "onednn_linear",
+    "quail_spec", "quail_margin", "qat", "qat_mix", "onednn_linear", "pass_cost_tokens",
 )
+
+# The fixed cost of one forward + backward pass in tokens of work, when a micro-batch's rows are grouped by length
+# (`pass_cost_tokens` None). CPU: measured with benchmarks/bench_throughput.py (RESULTS.md "Training throughput");
+# CUDA: a kernel-launch-bound pass costs milliseconds, thousands of tokens on a large model (not measured here).
+PASS_COST_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
 class UnlearnConfig(BaseModel):
@@ -106,6 +111,11 @@ class UnlearnConfig(BaseModel):
                                                   "oneDNN instead of PyTorch's default BLAS (2-2.3x on AMD CPUs; "
                                                   "results differ in the last bits); no effect on GPUs, in bf16 or "
                                                   "with gradient checkpointing")
+    pass_cost_tokens: Optional[int] = Field(
+        None, ge=0, description="group each micro-batch's chunks by length into separate forward passes, each charged "
+                                "this many tokens of fixed cost against the padding it saves (0 = no padding at "
+                                "all, a large value = one padded pass); None = by device (CPU 64, CUDA 4096). The "
+                                "loss is the same sum: results differ in the last bits. Not with sharding 'fsdp'")
     reference_device: Literal["auto", "cpu"] = Field(
         "auto", description="where full fine-tuning's frozen reference (KLR, QUAIL) lives: beside the policy, or on "
                             "the CPU")

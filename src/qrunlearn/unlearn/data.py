@@ -18,6 +18,7 @@ import torch
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
+from qrunlearn.models.train import length_groups
 
 
 def chunk_documents(tokenizer, docs: list[str], max_length: int) -> list[list[int]]:
@@ -75,7 +76,7 @@ def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_s
 @dataclass(frozen=True)
 class MicroBatch:
     forget: list[int]  # indices into UnlearnData.forget (this process's share)
-    retain: list[int]  # indices into UnlearnData.retain (same length as forget, or empty)
+    retain: list[int]  # indices into UnlearnData.retain (a schedule's: as many as forget, or none)
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,16 @@ def epoch_schedule(n_forget: int, n_retain: int, epoch: int, seed: int, batch_si
             micro.append(MicroBatch(global_forget[lo:lo + batch_size], global_retain[lo:lo + batch_size]))
         steps.append(Step(micro, global_forget, global_retain))
     return steps
+
+
+def row_groups(micro: MicroBatch, data: UnlearnData, pass_cost: int | None) -> list[MicroBatch]:
+    """The forward passes that compute one micro-batch: its forget and retain rows grouped by length
+    (`length_groups`), so that short chunks are not padded to the longest one. The losses are sums normalised by
+    the global batch's counts, so the passes' gradients add up to the one-pass gradient (up to float summation
+    order). A group may hold only forget or only retain rows. `pass_cost` None: one pass, as scheduled."""
+    if pass_cost is None:
+        return [micro]
+    lengths = [len(data.forget[i]) for i in micro.forget] + [len(data.retain[i]) for i in micro.retain]
+    n = len(micro.forget)
+    return [MicroBatch([micro.forget[r] for r in group if r < n], [micro.retain[r - n] for r in group if r >= n])
+            for group in length_groups(lengths, pass_cost)]

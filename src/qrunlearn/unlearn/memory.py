@@ -191,7 +191,8 @@ class MicroBatchShape(BaseModel):
 def micro_batch_shape(model_path: str | Path, corpus: MuseCorpus, config: UnlearnConfig) -> MicroBatchShape | None:
     """The longest tokenised chunk the run would train on (a micro-batch's padded width is at most this) and the rows
     of a full micro-batch (fewer than the batch size when the corpus has fewer chunks), or None when the tokenizer
-    is not available here."""
+    is not available here. With the micro-batch's chunks grouped by length (`pass_cost_tokens`) a forward pass holds
+    at most this shape, so the activation terms are an upper bound."""
     try:
         tokenizer = load_tokenizer(model_path)
     except UserError:

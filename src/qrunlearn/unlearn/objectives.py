@@ -91,8 +91,13 @@ def kl_from_tokens(kl: torch.Tensor, mask: torch.Tensor, num_tokens: float | Non
     return (kl * mask).sum() / _denominator(num_tokens, mask.sum())
 
 
-def combine(forget: torch.Tensor, retain: torch.Tensor | None, gamma: float, alpha: float) -> torch.Tensor:
-    """loss = gamma * forget + alpha * retain (retain None when there is no retain term)."""
+def combine(forget: torch.Tensor | None, retain: torch.Tensor | None, gamma: float, alpha: float) -> torch.Tensor:
+    """loss = gamma * forget + alpha * retain (a term is None when it is absent: no retain term, or a forward pass
+    over retain rows only)."""
+    if forget is None:
+        if retain is None:
+            raise ValueError("combine: no forget and no retain term")
+        return alpha * retain
     return gamma * forget if retain is None else gamma * forget + alpha * retain
 
 

@@ -107,6 +107,9 @@ class DataParallel:
         totals = self.accelerator.reduce(torch.tensor(list(values), device=self.device), reduction="sum")
         return [float(v) for v in totals]
 
+    def max_over_processes(self, value: int) -> int:
+        return int(self.accelerator.gather(torch.tensor([value], device=self.device)).max())
+
     def broadcast(self, value: Any) -> Any:
         shared = [value]
         broadcast_object_list(shared, from_process=0)
@@ -186,6 +189,11 @@ class FullySharded:
         totals = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
         return [float(v) for v in totals]
+
+    def max_over_processes(self, value: int) -> int:
+        largest = torch.tensor([value], device=self.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return int(largest)
 
     def broadcast(self, value: Any) -> Any:
         shared = [value]

@@ -44,8 +44,16 @@ from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
 from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.unlearn import objectives, quail, saliency, storage
 from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll
-from qrunlearn.unlearn.config import UnlearnConfig
-from qrunlearn.unlearn.data import MicroBatch, Step, UnlearnData, check_texts, epoch_schedule, load_unlearn_data
+from qrunlearn.unlearn.config import PASS_COST_TOKENS, UnlearnConfig
+from qrunlearn.unlearn.data import (
+    MicroBatch,
+    Step,
+    UnlearnData,
+    check_texts,
+    epoch_schedule,
+    load_unlearn_data,
+    row_groups,
+)
 from qrunlearn.unlearn.lora import wrap_lora
 from qrunlearn.unlearn.parallel import make_parallel, weights_dtype
 from qrunlearn.unlearn.records import EpochRecord, Progress, RunRecord, StepLoss, UnlearnResult
@@ -59,8 +67,8 @@ EpochHook = Callable[[int, Any, Any], "dict[str, float] | None"]
 class TokenStatistics:
     """Per-position statistics of one micro-batch (forget rows first), from which every loss is built."""
 
-    forget_nll: torch.Tensor  # [n_forget, T-1], 0 on padding
-    forget_mask: torch.Tensor
+    forget_nll: torch.Tensor | None = None  # [n_forget, T-1], 0 on padding; None when the pass has no forget rows
+    forget_mask: torch.Tensor | None = None
     retain_nll: torch.Tensor | None = None  # GDR
     retain_kl: torch.Tensor | None = None  # KLR
     retain_mask: torch.Tensor | None = None
@@ -72,7 +80,7 @@ class MicroLoss:
     """One micro-batch's loss to backpropagate and its terms (forget, retain, QUAIL), each a global-batch mean."""
 
     total: torch.Tensor
-    forget: torch.Tensor
+    forget: torch.Tensor | None  # None when the pass has no forget rows
     retain: torch.Tensor | None
     quail: torch.Tensor | None
     log_ratio: float  # NPO: summed log pi_theta / pi_ref over the micro-batch's forget sequences
@@ -214,13 +222,15 @@ class UnlearnRecipe:
         values = [0.0] * len(self.data.forget)
         for step in self._schedule(1):
             for micro in step.micro_batches:
-                micro, weight = _share_of_process(micro, step)
-                # under QAT the reference is the deployed original, Q(W0); the kernels are the training step's
-                with onednn_linear(self._onednn), self._deployed_forward():
-                    stats = self._statistics(micro)  # every process runs as many forwards (sharded models need it)
-                sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
-                for index, value in zip(micro.forget, sums.tolist()):
-                    values[index] += weight * value
+                for group, weight in self._row_passes(*_share_of_process(micro, step)):
+                    # under QAT the reference is the deployed original, Q(W0); the kernels are the training step's
+                    with onednn_linear(self._onednn), self._deployed_forward():
+                        stats = self._statistics(group)  # every process runs as many forwards (sharded models)
+                    if stats.forget_nll is None or stats.forget_mask is None:
+                        continue
+                    sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
+                    for index, value in zip(group.forget, sums.tolist()):
+                        values[index] += weight * value
         self.model.train()
         return torch.tensor(self.parallel.sum_over_processes(values), dtype=torch.float32)
 
@@ -258,23 +268,24 @@ class UnlearnRecipe:
         sums = [0.0, 0.0, 0.0, 0.0]  # forget term, retain term, QUAIL term, summed NPO log-ratio
         forget_grads: list[torch.Tensor | None] | None = None
         for m, micro in enumerate(step.micro_batches):
-            micro, weight = _share_of_process(micro, step)
-            last_micro = m == len(step.micro_batches) - 1
-            with self._deployed_forward() as switch:
-                passes = self._passes(switch)
-                for p, (share, precision, deployed) in enumerate(passes):
-                    sync = last_micro and p == len(passes) - 1  # one gradient all-reduce per optimizer step
-                    with precision, self.parallel.accumulating(self.model, sync=sync):
-                        loss = self._micro_batch_loss(micro, counts)
-                        # gradients are averaged over processes; the losses are already global means.
-                        scale = share * weight * self.parallel.num_processes
-                        if self.config.sure_percentile is not None:
-                            forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
-                        self.parallel.backward(loss.total * scale)
-                    if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
-                        terms = [loss.forget, loss.retain, loss.quail]
-                        values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
-                        sums = [total + weight * value for total, value in zip(sums, values)]
+            micro_passes = self._row_passes(*_share_of_process(micro, step))
+            for g, (group, weight) in enumerate(micro_passes):
+                last_group = m == len(step.micro_batches) - 1 and g == len(micro_passes) - 1
+                with self._deployed_forward() as switch:
+                    passes = self._passes(switch)
+                    for p, (share, precision, deployed) in enumerate(passes):
+                        sync = last_group and p == len(passes) - 1  # one gradient all-reduce per optimizer step
+                        with precision, self.parallel.accumulating(self.model, sync=sync):
+                            loss = self._micro_batch_loss(group, counts)
+                            # gradients are averaged over processes; the losses are already global means.
+                            scale = share * weight * self.parallel.num_processes
+                            if self.config.sure_percentile is not None and loss.forget is not None:
+                                forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
+                            self.parallel.backward(loss.total * scale)
+                        if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
+                            terms = [loss.forget, loss.retain, loss.quail]
+                            values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
+                            sums = [total + weight * value for total, value in zip(sums, values)]
         forget, retain, quail_term, log_ratio = self.parallel.sum_over_processes(sums)
         total = (self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
                  + self.config.quail_weight * quail_term)
@@ -287,6 +298,20 @@ class UnlearnRecipe:
         return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total,
                         log_ratio=log_ratio / counts["forget_sequences"] if self.config.method == "npo" else None,
                         quail=quail_term if self.config.quail_weight > 0 else None)
+
+    def _row_passes(self, micro: MicroBatch, weight: float) -> list[tuple[MicroBatch, float]]:
+        """The forward passes of one micro-batch, its chunks grouped by length (`data.row_groups`), with their
+        weights. Under DDP every process runs as many passes (each forward broadcasts buffers), the extra ones again
+        over its first group with weight 0. Under FSDP the passes would also have to agree on which hold retain
+        rows (the sharded reference gathers its weights for them): there a micro-batch is one pass."""
+        cost = self.config.pass_cost_tokens
+        if cost is None:
+            cost = PASS_COST_TOKENS.get(self.parallel.device.type, PASS_COST_TOKENS["cuda"])
+        groups = row_groups(micro, self.data, None if self.parallel.sharded else cost)
+        count = len(groups)
+        if self.parallel.num_processes > 1:
+            count = self.parallel.max_over_processes(count)
+        return [(group, weight) for group in groups] + [(groups[0], 0.0)] * (count - len(groups))
 
     # ---- strategies -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -374,7 +399,9 @@ class UnlearnRecipe:
         if config.loss_chunk:
             with hidden_states_forward(self.transformer) as head:
                 hidden = self.model(input_ids=ids, attention_mask=mask).logits
-            stats = TokenStatistics(*chunked_token_nll(hidden[:n], head, labels[:n], config.loss_chunk))
+            stats = TokenStatistics()
+            if n:
+                stats.forget_nll, stats.forget_mask = chunked_token_nll(hidden[:n], head, labels[:n], config.loss_chunk)
             if micro.retain and config.reg == "gdr":
                 stats.retain_nll, stats.retain_mask = chunked_token_nll(hidden[n:], head, labels[n:], config.loss_chunk)
             elif micro.retain and config.reg == "klr":
@@ -383,8 +410,10 @@ class UnlearnRecipe:
                                                                       labels[n:], config.loss_chunk)
             return stats
         logits = self.model(input_ids=ids, attention_mask=mask).logits
-        stats = TokenStatistics(*objectives.token_nll(logits[:n], labels[:n]))
-        if self.quail_margin is not None:
+        stats = TokenStatistics()
+        if n:
+            stats.forget_nll, stats.forget_mask = objectives.token_nll(logits[:n], labels[:n])
+        if n and self.quail_margin is not None:
             ref_logits = self.reference.logits(self.unwrapped, ids[:n], mask[:n])
             distance, forget_mask = quail.logit_distance(logits[:n], ref_logits, labels[:n])
             stats.forget_hinge = torch.clamp(self.quail_margin - distance, min=0) * forget_mask
@@ -398,19 +427,9 @@ class UnlearnRecipe:
     def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> MicroLoss:
         """The micro-batch's loss, each term normalised by the global batch's counts."""
         config, stats = self.config, self._statistics(micro)
-        log_ratio = 0.0
-        if config.method == "ga":
-            forget = -objectives.nll_from_tokens(stats.forget_nll, stats.forget_mask, counts["forget_tokens"])
-        else:
-            nll, count = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)
-            if config.method == "npo":
-                assert self.ref_nll is not None, "NPO's reference NLLs are computed in setup()"
-                ref = self.ref_nll[micro.forget]
-                forget = objectives.npo_from_sequences(nll, ref, config.beta, counts["forget_sequences"])
-                log_ratio = float((ref.to(nll) - nll.detach()).sum())
-            else:
-                forget = objectives.simnpo_from_sequences(nll, count, config.beta, config.delta,
-                                                          counts["forget_sequences"])
+        forget, log_ratio = None, 0.0
+        if stats.forget_nll is not None and stats.forget_mask is not None:
+            forget, log_ratio = self._forget_term(stats.forget_nll, stats.forget_mask, micro, counts)
         retain = None
         if stats.retain_nll is not None and stats.retain_mask is not None:
             retain = objectives.nll_from_tokens(stats.retain_nll, stats.retain_mask, counts["retain_tokens"])
@@ -422,6 +441,20 @@ class UnlearnRecipe:
             hinge = stats.forget_hinge.sum() / counts["forget_tokens"]
             total = total + config.quail_weight * hinge
         return MicroLoss(total=total, forget=forget, retain=retain, quail=hinge, log_ratio=log_ratio)
+
+    def _forget_term(self, forget_nll: torch.Tensor, forget_mask: torch.Tensor, micro: MicroBatch,
+                     counts: dict[str, float]) -> tuple[torch.Tensor, float]:
+        """The method's forget loss over the pass's forget rows, and NPO's summed log-ratio (0 otherwise)."""
+        config = self.config
+        if config.method == "ga":
+            return -objectives.nll_from_tokens(forget_nll, forget_mask, counts["forget_tokens"]), 0.0
+        nll, count = objectives.sequence_sums(forget_nll, forget_mask)
+        if config.method == "npo":
+            assert self.ref_nll is not None, "NPO's reference NLLs are computed in setup()"
+            ref = self.ref_nll[micro.forget]
+            log_ratio = float((ref.to(nll) - nll.detach()).sum())
+            return objectives.npo_from_sequences(nll, ref, config.beta, counts["forget_sequences"]), log_ratio
+        return objectives.simnpo_from_sequences(nll, count, config.beta, config.delta, counts["forget_sequences"]), 0.0
 
     def _step_tokens(self, step: Step) -> int:
         tokens = sum(len(self.data.forget[i]) for i in step.global_forget)
