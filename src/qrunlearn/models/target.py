@@ -41,7 +41,8 @@ from qrunlearn.models.tiny import PRESETS, build_model, train_tokenizer
 from qrunlearn.models.train import TrainConfig, TrainResult, train_causal_lm
 
 MARKER = "qrunlearn_model.json"
-RECIPE_VERSION = 2  # bump when a training recipe changes so caches are invalidated
+RECIPE_VERSION = 2  # bump when a training recipe changes so caches are invalidated (not for a change of float
+# summation order alone, such as forward passes grouped by length: the cached model stays a model of that recipe)
 
 # Measured on the 'small' synth corpus (see README): 40 epochs at lr 2e-3 bring the training loss near zero
 # and forget-QA exact match to ~1.0; fewer epochs leave facts half-learnt.

@@ -267,25 +267,24 @@ class UnlearnRecipe:
         counts = _global_counts(step, self.data)
         sums = [0.0, 0.0, 0.0, 0.0]  # forget term, retain term, QUAIL term, summed NPO log-ratio
         forget_grads: list[torch.Tensor | None] | None = None
-        for m, micro in enumerate(step.micro_batches):
-            micro_passes = self._row_passes(*_share_of_process(micro, step))
-            for g, (group, weight) in enumerate(micro_passes):
-                last_group = m == len(step.micro_batches) - 1 and g == len(micro_passes) - 1
-                with self._deployed_forward() as switch:
-                    passes = self._passes(switch)
-                    for p, (share, precision, deployed) in enumerate(passes):
-                        sync = last_group and p == len(passes) - 1  # one gradient all-reduce per optimizer step
-                        with precision, self.parallel.accumulating(self.model, sync=sync):
-                            loss = self._micro_batch_loss(group, counts)
-                            # gradients are averaged over processes; the losses are already global means.
-                            scale = share * weight * self.parallel.num_processes
-                            if self.config.sure_percentile is not None and loss.forget is not None:
-                                forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
-                            self.parallel.backward(loss.total * scale)
-                        if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
-                            terms = [loss.forget, loss.retain, loss.quail]
-                            values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
-                            sums = [total + weight * value for total, value in zip(sums, values)]
+        row_passes = [p for micro in step.micro_batches for p in self._row_passes(*_share_of_process(micro, step))]
+        for r, (group, weight) in enumerate(row_passes):
+            with self._deployed_forward() as switch:
+                passes = self._precision_passes(switch)
+                for p, (share, precision, deployed) in enumerate(passes):
+                    # one gradient all-reduce per optimizer step, after its last backward
+                    sync = r == len(row_passes) - 1 and p == len(passes) - 1
+                    with precision, self.parallel.accumulating(self.model, sync=sync):
+                        loss = self._micro_batch_loss(group, counts)
+                        # gradients are averaged over processes; the losses are already global means.
+                        scale = share * weight * self.parallel.num_processes
+                        if self.config.sure_percentile is not None and loss.forget is not None:
+                            forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
+                        self.parallel.backward(loss.total * scale)
+                    if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
+                        terms = [loss.forget, loss.retain, loss.quail]
+                        values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
+                        sums = [total + weight * value for total, value in zip(sums, values)]
         forget, retain, quail_term, log_ratio = self.parallel.sum_over_processes(sums)
         total = (self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
                  + self.config.quail_weight * quail_term)
@@ -324,7 +323,8 @@ class UnlearnRecipe:
         with fake_quantized(self.unwrapped, self.qat) as switch:
             yield switch
 
-    def _passes(self, switch: FakeQuantSwitch | None) -> list[tuple[float, contextlib.AbstractContextManager, bool]]:
+    def _precision_passes(self, switch: FakeQuantSwitch | None
+                          ) -> list[tuple[float, contextlib.AbstractContextManager, bool]]:
         """(loss share, precision, is the deployed model) per forward of a micro-batch: one pass, or under QAT with
         `qat_mix` < 1 a full-precision pass and then the quantized one."""
         if switch is None or self.config.qat_mix >= 1.0:
