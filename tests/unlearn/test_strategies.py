@@ -38,7 +38,8 @@ def test_strategy_grammar():
         with pytest.raises(UserError, match=message):
             parse_strategy(bad)
     settings = strategy_settings(parse_strategy("sure"), "tiny", "ga", base_lr=3e-4)
-    assert settings["sure_percentile"] == 95.0 and settings["lr"] == pytest.approx(3e-3)
+    assert settings["sure_percentile"] == 95.0 and settings["lr"] == pytest.approx(9e-4)  # 3x: the tiny sweep
+    assert strategy_settings(parse_strategy("sure"), "paper", "ga", base_lr=1e-5)["lr"] == pytest.approx(1e-4)
 
 
 def test_sure_moves_only_salient_rows(tiny_model_dir, tiny_corpus, tmp_path):
