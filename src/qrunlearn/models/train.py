@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qrunlearn.models.onednn import onednn_linear
+from qrunlearn.models.passes import length_groups, pass_cost_for
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class TrainConfig:
     # batches of similar lengths (shuffled batch order each epoch) waste less compute on padding
     group_by_length: bool = False
     # each batch's sequences grouped by length into forward passes, each charged this many tokens of fixed cost
-    # against the padding it saves (`length_groups`; None = one padded pass). The loss is the same token mean.
-    pass_cost_tokens: int | None = 64
+    # against the padding it saves (`models.passes`; None = by device). The loss is the same token mean.
+    pass_cost_tokens: int | None = None
     # float32 CPU linears through oneDNN, forward and backward (`models.onednn`): 2-2.3x PyTorch's default BLAS on
     # AMD CPUs; results differ in the last bits
     onednn_linear: bool = True
@@ -102,27 +103,6 @@ def epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generato
     return [batches[i] for i in shuffle]
 
 
-def length_groups(lengths: list[int], pass_cost: int) -> list[list[int]]:
-    """Rows (positions into `lengths`) split into groups of similar length, one forward pass each, minimising the
-    padded tokens computed plus `pass_cost` tokens per pass (the fixed cost of a forward and backward, in tokens of
-    work). The rows are sorted by length and cut into contiguous runs; for this cost the best cut is found exactly
-    (dynamic programming over the n + 1 cut points). Groups come shortest first, each in row order."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    best = [0.0] + [math.inf] * len(order)  # best[k]: the cheapest split of the k shortest rows
-    cut = [0] * (len(order) + 1)
-    for end in range(1, len(order) + 1):
-        for start in range(end):
-            cost = best[start] + (end - start) * lengths[order[end - 1]] + pass_cost
-            if cost < best[end]:
-                best[end], cut[end] = cost, start
-    groups: list[list[int]] = []
-    end = len(order)
-    while end > 0:
-        groups.append(sorted(order[cut[end]:end]))
-        end = cut[end]
-    return groups[::-1]
-
-
 def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     warmup = max(1, int(config.warmup_fraction * total_steps))
 
@@ -140,10 +120,9 @@ def _lr_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 def _batch_backward(model, sequences: list[list[int]], pad_id: int, device: torch.device,
                     pass_cost: int | None) -> torch.Tensor:
-    """Gradient of the batch's mean next-token loss, accumulated over forward passes of similar-length sequences;
-    returns the loss."""
-    groups = [list(range(len(sequences)))] if pass_cost is None else length_groups([len(s) for s in sequences],
-                                                                                     pass_cost)
+    """Gradient of the batch's mean next-token loss, accumulated over forward passes of similar-length sequences
+    (`pass_cost` None: by device); returns the loss."""
+    groups = length_groups([len(s) for s in sequences], pass_cost_for(device.type, pass_cost))
     # each pass returns its summed NLL over the whole batch's scored tokens, so the passes add up to the mean
     scored = torch.tensor(sum(len(s) - 1 for s in sequences), device=device)
     total = torch.zeros((), device=device)

@@ -61,10 +61,6 @@ TUNABLE: tuple[str, ...] = (
     "quail_spec", "quail_margin", "qat", "qat_mix", "onednn_linear", "pass_cost_tokens",
 )
 
-# The fixed cost of one forward + backward pass in tokens of work, when a micro-batch's rows are grouped by length
-# (`pass_cost_tokens` None). CPU: measured with benchmarks/bench_throughput.py (RESULTS.md "Training throughput");
-# CUDA: a kernel-launch-bound pass costs milliseconds, thousands of tokens on a large model (not measured here).
-PASS_COST_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
 class UnlearnConfig(BaseModel):

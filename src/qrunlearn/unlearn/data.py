@@ -18,7 +18,7 @@ import torch
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
-from qrunlearn.models.train import length_groups
+from qrunlearn.models.passes import length_groups
 
 
 def chunk_documents(tokenizer, docs: list[str], max_length: int) -> list[list[int]]:

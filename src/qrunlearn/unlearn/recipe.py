@@ -39,12 +39,13 @@ from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.onednn import onednn_linear
+from qrunlearn.models.passes import pass_cost_for
 from qrunlearn.models.train import collate
 from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
 from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.unlearn import objectives, quail, saliency, storage
 from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll
-from qrunlearn.unlearn.config import PASS_COST_TOKENS, UnlearnConfig
+from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.data import (
     MicroBatch,
     Step,
@@ -306,9 +307,7 @@ class UnlearnRecipe:
         weights. Under DDP every process runs as many passes (each forward broadcasts buffers), the extra ones again
         over its first group with weight 0. Under FSDP the passes would also have to agree on which hold retain
         rows (the sharded reference gathers its weights for them): there a micro-batch is one pass."""
-        cost = self.config.pass_cost_tokens
-        if cost is None:
-            cost = PASS_COST_TOKENS.get(self.parallel.device.type, PASS_COST_TOKENS["cuda"])
+        cost = pass_cost_for(self.parallel.device.type, self.config.pass_cost_tokens)
         groups = row_groups(micro, self.data, None if self.parallel.sharded else cost)
         count = len(groups)
         if self.parallel.num_processes > 1:
