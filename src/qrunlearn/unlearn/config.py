@@ -62,7 +62,6 @@ TUNABLE: tuple[str, ...] = (
 )
 
 
-
 class UnlearnConfig(BaseModel):
     """One unlearning run. loss = gamma * forget_loss(method) + alpha * retain_loss(reg)."""
 

@@ -35,7 +35,8 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
     Scored at all T positions against the labels shifted left (the last position scores nothing), and only the
     [B, T] result is cut to T - 1: slicing the [B, T, V] logits instead would copy them in the forward pass and
-    zero-fill a full-size gradient in the backward pass (~15% of a SmolLM2 step)."""
+    zero-fill a full-size gradient in the backward pass (in a SmolLM2 step's profile, copies and fills fell from
+    4.8 s to 3.8 s of ~32 s)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                           reduction="none").view(targets.shape)
