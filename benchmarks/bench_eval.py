@@ -59,6 +59,7 @@ from qrunlearn.eval.generation import (  # noqa: E402
     shared_prefix_length,
 )
 from qrunlearn.models.loading import load_causal_lm  # noqa: E402
+from qrunlearn.models.attention import blocked_attention  # noqa: E402
 from qrunlearn.models.onednn import onednn_linear  # noqa: E402
 
 MIN_K_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
@@ -205,13 +206,13 @@ def metric_flops(shape: ModelShape, tokenizer, metric: str, items: list[dict], s
     return _knowmem_flops(shape, tokenizer, rows, share_prefix)
 
 
-def time_verbmem_prefill(model, tokenizer, corpus, limit, batch_size: int) -> tuple[float, int]:
+def time_verbmem_prefill(model, tokenizer, corpus, limit, batch_size: int, config: EvalConfig) -> tuple[float, int]:
     """Wall seconds and FLOPs of the VerbMem prompts' prefill alone (one new token each), as `evaluate` runs it."""
     items = corpus.verbmem[:limit] if limit else corpus.verbmem
     ids = encode(tokenizer, [item.prompt for item in items], None, keep="last").ids
     eos = eos_token_ids(model, tokenizer)
     start = time.perf_counter()
-    with onednn_linear():
+    with onednn_linear(config.onednn_linear), blocked_attention(model, config.blocked_attention):
         greedy_generate(model, ids, 1, pad_token_id(tokenizer, eos), eos, batch_size)
     seconds = time.perf_counter() - start
     return seconds, sum(prefill_flops(ModelShape.of(model), len(prompt)) for prompt in ids)
@@ -237,6 +238,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-onednn", action="store_true", help="ours without oneDNN linears (EvalConfig)")
+    parser.add_argument("--no-blocked-attention", action="store_true",
+                        help="ours with SDPA's attention kernel instead of the blocked one (EvalConfig)")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return parser.parse_args()
@@ -260,7 +263,8 @@ def _side_by_side(model, tokenizer, corpus, args) -> dict:
     run: dict = {"ours": {}, "baseline": {}, "ours_s": {}, "baseline_s": {}, "flops": {}}
     for metric in args.metrics:
         config = EvalConfig(metrics=(metric,), limit=args.limit, batch_size=args.batch_size,
-                            onednn_linear=not args.no_onednn)
+                            onednn_linear=not args.no_onednn,
+                            blocked_attention=not args.no_blocked_attention)
         start = time.perf_counter()
         result = evaluate(model, tokenizer, corpus, config, retrain_auc=args.retrain_auc, progress=False)
         run["ours_s"][metric] = time.perf_counter() - start
@@ -316,7 +320,8 @@ def main() -> None:
     peaks = [matmul_peak()]
 
     # warm-up both code paths on one item so that neither pays first-call costs inside the timing
-    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap=10, onednn_linear=not args.no_onednn),
+    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap=10, onednn_linear=not args.no_onednn,
+                                                  blocked_attention=not args.no_blocked_attention),
              retrain_auc=args.retrain_auc, progress=False)
     for metric in METRICS:
         run_baseline(model, tokenizer, corpus, metric, 1, args.retrain_auc)
@@ -325,7 +330,8 @@ def main() -> None:
     run = _side_by_side(model, tokenizer, corpus, args)
     run["prefill"] = {}
     if "verbmem_f" in args.metrics:
-        seconds, flops = time_verbmem_prefill(model, tokenizer, corpus, args.limit, args.batch_size)
+        ours = EvalConfig(onednn_linear=not args.no_onednn, blocked_attention=not args.no_blocked_attention)
+        seconds, flops = time_verbmem_prefill(model, tokenizer, corpus, args.limit, args.batch_size, ours)
         run["prefill"] = {"seconds": seconds, "flops": flops}
     load_after = os.getloadavg()
     peaks.append(matmul_peak())

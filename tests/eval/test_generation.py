@@ -3,6 +3,7 @@ left truncation of long prompts."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,46 @@ def test_decode_threads_apply_to_the_decoding_steps_only(tiny, tiny_corpus):
         assert single == generate_batch(model, prompts, 6, tokenizer.pad_token_id, eos_ids=())
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_prefill_split_into_passes_gives_the_same_tokens_and_nll(with_prefix, tiny, tiny_corpus, monkeypatch):
+    """A batch over `PASS_POSITIONS` is prefilled a few rows a pass and decoded together: the same tokens as one
+    pass (different widths per pass, so zero-filled pads in the joined cache), and the same answer NLLs."""
+    from qrunlearn.eval import generation
+    from qrunlearn.eval.generation import prefill_prompts, shared_prefix
+    from qrunlearn.eval.logprobs import answer_nll
+    from qrunlearn.eval.muse import knowmem_prompt
+
+    model, tokenizer = tiny
+    if with_prefix:
+        icl = tiny_corpus.knowmem["forget_qa_icl"]
+        pairs = tiny_corpus.knowmem["forget_qa"][:5]
+        prompts = encode(tokenizer, [knowmem_prompt(icl, pair.question) for pair in pairs], None, keep="last").ids
+        prefix = shared_prefix(model, prompts)
+        assert prefix is not None
+    else:
+        prompts, prefix = _prompts(tokenizer, tiny_corpus), None
+    answers = [p[-3:] for p in prompts]
+    eos = eos_token_ids(model, tokenizer)
+    pad = pad_token_id(tokenizer, eos)
+    whole = greedy_generate(model, prompts, 16, pad, eos, batch_size=8, prefix=prefix)
+    whole_nll = answer_nll(model, prompts, answers, pad, batch_size=8, prefix=prefix)
+    shared = prefix.length if prefix is not None else 0
+    suffix_width = max(len(p) for p in prompts) - shared
+    monkeypatch.setitem(generation.PASS_POSITIONS, "cpu", 2 * suffix_width)  # two rows a pass
+    passes = []
+    real_prefill = generation.prefill
+
+    def counting_prefill(model, input_ids, *args, **kwargs):
+        passes.append(tuple(input_ids.shape))
+        return real_prefill(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "prefill", counting_prefill)
+    run = prefill_prompts(model, prompts, pad, prefix, room=4)
+    assert len(passes) == (len(prompts) + 1) // 2 and len({width for _, width in passes}) > 1
+    assert run.hidden.shape[0] == len(prompts) and run.cache.get_seq_length() == shared + suffix_width
+    split = greedy_generate(model, prompts, 16, pad, eos, batch_size=8, prefix=prefix)
+    assert split == whole
+    np.testing.assert_allclose(answer_nll(model, prompts, answers, pad, batch_size=8, prefix=prefix), whole_nll,
+                               rtol=1e-5, atol=1e-6)

@@ -8,20 +8,20 @@ import torch
 from qrunlearn.models import onednn
 from qrunlearn.models.onednn import onednn_linear
 
-pytestmark = pytest.mark.skipif(onednn._ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
+pytestmark = pytest.mark.skipif(onednn.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
 
 
 @pytest.fixture
 def routed_calls(monkeypatch) -> list[tuple[int, ...]]:
     """Input shapes of the calls that reached oneDNN."""
     calls: list[tuple[int, ...]] = []
-    real = onednn._ONEDNN_LINEAR
+    real = onednn.ONEDNN_LINEAR
 
     def spy(*args):
         calls.append(tuple(args[0].shape))
         return real(*args)
 
-    monkeypatch.setattr(onednn, "_ONEDNN_LINEAR", spy)
+    monkeypatch.setattr(onednn, "ONEDNN_LINEAR", spy)
     return calls
 
 

@@ -53,3 +53,7 @@ class EvalConfig(BaseModel):
     onednn_linear: bool = Field(True, description="on CPU, run float32 linear layers through oneDNN (2-2.5x MKL's "
                                                   "speed on AMD CPUs; results differ in the last bits); false = "
                                                   "PyTorch's default BLAS")
+    blocked_attention: bool = Field(True, description="on CPU, run long causal float32 passes' attention (scoring, "
+                                                      "prefill) as blocked oneDNN products (1.4-1.7x SDPA's speed "
+                                                      "from 512 tokens; results differ in the last bits; see "
+                                                      "models.attention); false = SDPA")

@@ -39,6 +39,14 @@ def _cache_argument_name() -> str:
 
 _CACHE_ARG = _cache_argument_name()
 
+# Most positions (rows x longest row) one prefill or scoring forward pass takes; a batch over it runs as several
+# passes of fewer rows. A pass's activations (e.g. SmolLM2's MLP: positions x 1,536 floats) then stay in the CPU's
+# last-level cache, where the elementwise work between the products (SiLU, products, norms, rotary) is memory-bound
+# otherwise. Measured on SmolLM2, quiet machine: eight ~950-token VerbMem prompts prefilled 2 rows a pass in 10.9 s
+# against 14.3 s in one pass (1 thread; 7.3 vs 9.5 s on 2); four 1.8k-token privleak texts scored one a pass in
+# 17.2 s against 18.8 s two a pass (10.1 vs 11.5 s on 2 threads). On CUDA, larger passes fill the device.
+PASS_POSITIONS = {"cuda": 1 << 16, "cpu": 1 << 11}
+
 
 def input_device(model) -> torch.device:
     """Where inputs must go: the input embeddings' device (quantized linears may hold no float weights)."""
@@ -222,9 +230,52 @@ def prefill_prompts(model, prompts: Sequence[Sequence[int]], pad_id: int, prefix
     suffixes = [list(p[shared:]) for p in prompts]
     if not all(suffixes):
         raise ValueError("every prompt needs at least one token after the shared prefix")
+    device = input_device(model)
     input_ids, mask = right_pad(suffixes, pad_id)
-    cache = new_cache(model, shared + input_ids.shape[1] + room, len(prompts), prefix)
-    return prefill(model, input_ids.to(input_device(model)), mask.sum(-1), shared, cache, direct_head)
+    rows, width = input_ids.shape
+    per_pass = max(1, PASS_POSITIONS.get(device.type, PASS_POSITIONS["cuda"]) // width)
+    if per_pass >= rows or not direct_head or not _full_attention_only(model.config):
+        # one pass: a model returning whole logits keeps its batch bounded by the caller; a sliding-window cache
+        # keeps its keys in its own order
+        cache = new_cache(model, shared + width + room, rows, prefix)
+        return prefill(model, input_ids.to(device), mask.sum(-1), shared, cache, direct_head)
+    parts = []
+    for first in range(0, rows, per_pass):
+        part_suffixes = suffixes[first:first + per_pass]
+        part_ids, part_mask = right_pad(part_suffixes, pad_id)
+        part_cache = new_cache(model, shared + part_ids.shape[1], len(part_suffixes), prefix)
+        parts.append(prefill(model, part_ids.to(device), part_mask.sum(-1), shared, part_cache, direct_head))
+    return _joined(model, parts, shared + width + room)
+
+
+def _joined(model, parts: list[Prefill], max_length: int) -> Prefill:
+    """One `Prefill` of all rows from passes over consecutive groups of them: hidden states and keys/values
+    zero-filled past each group's own width (those positions are pads, masked out while decoding, and no caller
+    reads their hidden states), the keys and values written into one fresh cache of `max_length` positions."""
+    width = max(part.hidden.shape[1] for part in parts)
+    hidden = torch.cat([_pad_positions(part.hidden, width, dim=1) for part in parts])
+    cache = new_cache(model, max_length, hidden.shape[0], prefix=None)
+    layers = [part.cache.layers for part in parts]
+    cached = max(part_layers[0].keys.shape[2] for part_layers in layers)
+    for index in range(len(layers[0])):
+        keys = torch.cat([_pad_positions(part_layers[index].keys, cached, dim=2) for part_layers in layers])
+        values = torch.cat([_pad_positions(part_layers[index].values, cached, dim=2) for part_layers in layers])
+        cache.update(keys, values, index)
+    return Prefill(hidden=hidden, lengths=torch.cat([part.lengths for part in parts]), cache=cache,
+                   head=parts[0].head)
+
+
+def _full_attention_only(config) -> bool:
+    return (getattr(config, "sliding_window", None) is None
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ()))
+
+
+def _pad_positions(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    if tensor.shape[dim] == size:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qrunlearn.eval.generation import SharedPrefix, input_device, prefill_prompts, right_pad
+from qrunlearn.eval.generation import PASS_POSITIONS, SharedPrefix, input_device, prefill_prompts, right_pad
 from qrunlearn.models.heads import head_gives_logits, head_set_aside
 
 MIN_K_RATIOS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -33,11 +33,6 @@ MIN_K_PP_RATIO = 0.4
 # vocabulary), 1 thread, head + statistics of a 1.8k-token text: MKL 1.7 s in chunks of 128 positions vs 2.3 s
 # whole; oneDNN 1.4 s for 64-128 positions, 1.6 s for 192-256.
 _STATS_ELEMENT_BUDGET = {"cuda": 1 << 26, "cpu": 1 << 22}
-# Most positions (rows x longest text) one scoring forward pass takes. Logits never exist for a whole batch (the
-# head runs chunk by chunk), so this bounds only the activations. On CPU, two 1.8k-token texts per pass: on 2
-# shared cores each parallel region waits for a descheduled thread, and bigger regions amortise that (SmolLM2 body:
-# 13-21 s per text alone, 8-15 s in pairs); on 1 thread pairs cost the same as singles.
-_POSITION_BUDGET = {"cuda": 1 << 16, "cpu": 1 << 12}
 # Most logits elements (positions x vocabulary) of one pass for models whose logits are not their head's output
 # (`models.heads.head_gives_logits`), which return them whole.
 _FULL_LOGITS_BUDGET = {"cuda": 1 << 29, "cpu": 1 << 26}
@@ -161,7 +156,7 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
     device = input_device(model)
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     direct = head_gives_logits(model)
-    budget = _POSITION_BUDGET.get(device.type, _POSITION_BUDGET["cuda"])
+    budget = PASS_POSITIONS.get(device.type, PASS_POSITIONS["cuda"])
     if not direct:  # the pass returns the whole batch's logits: bound them instead
         logits_budget = _FULL_LOGITS_BUDGET.get(device.type, _FULL_LOGITS_BUDGET["cuda"])
         budget = max(1, logits_budget // int(model.config.vocab_size))

@@ -3,8 +3,8 @@
 Definitions follow MUSE exactly (see paper.md, "MUSE metrics, exactly"); what differs is only how the work is
 scheduled: prompts are generated in right-padded batches with a KV cache (a shared few-shot prefix computed once),
 all privleak texts are scored in batched forward passes, and on CPU float32 linear layers run through oneDNN
-(`models.onednn`). `benchmarks/bench_eval.py` checks the numbers against a one-prompt-at-a-time loop written like
-MUSE's.
+(`models.onednn`) and long causal passes' attention as blocked oneDNN products (`models.attention`).
+`benchmarks/bench_eval.py` checks the numbers against a one-prompt-at-a-time loop written like MUSE's.
 
 One adaptation MUSE never needed: a prompt longer than the model's context minus the new tokens keeps its
 last tokens (and its BOS), and a privleak text longer than the context keeps its first tokens. Both are
@@ -52,6 +52,7 @@ from qrunlearn.eval.rouge import (
     rouge_l,
 )
 from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
+from qrunlearn.models.attention import blocked_attention
 from qrunlearn.models.onednn import onednn_linear
 
 logger = logging.getLogger("qrunlearn.eval")
@@ -260,7 +261,7 @@ def privleak_auc(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, progr
     """Min-40% AUC of privleak forget (label 0) vs holdout (label 1): a retrain model's reference AUC."""
     check_corpus(corpus, ("privleak",))
     setup = _setup(model, tokenizer, config)
-    with onednn_linear(config.onednn_linear):
+    with onednn_linear(config.onednn_linear), blocked_attention(model, config.blocked_attention):
         result = run_privleak_scores(model, tokenizer, corpus, config, setup, with_extra=False,
                                      splits=("forget", "holdout"), progress=progress)
     return muse_auc(result.scores["forget"][PRIVLEAK_SCORE], result.scores["holdout"][PRIVLEAK_SCORE])
@@ -280,7 +281,8 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
     truncated: dict[str, int] = {}
     started = time.perf_counter()
     try:
-        with onednn_linear(config.onednn_linear) as routed:
+        with onednn_linear(config.onednn_linear) as routed, \
+                blocked_attention(model, config.blocked_attention) as blocked:
             for metric in config.metrics:
                 start = time.perf_counter()
                 if metric == "privleak":
@@ -300,6 +302,7 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
         "pad_token_id": setup.pad,
         "device": str(input_device(model)),
         "onednn_linear": routed,
+        "blocked_attention": blocked,
         "truncated": truncated,
         "n_items": _count_items(result.items),
         "privleak_score": PRIVLEAK_SCORE,

@@ -32,7 +32,7 @@ def _find_onednn_linear():
         return None
 
 
-_ONEDNN_LINEAR = _find_onednn_linear()
+ONEDNN_LINEAR = _find_onednn_linear()
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -43,7 +43,7 @@ def _eligible(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -92,7 +92,7 @@ def _linear_arguments(input: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 def onednn_linear(enabled: bool = True) -> Iterator[bool]:
     """Inside the block, eligible linear calls run through oneDNN (see the module docstring). Yields whether the
     routing is on: False when not `enabled` or where this PyTorch build has no oneDNN linear."""
-    if not enabled or _ONEDNN_LINEAR is None:
+    if not enabled or ONEDNN_LINEAR is None:
         yield False
         return
     with _OneDnnLinearMode():
