@@ -152,7 +152,7 @@ class Prefill:
 
     hidden: torch.Tensor  # (rows, width, hidden size or vocabulary)
     lengths: torch.Tensor  # (rows,) real tokens per row, on the CPU
-    cache: object
+    cache: Any  # a transformers Cache (static, or dynamic where a static one cannot be sized)
     head: torch.nn.Module | None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
