@@ -471,6 +471,8 @@ def test_epoch_selection_survives_resume_and_reuse(prepared, tmp_path, monkeypat
     # folder, not the final model, so a selection skipped after resume or reuse shows in model_dir
     assert expected.selected_epoch is not None and expected.selected_epoch < expected.epochs_run, expected.epochs
     assert expected.model_dir == str(_unlearn_dir(straight) / "epochs" / f"epoch_{expected.selected_epoch:03d}")
+    # once the cell is done only the evaluated epoch's model is kept (keep_epoch_models: false)
+    assert [p.name for p in (_unlearn_dir(straight) / "epochs").iterdir()] == [Path(expected.model_dir).name]
 
     with monkeypatch.context() as patched:
         patched.setattr(experiment, "knowmem_hook", _interrupting_in_epoch_2)
@@ -502,3 +504,14 @@ def test_unlearning_stops_at_the_selected_epoch(prepared, tmp_path):
     # the barely trained target meets MUSE's rule at epoch 1 of 3: nothing after it is trained
     assert summary.selected_epoch == 1 and summary.epochs_run == 1, summary.epochs
     assert summary.stopped_reason.startswith("selected: epoch 1"), summary.stopped_reason
+
+
+def test_keep_epoch_models_keeps_every_epoch(prepared, tmp_path):
+    config = tmp_path / "keep.yaml"
+    config.write_text(yaml.safe_dump(_config(prepared.root, precisions=["fp"], select_epoch=True,
+                                             stop_at_selected=False, keep_epoch_models=True)))
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = _cell_result(tmp_path / "out").unlearn
+    kept = sorted(p.name for p in (_unlearn_dir(tmp_path / "out") / "epochs").iterdir())
+    assert summary.selected_epoch is not None and summary.epochs_run == 3
+    assert kept == [f"epoch_{epoch:03d}" for epoch in (1, 2, 3)]

@@ -95,7 +95,12 @@ class ExperimentConfig(_Strict):
         default=False, description="MUSE's rule: keep the first epoch whose KnowMem-forget <= the retrain's.")
     stop_at_selected: bool = Field(
         default=True, description="with select_epoch, stop unlearning at the selected epoch (the later ones are "
-                                  "never evaluated); false trains every epoch and keeps them all")
+                                  "never evaluated); false trains every epoch (keep_epoch_models keeps their models)")
+    keep_epoch_models: bool = Field(
+        default=False, description="with select_epoch, keep every epoch's model in the cell; false keeps the "
+                                   "evaluated (selected) epoch and the final model only, once the cell is done "
+                                   "(each epoch is a full model: 0.5 GB for SmolLM2-135M in fp32, 13.5 GB for a "
+                                   "7B in bf16)")
 
     @model_validator(mode="before")
     @classmethod

@@ -11,6 +11,7 @@ the table, plots and report.
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -295,10 +296,12 @@ class Experiment:
         for precision in self.config.precisions:
             tick(f"{cell.id} @ {precision}")
             evals[precision] = self._evaluate(summary.model_dir, precision, reference.auc)
+        survival = self._survival(cell, target, summary.model_dir)
+        if not self.config.keep_epoch_models:
+            _prune_epoch_models(result.model_dir.parent / "epochs", keep=Path(summary.model_dir))
         return UnlearnCellResult(cell=cell.id, method=cell.method, strategy=cell.strategy, adapter=config.adapter,
                                  unlearn_config=config,
-                                 unlearn=summary, retrain_reference=reference, evals=evals,
-                                 survival=self._survival(cell, target, summary.model_dir))
+                                 unlearn=summary, retrain_reference=reference, evals=evals, survival=survival)
 
     def _summary(self, result: UnlearnResult, reference: RetrainReference, seconds: float) -> UnlearnSummary:
         """The run, and the model to evaluate: the final one, or with `select_epoch` the first epoch whose
@@ -390,3 +393,13 @@ def run_experiment(config: ExperimentConfig, out: Path | str, *, resume: bool = 
     if all(experiment.is_done(c) for c in experiment.cells):
         build_report(out, config, experiment.references(), experiment.unlearn_results())
     return out
+
+
+def _prune_epoch_models(epochs: Path, keep: Path) -> None:
+    """Remove the per-epoch model folders under `epochs` except `keep` (the evaluated one): they served MUSE's
+    epoch selection, and a cell's results never read them again."""
+    if not epochs.is_dir():
+        return
+    for folder in sorted(epochs.iterdir()):
+        if folder.is_dir() and folder.resolve() != keep.resolve():
+            shutil.rmtree(folder)

@@ -29,7 +29,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from qrunlearn.models.onednn import ONEDNN_LINEAR
 
 IMPLEMENTATION = "qrunlearn_blocked_sdpa"
-BLOCK = 64  # query positions per block: 64-128 measured within 5% of each other at 512-1,850 positions
+BLOCK = 64  # query positions per block: 128 ran 15% slower at 1,850 positions, 32 slower too (bench_attention)
 MIN_POSITIONS = 256
 # Arguments that change what attention computes; with any of them set the pass goes to SDPA.
 _UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
