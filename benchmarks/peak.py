@@ -1,12 +1,25 @@
-"""The machine's float32 matmul peak, the denominator of the benchmarks' model FLOP utilisation (MFU)."""
+"""The machine's float32 matmul peak, the denominator of the benchmarks' model FLOP utilisation (MFU), and the
+best-of-N wall-clock timer the benchmarks share."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 from qrunlearn.models.onednn import onednn_linear
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` wall-clock runs of `run`, after one warm-up run."""
+    run()
+    fastest = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        fastest = min(fastest, time.perf_counter() - started)
+    return fastest
 
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -16,13 +29,7 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
     a, b = torch.randn(size, size), torch.randn(size, size)
 
     def best(run) -> float:
-        run()
-        fastest = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            fastest = min(fastest, time.perf_counter() - started)
-        return 2 * size**3 / fastest / 1e9
+        return 2 * size**3 / best_seconds(run, repeats) / 1e9
 
     with torch.no_grad():
         default = best(lambda: a @ b)
