@@ -43,6 +43,7 @@ from peak import matmul_peak  # noqa: E402  (benchmarks/peak.py, beside this scr
 
 from qrunlearn.data.muse import load_corpus  # noqa: E402
 from qrunlearn.eval import EvalConfig, evaluate  # noqa: E402
+from qrunlearn.eval.muse import fast_paths  # noqa: E402
 from qrunlearn.eval.flops import (  # noqa: E402
     ModelShape,
     causal_pairs,
@@ -59,8 +60,6 @@ from qrunlearn.eval.generation import (  # noqa: E402
     shared_prefix_length,
 )
 from qrunlearn.models.loading import load_causal_lm  # noqa: E402
-from qrunlearn.models.attention import blocked_attention  # noqa: E402
-from qrunlearn.models.onednn import onednn_linear  # noqa: E402
 
 MIN_K_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 METRICS = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
@@ -212,7 +211,7 @@ def time_verbmem_prefill(model, tokenizer, corpus, limit, batch_size: int, confi
     ids = encode(tokenizer, [item.prompt for item in items], None, keep="last").ids
     eos = eos_token_ids(model, tokenizer)
     start = time.perf_counter()
-    with onednn_linear(config.onednn_linear), blocked_attention(model, config.blocked_attention):
+    with fast_paths(model, config):
         greedy_generate(model, ids, 1, pad_token_id(tokenizer, eos), eos, batch_size)
     seconds = time.perf_counter() - start
     return seconds, sum(prefill_flops(ModelShape.of(model), len(prompt)) for prompt in ids)

@@ -38,6 +38,29 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(write, tmp_path, mo
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
 
 
+def test_safetensors_full_disk_becomes_an_os_error_naming_the_folder(tmp_path, monkeypatch):
+    """safetensors raises its own error type for a failed write (seen when a grid filled the disk); inside
+    `atomic_directory` it becomes the OSError it stands for, so the CLI prints one line, and the old folder stays."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full_disk)
+    with pytest.raises(OSError) as caught, atomic_directory(final) as tmp:
+        safetensors.torch.save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(final)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (final / "old.txt").read_text() == "old"
+    # any other library error passes through unchanged
+    with pytest.raises(SafetensorError, match="header too large"), atomic_directory(tmp_path / "other"):
+        raise SafetensorError("Error while deserializing header: header too large")
+
+
 def test_a_write_refused_by_the_folder_stays_a_permission_error(tmp_path, monkeypatch):
     def refused(*_args: object, **_kwargs: object) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / ".x.tmp"))

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,30 @@ def restore_interrupted_swaps(folder: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
+def _library_os_error(err: BaseException, path: Path) -> OSError | None:
+    """safetensors reports a failed write (a full disk, a read-only folder) as its own SafetensorError, with the
+    OS error only in its text ("... No space left on device (os error 28)"): the OSError it stands for, naming
+    `path`, so that the command line reports it as one line like any other failed write."""
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    if type(err).__name__ != "SafetensorError" or match is None:
+        return None
+    number = int(match.group(1))
+    return OSError(number, os.strerror(number), str(path))
+
+
+@contextmanager
+def library_write_errors(path: Path | str) -> Iterator[None]:
+    """Within the block, a library's write failure that is an OS error in disguise (`_library_os_error`) is
+    raised as that OSError, naming `path`."""
+    try:
+        yield
+    except Exception as err:
+        os_error = _library_os_error(err, Path(path))
+        if os_error is None:
+            raise
+        raise os_error from err
+
+
 @contextmanager
 def atomic_directory(final: Path | str, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` (`replace_directory`).
@@ -162,7 +187,8 @@ def atomic_directory(final: Path | str, overwrite: bool = True) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     _usual_mode(tmp, directory=True)
     try:
-        yield tmp
+        with library_write_errors(final):
+            yield tmp
         if final.exists() and not overwrite:
             raise FileExistsError(final)
         for written in tmp.rglob("*"):  # libraries that write atomically themselves leave private (0600) files

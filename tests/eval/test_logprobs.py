@@ -68,7 +68,9 @@ def test_token_stats_from_hidden_states_in_chunks_match_the_full_logits(monkeypa
     ids = torch.randint(0, 11, (2, 7))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     full = token_stats(head(hidden), ids, mask)
-    monkeypatch.setitem(logprobs._STATS_ELEMENT_BUDGET, "cpu", 2 * 11)  # 2 positions per chunk: 3 chunks per row
+    # vocabulary slices of 4, 4 and 3 entries; 2 positions per tile: 3 tiles of positions per row
+    monkeypatch.setitem(logprobs._STATS_VOCAB_TILE, "cpu", 4)
+    monkeypatch.setitem(logprobs._STATS_TILE_ELEMENTS, "cpu", 2 * 4)
     chunked = token_stats(hidden, ids, mask, head=head)
     real = full.mask
     for name in ("logprob", "mu", "sigma"):
@@ -76,6 +78,43 @@ def test_token_stats_from_hidden_states_in_chunks_match_the_full_logits(monkeypa
         assert torch.allclose(got, expected, atol=1e-6), name
     # pads are never computed: they keep the neutral values the scores mask out anyway
     assert chunked.logprob[1, 3:].tolist() == [0.0] * 3 and chunked.sigma[1, 3:].tolist() == [1.0] * 3
+
+
+def test_statistics_merged_across_vocabulary_slices_equal_one_softmax(monkeypatch):
+    """Slices whose largest logits differ by far more than exp's range in float32: the merge must rescale each to
+    the common max (without it the low slice's mass would be counted as if it were the top one's)."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 6, 10, dtype=torch.float64)
+    logits[..., 5:] += 60.0
+    logits[1, :, :5] += 120.0  # in row 1 the first slice holds the max
+    ids = torch.randint(0, 10, (3, 6))
+    ids[:, 1::2] = 2  # every other target in the low slice: positions 0, 2 and 4 score token 2
+    mask = torch.ones_like(ids)
+    monkeypatch.setitem(logprobs._STATS_VOCAB_TILE, "cpu", 5)
+    sliced = token_stats(logits.float(), ids, mask)
+    log_p = torch.log_softmax(logits[:, :-1], -1)
+    p = log_p.exp()
+    mean = (p * log_p).sum(-1)
+    sigma = (p * (log_p - mean[..., None]).square()).sum(-1).sqrt()
+    expected_logprob = log_p.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(sliced.logprob.double(), expected_logprob, atol=1e-4)
+    assert torch.allclose(sliced.mu.double(), mean, atol=1e-4)
+    assert torch.allclose(sliced.sigma.double(), sigma, rtol=1e-4, atol=1e-6)
+    # a target far below the max has a tiny probability: its log p (about -60) must survive the merge
+    assert sliced.logprob[0, 0].item() < -50.0
+
+
+def test_a_head_that_is_not_a_plain_linear_is_applied_whole(monkeypatch):
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(8, 11, bias=True))
+    hidden = torch.randn(1, 5, 8)
+    ids = torch.randint(0, 11, (1, 5))
+    mask = torch.ones_like(ids)
+    monkeypatch.setitem(logprobs._STATS_VOCAB_TILE, "cpu", 4)
+    whole = token_stats(hidden, ids, mask, head=head)
+    expected = token_stats(head(hidden), ids, mask)
+    assert torch.allclose(whole.logprob, expected.logprob, atol=1e-6)
+    assert torch.allclose(whole.sigma, expected.sigma, atol=1e-6)
 
 
 def test_batched_scores_equal_one_at_a_time(tiny_model_dir, tiny_corpus):

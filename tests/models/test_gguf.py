@@ -339,3 +339,18 @@ def test_smollm2_imports_on_its_grid_and_knows_paris(tmp_path):
     with torch.no_grad():
         generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(generated[0, ids["input_ids"].shape[1]:])
+
+
+def test_cli_import_onto_a_full_disk_is_one_line(tiny_gguf, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*_args: object, **_kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", full_disk)
+    out = tmp_path / "out"
+    assert main(["models", "import", str(tiny_gguf[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err  # transformers' own progress bar for the GGUF read comes first
+    assert err.splitlines()[-1] == f"error: {out}: No space left on device" and "Traceback" not in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []

@@ -91,3 +91,75 @@ def test_autocast_and_frozen_inputs_are_left_alone(routed_calls):
     with onednn_linear():
         layer(torch.randn(2, 16))  # nothing needs a gradient: the plain oneDNN product
     assert routed_calls == [(2, 16)]
+
+
+class _Spy:
+    """Stands in for oneDNN's linear op and counts its fused (binary) calls."""
+
+    def __init__(self, real) -> None:
+        self.real, self.fused = real, 0
+
+    def __call__(self, *args):
+        return self.real(*args)
+
+    def binary(self, *args):
+        self.fused += 1
+        return self.real.binary(*args)
+
+
+def _llama(layers: int = 2) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=176, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_fused_gated_mlps_give_the_plain_logits_and_are_restored(monkeypatch):
+    spy = _Spy(onednn.ONEDNN_LINEAR)
+    monkeypatch.setattr(onednn, "ONEDNN_LINEAR", spy)
+    model = _llama(layers=3)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        expected = model(ids).logits
+        with onednn.fused_gated_mlp(model) as switched:
+            got = model(ids).logits
+    assert switched == 3 and spy.fused == 3  # one fused product per layer and pass
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # silu(gate) * up written out by hand, as a check that the fused op computes that and not, e.g., up * gate
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(5, 64)
+    with torch.no_grad(), onednn.fused_gated_mlp(model):
+        fused = mlp(x)
+    manual = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(fused, manual, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+
+
+def test_fused_gated_mlps_leave_training_adapters_and_hooks_alone(monkeypatch):
+    spy = _Spy(onednn.ONEDNN_LINEAR)
+    monkeypatch.setattr(onednn, "ONEDNN_LINEAR", spy)
+    model = _llama(layers=2)
+    ids = torch.randint(0, 97, (1, 12))
+    with onednn.fused_gated_mlp(model):
+        model(ids).logits.sum().backward()  # autograd on: the plain path
+    assert spy.fused == 0 and model.model.layers[0].mlp.gate_proj.weight.grad is not None
+
+    class Adapted(torch.nn.Linear):  # a projection that is not a plain linear layer (an adapter, a quantized layer)
+        pass
+
+    first = model.model.layers[0].mlp
+    adapted = Adapted(64, 176, bias=False)
+    adapted.load_state_dict(first.gate_proj.state_dict())
+    first.gate_proj = adapted
+    hooked = model.model.layers[1].mlp
+    original = hooked.forward
+    hooked.forward = lambda x: original(x)  # an instance-level forward, as accelerate's hooks set
+    hook = hooked.forward
+    with torch.no_grad(), onednn.fused_gated_mlp(model) as switched:
+        model(ids)
+    assert switched == 1 and spy.fused == 1
+    assert hooked.forward is hook and "forward" not in first.__dict__
+    with onednn.fused_gated_mlp(model, enabled=False) as switched:
+        assert switched == 0

@@ -51,8 +51,9 @@ class EvalConfig(BaseModel):
     decode_threads: int | None = Field(1, ge=1, description="CPU threads of the single-token decoding steps (None = "
                                                             "torch's setting); see the comment above")
     onednn_linear: bool = Field(True, description="on CPU, run float32 linear layers through oneDNN (2-2.5x MKL's "
-                                                  "speed on AMD CPUs; results differ in the last bits); false = "
-                                                  "PyTorch's default BLAS")
+                                                  "speed on AMD CPUs), gated SiLU MLPs with the activation and "
+                                                  "product fused into its products; results differ in the last "
+                                                  "bits; false = PyTorch's default BLAS")
     blocked_attention: bool = Field(True, description="on CPU, run long causal float32 passes' attention (scoring, "
                                                       "prefill) as blocked oneDNN products (1.4-1.7x SDPA's speed "
                                                       "from 512 tokens; results differ in the last bits; see "

@@ -2,8 +2,9 @@
 
 Definitions follow MUSE exactly (see paper.md, "MUSE metrics, exactly"); what differs is only how the work is
 scheduled: prompts are generated in right-padded batches with a KV cache (a shared few-shot prefix computed once),
-all privleak texts are scored in batched forward passes, and on CPU float32 linear layers run through oneDNN
-(`models.onednn`) and long causal passes' attention as blocked oneDNN products (`models.attention`).
+all privleak texts are scored in batched forward passes, and on CPU float32 linear layers run through oneDNN (gated
+MLPs with their activation fused in: `models.onednn`) and long causal passes' attention as blocked oneDNN products
+(`models.attention`); log-probabilities are taken in cache-sized tiles of the logits (`eval.logprobs`).
 `benchmarks/bench_eval.py` checks the numbers against a one-prompt-at-a-time loop written like MUSE's.
 
 One adaptation MUSE never needed: a prompt longer than the model's context minus the new tokens keeps its
@@ -13,10 +14,11 @@ counted in `settings["truncated"]` and logged as warnings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,7 @@ from qrunlearn.eval.rouge import (
 )
 from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
 from qrunlearn.models.attention import blocked_attention
-from qrunlearn.models.onednn import onednn_linear
+from qrunlearn.models.onednn import fused_gated_mlp, onednn_linear
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -257,11 +259,30 @@ def run_privleak_scores(model, tokenizer, corpus: MuseCorpus, config: EvalConfig
     return PrivleakScores(scores=scores, truncated=encoded.n_truncated, logs=logs)
 
 
+@dataclass(frozen=True)
+class FastPaths:
+    """Which of the CPU fast paths an evaluation ran with (recorded in its settings)."""
+
+    onednn_linear: bool
+    fused_mlps: int
+    blocked_attention: bool
+
+
+@contextlib.contextmanager
+def fast_paths(model, config: EvalConfig) -> Iterator[FastPaths]:
+    """The config's CPU fast paths around an evaluation: oneDNN linears with gated MLPs fused into their products
+    (`onednn_linear`), blocked attention for long passes (`blocked_attention`). Each leaves other devices, dtypes and
+    training untouched."""
+    with onednn_linear(config.onednn_linear) as routed, fused_gated_mlp(model, config.onednn_linear) as fused, \
+            blocked_attention(model, config.blocked_attention) as blocked:
+        yield FastPaths(onednn_linear=routed, fused_mlps=fused, blocked_attention=blocked)
+
+
 def privleak_auc(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, progress: bool = False) -> float:
     """Min-40% AUC of privleak forget (label 0) vs holdout (label 1): a retrain model's reference AUC."""
     check_corpus(corpus, ("privleak",))
     setup = _setup(model, tokenizer, config)
-    with onednn_linear(config.onednn_linear), blocked_attention(model, config.blocked_attention):
+    with fast_paths(model, config):
         result = run_privleak_scores(model, tokenizer, corpus, config, setup, with_extra=False,
                                      splits=("forget", "holdout"), progress=progress)
     return muse_auc(result.scores["forget"][PRIVLEAK_SCORE], result.scores["holdout"][PRIVLEAK_SCORE])
@@ -281,8 +302,7 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
     truncated: dict[str, int] = {}
     started = time.perf_counter()
     try:
-        with onednn_linear(config.onednn_linear) as routed, \
-                blocked_attention(model, config.blocked_attention) as blocked:
+        with fast_paths(model, config) as paths:
             for metric in config.metrics:
                 start = time.perf_counter()
                 if metric == "privleak":
@@ -301,8 +321,9 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
         "eos_token_ids": list(setup.eos),
         "pad_token_id": setup.pad,
         "device": str(input_device(model)),
-        "onednn_linear": routed,
-        "blocked_attention": blocked,
+        "onednn_linear": paths.onednn_linear,
+        "fused_mlps": paths.fused_mlps,
+        "blocked_attention": paths.blocked_attention,
         "truncated": truncated,
         "n_items": _count_items(result.items),
         "privleak_score": PRIVLEAK_SCORE,

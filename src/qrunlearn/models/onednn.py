@@ -11,12 +11,18 @@ CPU tensors outside autocast. With gradients recorded, the backward pass's two p
 gradient) run through oneDNN too (`_OneDnnLinear`), so training gets the same speed-up. Everything else (CUDA, other
 dtypes, autocast, quantized layers) runs unchanged. Attention is not affected: SDPA's CPU kernel keeps its own
 matmuls.
+
+`fused_gated_mlp(model)` runs a gated SiLU MLP (Llama, Mistral, Qwen2: down(silu(gate(x)) * up(x))) at inference
+as two oneDNN products with the activation and the product fused into their output stage: SiLU and the elementwise
+product otherwise each read and write the (positions x intermediate) activations from memory. Measured on SmolLM2,
+one thread, a 2,000-token forward pass: 3.40 s -> 3.11 s (silu and mul had taken 9% of it).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -97,3 +103,52 @@ def onednn_linear(enabled: bool = True) -> Iterator[bool]:
         return
     with _OneDnnLinearMode():
         yield True
+
+
+def _silu_types() -> tuple[type, ...]:
+    try:  # transformers' own module for "silu" (ACT2FN), besides torch's
+        from transformers.activations import SiLUActivation
+    except ImportError:
+        return (torch.nn.SiLU,)
+    return (torch.nn.SiLU, SiLUActivation)
+
+
+def _fusable_mlp(module: torch.nn.Module, silu: tuple[type, ...]) -> bool:
+    gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
+    return (type(gate) is torch.nn.Linear and type(up) is torch.nn.Linear and hasattr(module, "down_proj")
+            and type(getattr(module, "act_fn", None)) in silu)
+
+
+def _fused_forward(module: torch.nn.Module, plain_forward: Callable[[torch.Tensor], torch.Tensor]):
+    gate, up = cast(torch.nn.Linear, module.gate_proj), cast(torch.nn.Linear, module.up_proj)
+    down = cast(torch.nn.Module, module.down_proj)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or not (_eligible(x, gate.weight, gate.bias) and _eligible(x, up.weight, up.bias)):
+            return plain_forward(x)
+        activated = ONEDNN_LINEAR(x, gate.weight, gate.bias, "swish", [], "")  # silu(gate(x))
+        return down(ONEDNN_LINEAR.binary(x, activated, up.weight, up.bias, "mul"))  # up(x) * that
+    return forward
+
+
+@contextlib.contextmanager
+def fused_gated_mlp(model: torch.nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, the model's gated SiLU MLPs whose gate and up projections are plain linear layers run
+    their float32 CPU inference passes (no autograd) with SiLU and the product fused into oneDNN's products (see the
+    module docstring); other passes, and MLPs with adapters or quantized projections, run unchanged. Yields the
+    number of MLPs switched."""
+    available = ONEDNN_LINEAR is not None and hasattr(ONEDNN_LINEAR, "binary")
+    silu = _silu_types()
+    mlps = [m for m in model.modules() if _fusable_mlp(m, silu)] if enabled and available else []
+    # a forward set on the instance (accelerate's offloading hooks do that) is wrapped and put back afterwards
+    previous = [mlp.__dict__.get("forward") for mlp in mlps]
+    for mlp in mlps:
+        mlp.forward = _fused_forward(mlp, mlp.forward)
+    try:
+        yield len(mlps)
+    finally:
+        for mlp, forward in zip(mlps, previous):
+            if forward is None:
+                del mlp.forward
+            else:
+                mlp.forward = forward

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qrunlearn.errors import UserError
+from qrunlearn.io import library_write_errors
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.quant.fake import fake_quantized
 from qrunlearn.quant.spec import QuantSpec
@@ -46,7 +47,8 @@ def cached_reference_nll(out_dir: Path, fingerprint: str, compute: Callable[[], 
     values = compute()
     if parallel.is_main:
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"nll": values.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
+        with library_write_errors(path):
+            save_file({"nll": values.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
         os.replace(tmp, path)
     parallel.wait()
     return values

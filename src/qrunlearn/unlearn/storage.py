@@ -19,6 +19,7 @@ from qrunlearn.io import (
     atomic_directory,
     atomic_write_json,
     crash_point,
+    library_write_errors,
     replace_directory,
     restore_interrupted_swaps,
 )
@@ -41,7 +42,8 @@ def save_checkpoint(parallel: Parallel, model: nn.Module, optimizer: torch.optim
     if parallel.is_main and tmp.exists():
         shutil.rmtree(tmp)
     parallel.wait()
-    parallel.save_checkpoint(model, optimizer, tmp / "state")
+    with library_write_errors(final):
+        parallel.save_checkpoint(model, optimizer, tmp / "state")
     parallel.wait()
     if parallel.is_main:
         atomic_write_json(tmp / "state.json", progress)
