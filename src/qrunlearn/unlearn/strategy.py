@@ -23,8 +23,9 @@ STRATEGY_HELP = "full | lora | sure | quail[:SPEC] | qat:SPEC, joined with + (e.
 # paper's regime ("paper"); on the built-in tiny model benchmarks/sweep_strategies.py (KnowMem-forget / utility at
 # fp after each epoch, RESULTS.md) chose 3x: 1x moved nothing (GA+GDR 90 -> 91.4 in 4 epochs), 10x collapsed utility
 # (GA+GDR 0.0 / 9.9 after epoch 2, NPO+GDR 8.7 / 4.5 after epoch 1), 3x reached NPO+GDR 5.0 / 84.3 (epoch 3) and
-# GA+GDR 31.9 / 84.3 (epoch 3). QUAIL's hinge gets weight 1 against the forget loss; quantization-aware runs keep
-# their adapter's learning rate.
+# GA+GDR 31.9 / 84.3 (epoch 3). QUAIL's hinge gets weight 1 against the forget loss (the same sweep: weights 0.3-10
+# end within 4 KnowMem points of each other). Quantization-aware runs keep their adapter's learning rate and the
+# pure quantized loss (3x the lr over-unlearned GA; an fp/quantized mix of 0.5 ended within 2.5 points, 1.5x slower).
 SURE_PERCENTILE = 95.0
 SURE_LR_FACTOR: dict[DefaultsName, float] = {"tiny": 3.0, "paper": 10.0}
 QUAIL_WEIGHT = 1.0
