@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qrunlearn.cli import main
 from qrunlearn.unlearn import UnlearnConfig
 from qrunlearn.unlearn.lora import wrap_lora
-from qrunlearn.unlearn.memory import _block_and_root_parameters, estimate_memory, meta_model
+from qrunlearn.unlearn.memory import _block_and_root_parameters, _block_bytes_per_token, estimate_memory, meta_model
 
 # vocabulary 128, hidden 64, MLP 128, 2 blocks, 4 query / 2 key-value heads (key/value width 32), untied head
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -71,8 +71,23 @@ def test_cli_estimate_prints_without_training(tiny_model_dir, tiny_corpus_dir, t
     assert not any(tmp_path.iterdir())
 
 
-def test_the_peak_never_holds_gradients_and_activations_at_once(model_dir):
+def test_the_peak_never_holds_gradients_and_forward_activations_at_once(model_dir):
     for config in (_cfg(), _cfg(adapter="lora", lora_r=4), _cfg(gradient_checkpointing=True, loss_chunk=10)):
         estimate = estimate_memory(model_dir, config, device="cpu")
         assert estimate.total == (estimate.weights + estimate.optimizer + estimate.reference
-                                  + max(estimate.gradients, estimate.activations + estimate.loss_temporaries))
+                                  + max(estimate.gradients, estimate.activations + estimate.loss_temporaries,
+                                        estimate.recompute))
+
+
+def test_checkpointing_counts_the_backward_recompute_beside_the_gradients(model_dir):
+    """With checkpointing and a chunked loss the backward pass's recompute is the peak (measured on the tiny model:
+    RESULTS.md): all gradients, the kept block inputs, one block's activations and the MLP's gradient temporaries."""
+    plain = estimate_memory(model_dir, _cfg(), device="cpu")
+    chunked = estimate_memory(model_dir, _cfg(gradient_checkpointing=True, loss_chunk=10), device="cpu")
+    assert plain.recompute == 0
+    config = meta_model(model_dir).config
+    tokens = chunked.tokens_per_micro_batch
+    block_inputs = tokens * config.num_hidden_layers * config.hidden_size * 4
+    one_block = tokens * _block_bytes_per_token(config, 4) + 3 * tokens * config.intermediate_size * 4
+    assert chunked.recompute == chunked.gradients + block_inputs + one_block
+    assert chunked.total > chunked.weights + chunked.optimizer + chunked.reference + chunked.gradients

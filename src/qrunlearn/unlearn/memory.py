@@ -9,8 +9,10 @@ once its config.json is local) to count parameters exactly; the rest is arithmet
 - reference: full fine-tuning with KLR keeps a frozen copy in the compute dtype (LoRA disables its adapters
   instead; NPO keeps one number per forget chunk);
 - activations: what autograd keeps per token and transformer block (counted tensor by tensor for a Llama-style
-  block, see `_block_bytes_per_token`), or with checkpointing only each block's input plus one block's worth
-  recomputed in the backward pass (counted only where it exceeds the loss temporaries, freed by then);
+  block, see `_block_bytes_per_token`), or with checkpointing only each block's input;
+- backward recompute (checkpointing only): while the backward pass recomputes a block, that block's activations
+  exist again beside its gradient temporaries (the MLP's three intermediate-width gradients), the kept block
+  inputs and the parameter gradients accumulated so far (counted whole: the first block is recomputed last);
 - loss temporaries: the fp32 logits and the copies the loss and its gradient make, for the whole micro-batch or
   for one chunk of `loss_chunk` positions.
 Sharded (FSDP) quantities are divided by the number of processes; FSDP2 then holds whole copies of what it has
@@ -55,6 +57,7 @@ class MemoryEstimate(BaseModel):
     reference: int
     activations: int
     loss_temporaries: int
+    recompute: int = 0
     tokens_per_micro_batch: int
     processes: int
 
@@ -62,20 +65,22 @@ class MemoryEstimate(BaseModel):
     def total(self) -> int:
         """The peak: gradients are freed before each forward (zero_grad(set_to_none=True)) and grow during the
         backward pass while the activations are freed, so they and the forward's activations and loss temporaries
-        are not alive at once; the larger of the two counts."""
+        are not alive at once; the largest of the forward's peak, the gradients, and (with checkpointing) the
+        backward pass's recompute peak counts."""
         return (self.weights + self.optimizer + self.reference
-                + max(self.gradients, self.activations + self.loss_temporaries))
+                + max(self.gradients, self.activations + self.loss_temporaries, self.recompute))
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
                 ("reference", self.reference), ("activations", self.activations),
-                ("loss temporaries", self.loss_temporaries)]
+                ("loss temporaries", self.loss_temporaries)] + (
+                    [("backward recompute", self.recompute)] if self.recompute else [])
         lines = [f"per process ({self.processes} process{'es' if self.processes > 1 else ''}; "
                  f"{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable; "
                  f"{self.tokens_per_micro_batch} tokens per micro-batch):"]
         lines += [f"  {name:<18} {value / GIB:8.2f} GiB" for name, value in rows]
-        lines.append(f"  {'peak':<18} {self.total / GIB:8.2f} GiB  (weights + optimizer + reference + the larger of "
-                     "gradients and activations + loss temporaries)")
+        lines.append(f"  {'peak':<18} {self.total / GIB:8.2f} GiB  (weights + optimizer + reference + the largest of "
+                     "gradients, activations + loss temporaries" + (", backward recompute)" if self.recompute else ")"))
         return "\n".join(lines)
 
 
@@ -169,16 +174,21 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     loss = logits_rows * positions * vocabulary * 4 * copies
     if not config.loss_chunk:
         loss += rows * length * vocabulary * element  # the model's own logits output
+    block_inputs = tokens * layers * model_config.hidden_size * element
+    recompute = 0
     if config.gradient_checkpointing:
-        # each block's input is kept; one block's activations exist again while it is recomputed in the backward
-        # pass, after the loss temporaries are gone, so only the larger of the two counts towards the peak
-        activations = tokens * layers * model_config.hidden_size * element + max(0, tokens * per_block - loss)
+        activations = block_inputs  # each block's input is kept
+        # after the loss temporaries are gone: one block's activations again, its gradient temporaries, all
+        # gradients (measured on the tiny model with a 64-position loss chunk, where this is the peak: RESULTS.md)
+        recompute = (gradients + block_inputs + tokens * per_block
+                     + 3 * tokens * model_config.intermediate_size * element)
     else:
         activations = tokens * layers * per_block
     activations += tokens * model_config.hidden_size * (element + 4)  # embeddings out, final norm
     return MemoryEstimate(parameters=params, trainable_parameters=trainable, weights=weights, gradients=gradients,
                           optimizer=optimizer, reference=reference, activations=activations,
-                          loss_temporaries=loss, tokens_per_micro_batch=tokens, processes=processes)
+                          loss_temporaries=loss, recompute=recompute, tokens_per_micro_batch=tokens,
+                          processes=processes)
 
 
 class MicroBatchShape(BaseModel):
