@@ -77,7 +77,8 @@ def settings_options(record: type[BaseModel], names: tuple[str, ...],
         for name in names:
             field = record.model_fields[name]
             note = default_note or f"default: {field.default}"
-            help_text = f"{(field.description or name).capitalize()} [{note}]"
+            text = field.description or name
+            help_text = f"{text[:1].upper()}{text[1:]} [{note}]"  # str.capitalize() would lower-case "MUSE", "LoRA"
             # a type built at run time from the pydantic field, which a static checker cannot follow
             annotation = Annotated[Optional[field.annotation], typer.Option(help=help_text,  # type: ignore[name-defined]
                                                                             show_default=False)]
@@ -236,8 +237,12 @@ def target(
 
 
 # ---- eval -----------------------------------------------------------------------------------------------------
+# every evaluation setting but the metrics (a comma-separated option of its own)
+EVAL_OPTIONS = tuple(name for name in EvalConfig.model_fields if name != "metrics")
+
+
 @app.command("eval")
-@settings_options(EvalConfig, ("limit", "batch_size", "bootstrap", "seed", "mia", "max_context"))
+@settings_options(EvalConfig, EVAL_OPTIONS)
 def eval_cmd(
     model: Annotated[Path, typer.Option(help="Model folder (a Hugging Face causal LM with safetensors + tokenizer, "
                                              "or a folder qrunlearn wrote: unlearn/quantize --out, a run cell) or a "

@@ -71,6 +71,7 @@ def test_data_lacking_a_needed_split(tiny_model_dir, tiny_corpus, tmp_path, caps
     (["--retrain-auc", "nope"], "--retrain-auc"),
     (["--retrain-auc", "news", "--retrain", "x"], "not both"),
     (["--metrics", "verbmem_f,bogus"], "--metrics"),
+    (["--knowmem-prompt", "spaced"], "--knowmem-prompt"),
 ])
 def test_bad_options(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys, extra, message):
     code = main(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir),
@@ -89,3 +90,19 @@ def test_retrain_model_gives_the_reference_auc(tiny_model_dir, tiny_corpus_dir, 
     assert data["settings"]["retrain_auc"] == data["privleak_auc"]
     assert data["privleak"] == 0.0
     assert data["retrain"] == str(tiny_model_dir)
+
+
+def test_every_eval_setting_is_an_option(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
+    """The grid's evaluation settings (e.g. the answer-space KnowMem prompt of the SmolLM2 configs) can be given to
+    `qrunlearn eval` too, and land in the results' settings; help keeps the descriptions' capitals."""
+    out = tmp_path / "r.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--out", str(out),
+                 "--metrics", "knowmem_f", "--limit", "2", "--bootstrap", "10", "--knowmem-prompt", "answer-space",
+                 "--no-answer-nll", "--max-new-tokens-knowmem", "8", "--no-blocked-attention"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads(out.read_text())["settings"]["config"]
+    assert config["knowmem_prompt"] == "answer-space" and config["answer_nll"] is False
+    assert config["max_new_tokens_knowmem"] == 8 and config["blocked_attention"] is False
+    capsys.readouterr()
+    assert main(["eval", "--help"]) == 0
+    assert "LOSS" in capsys.readouterr().out  # --mia: "Also the LOSS / zlib / Min-K ..." (capitalize() lowered it)
