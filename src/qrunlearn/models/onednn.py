@@ -54,7 +54,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 class _OneDnnLinear(torch.autograd.Function):
     """y = x W^T + b with oneDNN for the forward product and both backward products (dx = dy W, dW = dy^T x).
-    The transposed operands are copied contiguous: a copy is O(n^2) against the product's O(n^3)."""
+    The second operand of each backward product goes in as a transposed view: oneDNN reorders that operand into its
+    blocked layout on every call anyway, and takes the transpose in the same copy (SmolLM2's unlearning loop,
+    one thread: 165.6 -> 181.7 tokens/s, the same losses to the last bit, against copying it contiguous first).
+    The first operand must be contiguous."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -69,9 +72,9 @@ class _OneDnnLinear(torch.autograd.Function):
         rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = _linear(grad_out, weight.t().contiguous())
+            grad_x = _linear(grad_out, weight.t())
         if ctx.needs_input_grad[1]:
-            grad_w = _linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
+            grad_w = _linear(rows.t().contiguous(), x.reshape(-1, x.shape[-1]).t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = rows.sum(0)
         return grad_x, grad_w, grad_b
