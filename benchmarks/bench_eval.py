@@ -256,14 +256,17 @@ def _corpus_dir(data: Path | None) -> Path:
     return data
 
 
+def _ours(args: argparse.Namespace, **settings) -> EvalConfig:
+    """Our evaluation's settings with the command line's fast-path switches."""
+    return EvalConfig(onednn_linear=not args.no_onednn, blocked_attention=not args.no_blocked_attention, **settings)
+
+
 def _side_by_side(model, tokenizer, corpus, args) -> dict:
     """Each metric, ours then the baseline; wall seconds, metric values and ours' FLOPs per metric."""
     shape = ModelShape.of(model)
     run: dict = {"ours": {}, "baseline": {}, "ours_s": {}, "baseline_s": {}, "flops": {}}
     for metric in args.metrics:
-        config = EvalConfig(metrics=(metric,), limit=args.limit, batch_size=args.batch_size,
-                            onednn_linear=not args.no_onednn,
-                            blocked_attention=not args.no_blocked_attention)
+        config = _ours(args, metrics=(metric,), limit=args.limit, batch_size=args.batch_size)
         start = time.perf_counter()
         result = evaluate(model, tokenizer, corpus, config, retrain_auc=args.retrain_auc, progress=False)
         run["ours_s"][metric] = time.perf_counter() - start
@@ -319,9 +322,8 @@ def main() -> None:
     peaks = [matmul_peak()]
 
     # warm-up both code paths on one item so that neither pays first-call costs inside the timing
-    evaluate(model, tokenizer, corpus, EvalConfig(limit=1, bootstrap=10, onednn_linear=not args.no_onednn,
-                                                  blocked_attention=not args.no_blocked_attention),
-             retrain_auc=args.retrain_auc, progress=False)
+    evaluate(model, tokenizer, corpus, _ours(args, limit=1, bootstrap=10), retrain_auc=args.retrain_auc,
+             progress=False)
     for metric in METRICS:
         run_baseline(model, tokenizer, corpus, metric, 1, args.retrain_auc)
 
@@ -329,8 +331,7 @@ def main() -> None:
     run = _side_by_side(model, tokenizer, corpus, args)
     run["prefill"] = {}
     if "verbmem_f" in args.metrics:
-        ours = EvalConfig(onednn_linear=not args.no_onednn, blocked_attention=not args.no_blocked_attention)
-        seconds, flops = time_verbmem_prefill(model, tokenizer, corpus, args.limit, args.batch_size, ours)
+        seconds, flops = time_verbmem_prefill(model, tokenizer, corpus, args.limit, args.batch_size, _ours(args))
         run["prefill"] = {"seconds": seconds, "flops": flops}
     load_after = os.getloadavg()
     peaks.append(matmul_peak())

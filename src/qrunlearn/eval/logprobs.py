@@ -32,9 +32,10 @@ MIN_K_PP_RATIO = 0.4
 # Statistics are taken a tile of logits at a time: a slice of positions times a slice of the vocabulary, merged
 # across vocabulary slices as an online softmax. On the CPU a tile small enough to stay in cache (512 positions x
 # 2,048 vocabulary rows) lets the head's product and every pass over its logits run from cache, and each slice of
-# the head's weight serves all the tile's positions. Measured on SmolLM2 (49k vocabulary), 1 thread, oneDNN, head +
-# statistics of a 2,047-position text: with the distribution's moments (Min-K%++) 2.40 s in whole-vocabulary chunks
-# of 85 positions vs 0.98 s in tiles; log p alone 0.88 s vs 0.81-0.98 s. On CUDA a tile spans the whole vocabulary.
+# the head's weight serves all the tile's positions. Measured on SmolLM2 (49k vocabulary), quiet, 1 thread, oneDNN,
+# head + statistics of a 2,047-position text: with the distribution's moments (Min-K%++) 1.60 s in whole-vocabulary
+# chunks of 85 positions vs 0.71 s in tiles; log p alone 0.62-0.65 s vs 0.60-0.61 s. On CUDA a tile spans the whole
+# vocabulary.
 _STATS_TILE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 20}
 _STATS_VOCAB_TILE = {"cuda": 1 << 62, "cpu": 2048}
 # Most logits elements (positions x vocabulary) of one pass for models whose logits are not their head's output
