@@ -12,8 +12,8 @@ alternate (A B A B ...) `--repeats` times so that a change in the machine's load
 is kept (and the highest peak). Each process first runs one epoch of warm-up (oneDNN builds kernels for each new
 shape; the heap grows to its working size), then the measured epochs. Loops: the target trainer and GA+GDR full
 unlearning on the tiny 'small' Llama (`--epochs`), and with `--model` GA+GDR full unlearning of that model (one
-epoch, 4 rows x 256 tokens, as `bench_throughput.py`). Peak
-memory is the process's peak resident size during the loops (warm-up included) above its size before them.
+epoch, 4 rows x 256 tokens, as `bench_throughput.py`). Peak memory is the process's peak resident size during the
+loops (warm-up included) above its size before them.
 
     .venv/bin/python benchmarks/bench_allocator.py --data runs/strategies/data --threads 1
     .venv/bin/python benchmarks/bench_allocator.py --data runs/strategies/data \\
@@ -92,8 +92,7 @@ def child(args: argparse.Namespace) -> None:
         run(1)  # warm-up: oneDNN builds its kernels for each new shape, and the heap grows to its working size
         rate = run(args.epochs)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    print(json.dumps({"tokens_per_second": rate, "peak_bytes": peak,
-                      "applied": applied}))
+    print(json.dumps({"tokens_per_second": rate, "peak_bytes": peak, "applied": applied}))
 
 
 def measure(args: argparse.Namespace, loop: str, setting: str) -> dict:
