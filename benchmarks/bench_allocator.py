@@ -42,11 +42,6 @@ def _reset_peak() -> None:
         handle.write("5")
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
-
-
 def child(args: argparse.Namespace) -> None:
     """One loop in this process; prints tokens/s and the peak above the pre-loop resident size as JSON."""
     applied = False
@@ -54,6 +49,7 @@ def child(args: argparse.Namespace) -> None:
         libc = ctypes.CDLL(None)
         applied = hasattr(libc, "mallopt") and libc.mallopt(M_MMAP_MAX, 0) == 1  # 1: glibc took the value
     import torch
+    from peak import resident_bytes  # benchmarks/peak.py, beside this script (imported after the setting)
 
     torch.set_num_threads(args.threads)
     from qrunlearn.data.muse import load_corpus
@@ -72,7 +68,7 @@ def child(args: argparse.Namespace) -> None:
             tiny.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             model_dir = folder
-        baseline = _rss_bytes()
+        baseline = resident_bytes()
         _reset_peak()
         if args.loop == LOOPS[0]:
             def run(epochs: int) -> float:

@@ -31,6 +31,7 @@ GIB = 1024**3
 def child(args: argparse.Namespace) -> None:
     """One measured run (in its own process)."""
     import torch
+    from peak import resident_bytes  # benchmarks/peak.py, beside this script
 
     from qrunlearn.data.muse import load_corpus
     from qrunlearn.unlearn import UnlearnConfig, unlearn
@@ -41,7 +42,7 @@ def child(args: argparse.Namespace) -> None:
         corpus.raw["forget"] = corpus.raw["forget"][: args.forget_docs]
         corpus.raw[config.retain_split] = corpus.raw[config.retain_split][: args.forget_docs]
     cuda = torch.cuda.is_available()
-    baseline = _rss_bytes()
+    baseline = resident_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -51,11 +52,6 @@ def child(args: argparse.Namespace) -> None:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_above_baseline": peak - (0 if cuda else baseline), "seconds": seconds,
                       "tokens": result.tokens, "tokens_per_second": result.tokens / max(result.seconds, 1e-9)}))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize()
 
 
 def measure(args: argparse.Namespace, config) -> dict:

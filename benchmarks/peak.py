@@ -1,14 +1,21 @@
 """The machine's float32 matmul peak, the denominator of the benchmarks' model FLOP utilisation (MFU), and the
-best-of-N wall-clock timer the benchmarks share."""
+best-of-N wall-clock timer and resident-memory reading the benchmarks share."""
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 
 import torch
 
 from qrunlearn.models.onednn import onednn_linear
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
