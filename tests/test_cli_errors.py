@@ -93,6 +93,9 @@ CASES = [
     BadCall("run-unknown-key", ("run", "{unknownkey}", "--list-cells"), "{unknownkey}"),
     BadCall("run-unknown-precision", ("run", "{badprecision}", "--list-cells"), "{badprecision}"),
     BadCall("run-missing-config", ("run", "{tmp}/absent.yaml"), "{tmp}/absent.yaml"),
+    BadCall("run-empty-seeds", ("run", "{emptyseeds}", "--list-cells"), "field 'seeds'"),
+    BadCall("run-seeds-not-integers", ("run", "{floatseeds}", "--list-cells"), "field 'seeds"),
+    BadCall("run-threshold-outside-0-1", ("run", "{badthreshold}", "--list-cells"), "field 'reversion_threshold'"),
     BadCall("run-cell-not-a-number", ("run", "--cell", "abc"), "--cell"),
     # report
     BadCall("report-missing-folder", ("report", "{tmp}/absent"), "{tmp}/absent"),
@@ -112,7 +115,12 @@ def _bad_inputs(root: Path, corpus: Path) -> dict[str, str]:
     (root / "bad.yaml").write_text("methods: [ga_gdr\n")
     (root / "unknown_key.yaml").write_text(json.dumps({"methodz": ["ga_gdr"]}))
     (root / "bad_precision.yaml").write_text(json.dumps({"precisions": ["fp", "q9"]}))
-    paths = {"tmp": root, "corpus": corpus, "badjson": root / "badjson", "notmodel": root / "notmodel",
+    (root / "empty_seeds.yaml").write_text(json.dumps({"seeds": []}))
+    (root / "float_seeds.yaml").write_text(json.dumps({"seeds": [0, 1.5]}))
+    (root / "bad_threshold.yaml").write_text(json.dumps({"reversion_threshold": 1.5}))
+    paths = {"tmp": root, "corpus": corpus, "emptyseeds": root / "empty_seeds.yaml",
+             "floatseeds": root / "float_seeds.yaml", "badthreshold": root / "bad_threshold.yaml",
+             "badjson": root / "badjson", "notmodel": root / "notmodel",
              "badconfig": root / "badconfig", "badyaml": root / "bad.yaml", "unknownkey": root / "unknown_key.yaml",
              "badprecision": root / "bad_precision.yaml"}
     return {name: str(path) for name, path in paths.items()}

@@ -40,7 +40,8 @@ SOURCE_ROOT = Path(qrunlearn.__file__).resolve().parents[1]  # the checkout unde
 CELL = "ga_gdr-full"
 REPORT_FILES = ("results.json", "table.md", "table.csv", "report.md")
 # what may differ between two runs of one config: durations and provenance, not results
-VOLATILE_KEYS = {"seconds", "wall_seconds", "timings", "meta", "versions", "git_commit", "tokens_per_second"}
+VOLATILE_KEYS = {"seconds", "wall_seconds", "timings", "meta", "versions", "git_commit", "tokens_per_second",
+                 "bootstrap_seconds"}
 
 
 # ---- runs -----------------------------------------------------------------------------------------------------

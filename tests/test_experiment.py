@@ -44,8 +44,15 @@ def test_grid_writes_every_output(grid):
             assert 0.0 <= row["metrics"][key] <= 100.0
     quantized = [r for r in rows if r["precision"] == "nf4" and r["strategy"]]
     assert all(0.0 <= r["survival"]["codes_changed_frac"] <= 1.0 for r in quantized)
-    assert all(r["reversion"] is not None for r in quantized)
+    # every quantized row carries its precision-matched figures and a verdict (the tiny grid forgets little: the
+    # verdict may be "no effect", but it is never missing)
+    assert all(r["effects"]["knowmem_f"] is not None for r in quantized)
+    assert all(r["verdict"] in ("reverted", "holds", "inconclusive", "no effect") for r in quantized)
+    assert all(r["verdict"] == "anchor" for r in rows if r["strategy"] and r["precision"] == "fp")
+    items = results["cells"][0]["evals"]["nf4"]["items"]
+    assert len(items["knowmem_f"]) == 4 and len(items["forget_tokens"]) == len(items["forget_nll_sum"]) > 0
     assert len(list((out / "plots").glob("survival_*.png"))) == 4
+    assert (out / "plots" / "reversion.png").is_file()
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows)
     # something was unlearned: gradient ascent raised the forget texts' and the forget answers' NLL above the target's
@@ -84,6 +91,36 @@ def test_cell_out_of_range_and_bad_config(grid, tmp_path, capsys):
     bad.write_text("methods: [ga_gdr]\nadapters: [ful]\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "field 'strategies': Value error, strategy 'ful'" in capsys.readouterr().err
+
+
+def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys):
+    """`seeds: [0, 1]`: every unlearning cell once per seed, ids ending in -s<seed>, one table row over both; the
+    grid's data and models are reused (no training here but the unlearning)."""
+    _, first, _ = grid
+    config = {"name": "seeds", "seed": 0, "seeds": [0, 1], "data": {"path": str(first / "data")},
+              "models": {"target": str(first / "models" / "target"), "retrain": str(first / "models" / "retrain")},
+              "methods": ["ga_gdr"], "strategies": ["lora"], "precisions": ["fp", "nf4"],
+              "hparams": {"lora": {"epochs": 1, "lr": 3e-2}}, "eval": {"limit": 4, "batch_size": 8, "bootstrap": 50}}
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["run", str(path), "--out", str(out), "--list-cells"]) == 0
+    assert capsys.readouterr().out.split() == ["0", "references", "1", "ga_gdr-lora-s0", "2", "ga_gdr-lora-s1"]
+    assert main(["run", str(path), "--out", str(out), "--cell", "2", "--no-progress"]) == 0
+    second = out / "cells" / "ga_gdr-lora-s1" / "result.json"
+    before = second.stat().st_mtime_ns
+    assert main(["run", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert second.stat().st_mtime_ns == before  # resumed: the finished seed was not run again
+    results = json.loads((out / "results.json").read_text())
+    seeds = {cell["cell"]: cell for cell in results["cells"]}
+    assert [seeds[c]["unlearn_config"]["seed"] for c in ("ga_gdr-lora-s0", "ga_gdr-lora-s1")] == [0, 1]
+    # different seeds: a different LoRA initialisation and data order, so different losses
+    assert seeds["ga_gdr-lora-s0"]["unlearn"]["losses"] != seeds["ga_gdr-lora-s1"]["unlearn"]["losses"]
+    rows = [r for r in results["rows"] if r["group"] == "ga_gdr-lora"]
+    assert [r["seeds"] for r in rows] == [[0, 1], [0, 1]]
+    nll = [seeds[c]["evals"]["fp"]["metrics"]["knowmem_f_answer_nll"] for c in ("ga_gdr-lora-s0", "ga_gdr-lora-s1")]
+    assert rows[0]["metrics"]["knowmem_f_answer_nll"] == pytest.approx(sum(nll) / 2)
 
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "smollm2"

@@ -1,28 +1,219 @@
-"""The reversion figure: the share of the unlearning effect a quantizer undoes, only where there was forgetting."""
+"""The report's conclusions on hand-made cell results: precision-matched reversion, verdicts that need their
+interval, rows over seeds, quantization-aware anchors, the counts and the diagnostics' correlations."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from qrunlearn.report import reversion
-from qrunlearn.results import Metrics
+from qrunlearn.eval.effect import Estimate
+from qrunlearn.eval.items import ItemScores
+from qrunlearn.quant.survival import FirstOrder, SurvivalOverall
+from qrunlearn.report import (
+    Measurement,
+    anchor_precision,
+    collect_rows,
+    correlations,
+    finding_sentence,
+    first_order_predicts,
+    prediction_sentence,
+    rank_correlation,
+    strategy_findings,
+    table_csv,
+    table_markdown,
+)
+from qrunlearn.results import (
+    EvalRecord,
+    Metrics,
+    ReferenceCellResult,
+    RetrainReference,
+    SurvivalRecord,
+    UnlearnCellResult,
+    UnlearnSummary,
+)
+from qrunlearn.unlearn.config import UnlearnConfig
+
+N = 40  # forget questions: enough for the paired intervals to clear a threshold
 
 
-def _m(knowmem_f: float, answer_nll: float) -> Metrics:
-    return Metrics(knowmem_f=knowmem_f, knowmem_f_answer_nll=answer_nll)
+def _eval(knowmem: np.ndarray, utility: float = 80.0) -> EvalRecord:
+    items = ItemScores(knowmem_f=[float(v) for v in knowmem])
+    return EvalRecord(metrics=Metrics(knowmem_f=float(np.mean(knowmem)), knowmem_r=utility), items=items)
 
 
-def test_share_of_the_effect_undone():
-    target, fp = _m(85.0, 0.1), _m(55.0, 2.1)
-    assert reversion(target, fp, _m(70.0, 1.1)).knowmem_f == pytest.approx(0.5)  # half way back to the target
-    assert reversion(target, fp, _m(70.0, 1.1)).answer_nll == pytest.approx(0.5)
-    assert reversion(target, fp, _m(50.0, 2.6)).knowmem_f == pytest.approx(-1 / 6)  # quantization forgot more
-    assert reversion(target, fp, _m(55.0, 2.1)).knowmem_f == 0.0
+def _survival(relative_error: float, predicted: float | None = None) -> SurvivalRecord:
+    overall = SurvivalOverall(layers=1, numel=10, codes_changed_frac=0.5, projection=1.0, cosine=0.5,
+                              mean_abs_dw=0.1, mean_abs_dw_in_steps=relative_error,
+                              relative_error=relative_error, layers_below_half=0)
+    first = None if predicted is None else FirstOrder(
+        spec="nf4", layers=1, g_dw=1.0, g_dq=1.0 - predicted, g_dw_unquantized=0.0, g_target_shift=0.0,
+        predicted_retained=1.0 - predicted, predicted_reversion=predicted)
+    return SurvivalRecord(spec="nf4", verdict="", overall=overall, layers=[], first_order=first)
 
 
-def test_no_share_without_forgetting():
-    target = _m(85.0, 0.1)
-    # KnowMem went up and the NLL down: unlearning failed, there is nothing for a quantizer to undo
-    assert reversion(target, _m(90.0, 0.05), _m(80.0, 0.2)).knowmem_f is None
-    assert reversion(target, _m(90.0, 0.05), _m(80.0, 0.2)).answer_nll is None
-    assert reversion(target, _m(84.5, 0.12), _m(80.0, 0.2)).knowmem_f is None  # moved < 1 point
+def _cell(method: str, strategy: str, evals: dict[str, EvalRecord], seed: int = 0,
+          survival: dict[str, SurvivalRecord] | None = None) -> UnlearnCellResult:
+    summary = UnlearnSummary(model_dir="m", adapter_dir=None, epochs_run=1, stopped_reason="", losses=[], epochs=[],
+                             selected_epoch=None, seconds=1.0)
+    return UnlearnCellResult(cell=f"{method}-{strategy}-s{seed}", method=method, strategy=strategy, seed=seed,
+                             adapter="full", unlearn_config=UnlearnConfig(), unlearn=summary,
+                             retrain_reference=RetrainReference(auc=0.5, knowmem_f=0.0, source="test"),
+                             evals=evals, survival=survival or {})
+
+
+RNG = np.random.default_rng(0)
+TARGET_FP = RNG.uniform(70, 100, size=N)
+# nf4 costs every model 10 points on every question
+TARGET_NF4 = TARGET_FP - 10
+
+
+def _references() -> ReferenceCellResult:
+    retrain = np.zeros(N)
+    return ReferenceCellResult(cell="references", target="t", retrain="r",
+                               retrain_reference=RetrainReference(auc=0.5, knowmem_f=0.0, source="test"),
+                               target_evals={"fp": _eval(TARGET_FP), "nf4": _eval(TARGET_NF4),
+                                             "int8": _eval(TARGET_FP)},
+                               retrain_evals={"fp": _eval(retrain), "nf4": _eval(retrain), "int8": _eval(retrain)})
+
+
+def _measure(threshold: float = 0.25) -> Measurement:
+    return Measurement(references=_references(), resamples=500, seed=0, threshold=threshold)
+
+
+def _row(rows, group: str, precision: str):
+    return next(r for r in rows if r.group == group and r.precision == precision)
+
+
+def test_a_quantizer_that_lowers_every_model_equally_reverts_nothing():
+    unlearned = TARGET_FP - 50
+    cell = _cell("ga_gdr", "full", {"fp": _eval(unlearned), "nf4": _eval(unlearned - 10)})
+    rows = collect_rows(_measure(), [cell], ["fp", "nf4"])
+    nf4 = _row(rows, "ga_gdr-full", "nf4")
+    assert nf4.effects is not None and nf4.effects.knowmem_f is not None
+    share = nf4.effects.knowmem_f.reversion
+    assert share is not None and share.value == pytest.approx(0.0, abs=1e-9)
+    assert nf4.verdict == "holds"
+    # the old fp-anchored figure (m_Q - m_fp) / (m_target - m_fp) read this as "forgot more": -0.2
+    assert (np.mean(unlearned - 10) - np.mean(unlearned)) / (np.mean(TARGET_FP) - np.mean(unlearned)) < -0.19
+    assert _row(rows, "ga_gdr-full", "fp").verdict == "anchor"
+
+
+def test_hand_computed_reversion_and_verdicts():
+    unlearned = TARGET_FP - 40
+    gave_back_half = _cell("ga_gdr", "full", {"fp": _eval(unlearned), "nf4": _eval(TARGET_NF4 - 20)})
+    no_effect = _cell("npo_gdr", "full", {"fp": _eval(TARGET_FP + RNG.normal(0, 1, N)),
+                                          "nf4": _eval(TARGET_NF4 + RNG.normal(0, 1, N))})
+    noisy = _cell("ga_klr", "full", {"fp": _eval(unlearned),
+                                     "nf4": _eval(TARGET_NF4 - 30 + RNG.normal(0, 25, N))})
+    rows = collect_rows(_measure(), [gave_back_half, no_effect, noisy], ["fp", "nf4"])
+    half = _row(rows, "ga_gdr-full", "nf4")
+    assert half.effects is not None and half.effects.knowmem_f is not None
+    assert half.effects.knowmem_f.effect.value == pytest.approx(20.0)
+    assert half.effects.knowmem_f.reversion is not None
+    assert half.effects.knowmem_f.reversion.value == pytest.approx(0.5)
+    assert half.verdict == "reverted"
+    assert _row(rows, "npo_gdr-full", "nf4").verdict == "no effect"
+    assert _row(rows, "ga_klr-full", "nf4").verdict == "inconclusive"
+    # the retrain model scores 0 everywhere: the gap is the unlearned model's KnowMem at that precision
+    gap = half.effects.knowmem_f.retrain_gap
+    assert gap is not None and gap.value == pytest.approx(np.mean(TARGET_NF4 - 20))
+
+    findings = strategy_findings(rows, ["full"], ["fp", "nf4"])
+    assert len(findings) == 1
+    found = findings[0]
+    assert (found.groups, found.measurable, found.reverted, found.holds, found.inconclusive) == (3, 2, 1, 0, 1)
+    sentence = finding_sentence(findings, "nf4", 0.25)
+    assert "1 of 2 rows with a measurable effect reverted" in sentence and "1 inconclusive" in sentence
+    assert "(1 without a measurable effect)" in sentence
+    table = table_markdown(rows)
+    assert table.count("\n") == 2 + len(rows) and "0.50 [" in table and "| reverted |" in table
+    assert "knowmem_f_reversion_low" in table_csv(rows).splitlines()[0]
+
+
+def test_seeds_make_one_row_with_the_mean():
+    cells = [_cell("ga_gdr", "full", {"fp": _eval(TARGET_FP - shift), "nf4": _eval(TARGET_NF4 - shift)}, seed=seed)
+             for seed, shift in ((0, 30.0), (1, 50.0))]
+    rows = collect_rows(_measure(), cells, ["fp", "nf4"])
+    fp = _row(rows, "ga_gdr-full", "fp")
+    assert fp.seeds == [0, 1] and fp.cells == ["ga_gdr-full-s0", "ga_gdr-full-s1"]
+    assert fp.metrics.knowmem_f == pytest.approx(np.mean(TARGET_FP) - 40.0)
+    assert fp.effects is not None and fp.effects.knowmem_f is not None
+    assert fp.effects.knowmem_f.effect.value == pytest.approx(40.0)
+    assert len([r for r in rows if r.group]) == 2  # one row per precision, not per seed
+
+
+def test_a_quantization_aware_row_is_judged_where_it_is_deployed():
+    assert anchor_precision("qat:nf4", ["fp", "int8", "nf4"]) == "nf4"
+    assert anchor_precision("lora", ["fp", "int8", "nf4"]) == "fp"
+    assert anchor_precision("qat:rtn:w4g64", ["fp", "nf4"]) is None
+    deployed = TARGET_NF4 - 40
+    cell = _cell("ga_gdr", "qat:nf4", {"fp": _eval(TARGET_FP - 60), "nf4": _eval(deployed),
+                                       "int8": _eval(TARGET_FP - 20)})
+    rows = collect_rows(_measure(), [cell], ["fp", "int8", "nf4"])
+    fp = _row(rows, "ga_gdr-qat_nf4", "fp")
+    assert not fp.deployed and fp.verdict == "not deployed"
+    assert fp.effects is not None and fp.effects.knowmem_f is not None and fp.effects.knowmem_f.reversion is None
+    assert _row(rows, "ga_gdr-qat_nf4", "nf4").verdict == "anchor"
+    int8 = _row(rows, "ga_gdr-qat_nf4", "int8")
+    assert int8.anchor == "nf4"
+    assert int8.effects is not None and int8.effects.knowmem_f is not None
+    assert int8.effects.knowmem_f.reversion is not None
+    assert int8.effects.knowmem_f.reversion.value == pytest.approx(0.5)  # 20 of nf4's 40 points kept at int8
+    assert "(not deployed)" in table_markdown(rows)
+
+
+def test_rows_without_items_have_no_interval_and_no_verdict():
+    bare = {name: EvalRecord(metrics=Metrics(knowmem_f=50.0)) for name in ("fp", "nf4")}
+    rows = collect_rows(_measure(), [_cell("ga_gdr", "full", bare)], ["fp", "nf4"])
+    nf4 = _row(rows, "ga_gdr-full", "nf4")
+    assert nf4.effects is not None and nf4.effects.knowmem_f is None and nf4.verdict == "no items"
+
+
+def test_rank_correlation_interval():
+    xs = list(range(12))
+    strong = rank_correlation(xs, [2 * x + 1 for x in xs])
+    assert strong.value == pytest.approx(1.0) and strong.low is not None and strong.low > 0.9
+    rng = np.random.default_rng(4)
+    weak = rank_correlation(xs, list(rng.permutation(12)))
+    assert weak.low is not None and weak.high is not None and weak.low < 0 < weak.high
+    assert rank_correlation([1, 2], [3, 4]).value is None  # too few pairs
+    assert rank_correlation([1, 1, 1, 1], [1, 2, 3, 4]).value is None  # constant side
+
+
+def test_correlations_over_cells_and_the_prediction_sentence():
+    cells = []
+    for i, back in enumerate(np.linspace(0, 35, 8)):  # each cell gives back more of its 40 points at nf4
+        unlearned = TARGET_FP - 40
+        cells.append(_cell(f"m{i}", "full", {"fp": _eval(unlearned), "nf4": _eval(unlearned - 10 + back)},
+                           survival={"nf4": _survival(float(back) / 40 + 0.01 * i)}))
+    found = correlations(_measure(), cells, ["fp", "nf4"])
+    relative = next(c for c in found if c.diagnostic == "relative_error" and c.target == "knowmem_f")
+    assert relative.pairs == 8 and relative.predicts and relative.rho.value == pytest.approx(1.0)
+    assert "relative_error vs knowmem_f" in prediction_sentence(found)
+    assert not first_order_predicts(found)  # no first-order values in these cells: nothing printed
+    shuffled = [_cell(c.method, "full", c.evals, survival={"nf4": _survival(v, predicted=v)})
+                for c, v in zip(cells, [0.3, 0.1, 0.8, 0.2, 0.5, 0.9, 0.4, 0.6])]
+    none = correlations(_measure(), shuffled, ["fp", "nf4"])
+    assert not any(c.predicts for c in none)
+    assert prediction_sentence(none).startswith("No diagnostic predicts")
+    rows = collect_rows(_measure(), shuffled, ["fp", "nf4"])
+    assert "predicted reversion" not in table_markdown(rows, predicted=first_order_predicts(none))
+
+
+def test_the_first_order_prediction_is_printed_once_it_predicts():
+    cells = []
+    for i, back in enumerate(np.linspace(0, 35, 8)):
+        unlearned = TARGET_FP - 40
+        cells.append(_cell(f"m{i}", "full", {"fp": _eval(unlearned), "nf4": _eval(unlearned - 10 + back)},
+                           survival={"nf4": _survival(0.5, predicted=float(back) / 40)}))
+    found = correlations(_measure(), cells, ["fp", "nf4"])
+    assert first_order_predicts(found)
+    rows = collect_rows(_measure(), cells, ["fp", "nf4"])
+    table = table_markdown(rows, predicted=True)
+    assert "predicted reversion (1st order)" in table and "| 0.88 |" in table  # 35 / 40
+
+
+def test_estimate_sides():
+    assert Estimate(value=1.0, low=0.5, high=2.0).excludes(0.25) == "above"
+    assert Estimate(value=0.0, low=-0.1, high=0.1).excludes(0.25) == "below"
+    assert Estimate(value=0.2, low=0.1, high=0.3).excludes(0.25) is None

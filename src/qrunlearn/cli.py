@@ -367,7 +367,8 @@ def survival(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
 ) -> None:
     """How much of the unlearning update (unlearned - base) survives quantization, per layer and overall:
-    share of codes changed, projection sum(dQ*dW)/sum(dW^2), cosine(dQ, dW), mean |dW| in quantization steps."""
+    relative error ||dQ - dW||/||dW||, mean |dW| in quantization steps, share of codes changed (and, for older
+    results, projection sum(dQ*dW)/sum(dW^2) and cosine(dQ, dW))."""
     spec = parse_method(method)
     check_models(base=base, unlearned=unlearned)
     base_model, _ = loading.load_causal_lm(base, device=device, with_tokenizer=False)
@@ -390,7 +391,8 @@ def run(
         "runs/demo"),
     resume: Annotated[bool, typer.Option(help="Continue a non-empty output folder, skipping finished "
                                               "cells.")] = False,
-    force: Annotated[bool, typer.Option(help="Redo every cell even if it is finished.")] = False,
+    force: Annotated[bool, typer.Option(help="Redo every cell, its unlearning run included, even if it is "
+                                             "finished.")] = False,
     cell: Annotated[Optional[int], typer.Option(min=0, help="Run only cell N (0 = reference models) for a scheduler "
                                                             "array.")] = None,
     prepare: Annotated[bool, typer.Option(help="Only build data and target/retrain models (before a --cell "
@@ -415,7 +417,7 @@ def run(
             raise UserError("--estimate: the config names no model (models.target or models.base); the built-in "
                             "tiny Llama needs well under 1 GiB")
         for item in experiment.plan_cells(experiment_config)[1:]:
-            cell_config = experiment_config.unlearn_config(item.method, item.strategy)
+            cell_config = experiment_config.unlearn_config(item.method, item.strategy, item.seed)
             typer.echo(f"{item.id}: " + memory.estimate_memory(model, cell_config, processes, None,
                                                                 loading.default_device().type).describe())
         return

@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
@@ -78,7 +87,19 @@ UnlearnOverrides = create_model(
 
 class ExperimentConfig(_Strict):
     name: str = "built-in benchmark"
-    seed: int = Field(0, description="seeds the data order, LoRA initialisation and the bootstrap")
+    seed: int = Field(0, description="seeds the target and retrain training, the bootstrap and, without `seeds`, "
+                                     "the unlearning cells")
+    seeds: tuple[StrictInt, ...] | None = Field(
+        None, min_length=1, description="run every unlearning cell once per seed (data order, LoRA initialisation); "
+                                        "cell ids end in -s<seed>; the table shows the mean over seeds with an "
+                                        "interval over seeds and items")
+    first_order: bool = Field(
+        True, description="with each cell's survival diagnostics, the first-order prediction of its reversion: one "
+                          "backward pass of the forget answers' NLL at the unlearned model (its gradient is held in "
+                          "float32 on the host: 28 GB for a 7B model; false skips it)")
+    reversion_threshold: float = Field(
+        0.25, gt=0.0, lt=1.0, description="a cell reverts when its KnowMem-forget reversion interval lies above "
+                                          "this share, holds when it lies below, else it is inconclusive")
     data: DataConfig = DataConfig(synth=SynthData())
     models: ModelsConfig = ModelsConfig()
     methods: tuple[MethodName, ...] = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
@@ -113,6 +134,17 @@ class ExperimentConfig(_Strict):
             del raw["adapters"]
         return raw
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {list(seeds)}")
+        return seeds
+
+    @property
+    def unlearn_seeds(self) -> tuple[int, ...]:
+        return self.seeds if self.seeds is not None else (self.seed,)
+
     @field_validator("strategies")
     @classmethod
     def _known_strategies(cls, strategies: tuple[str, ...]) -> tuple[str, ...]:
@@ -138,13 +170,13 @@ class ExperimentConfig(_Strict):
         """The evaluation settings with the experiment's seed as the bootstrap seed."""
         return self.eval.model_copy(update={"seed": self.seed})
 
-    def unlearn_config(self, method: str, strategy: str) -> UnlearnConfig:
+    def unlearn_config(self, method: str, strategy: str, seed: int | None = None) -> UnlearnConfig:
         """A cell's settings: the default set of its adapter, the strategy's settings, then the overrides from
-        least to most specific (adapter, strategy, method, method/strategy)."""
+        least to most specific (adapter, strategy, method, method/strategy); `seed` defaults to the config's."""
         forget, reg = split_method(method)
         parsed = parse_strategy(strategy)
         base = UnlearnConfig.defaults(self.defaults, forget, reg, parsed.adapter)  # type: ignore[arg-type]
-        updates: dict[str, object] = {"seed": self.seed,
+        updates: dict[str, object] = {"seed": self.seed if seed is None else seed,
                                       **strategy_settings(parsed, self.defaults, forget, base.lr)}  # type: ignore[arg-type]
         for key in dict.fromkeys((parsed.adapter, strategy, method, f"{method}/{strategy}")):
             override = self.hparams.get(key)

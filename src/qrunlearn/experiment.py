@@ -35,12 +35,15 @@ from qrunlearn.data.muse import MuseCorpus, load_corpus, write_corpus
 from qrunlearn.data.synth import SynthConfig, generate_corpus
 from qrunlearn.errors import UserError
 from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
+from qrunlearn.eval.gradient import answer_nll_gradient
 from qrunlearn.eval.mia import privleak
+from qrunlearn.eval.muse import forget_answer_tokens
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed
 from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 from qrunlearn.quant import (
+    first_order,
     is_full_precision,
     load_quantized,
     parse_spec,
@@ -71,17 +74,22 @@ class Cell:
     kind: Literal["reference", "unlearn"]
     method: str = ""
     strategy: str = "full"
+    seed: int | None = None  # None: the config's seed, and no seed in the id (a config without `seeds`)
 
     @property
     def id(self) -> str:
-        return "references" if self.kind == "reference" else f"{self.method}-{parse_strategy(self.strategy).slug}"
+        if self.kind == "reference":
+            return "references"
+        group = f"{self.method}-{parse_strategy(self.strategy).slug}"
+        return group if self.seed is None else f"{group}-s{self.seed}"
 
 
 def plan_cells(config: ExperimentConfig) -> list[Cell]:
     cells = [Cell(0, "reference")]
     for method in config.methods:
         for strategy in config.strategies:
-            cells.append(Cell(len(cells), "unlearn", method, strategy))
+            for seed in (config.seeds or (None,)):
+                cells.append(Cell(len(cells), "unlearn", method, strategy, seed))
     return cells
 
 
@@ -180,7 +188,8 @@ class Experiment:
         for leftover in self.cell_dir(cell).glob(".result.json.*.tmp"):  # an earlier process killed mid-write
             leftover.unlink(missing_ok=True)
         started = time.perf_counter()
-        result = self.run_reference_cell(tick) if cell.kind == "reference" else self.run_unlearn_cell(cell, tick)
+        result = (self.run_reference_cell(tick) if cell.kind == "reference"
+                  else self.run_unlearn_cell(cell, tick, force=force))
         result.wall_seconds = time.perf_counter() - started
         result.meta = run_metadata(self.config.model_dump(mode="json"), self.config.seed)
         atomic_write_json(self.cell_dir(cell) / "result.json", result)
@@ -278,19 +287,20 @@ class Experiment:
         return records
 
     # ---- an unlearning cell -----------------------------------------------------------------------------------
-    def run_unlearn_cell(self, cell: Cell, tick: ProgressFn) -> UnlearnCellResult:
+    def run_unlearn_cell(self, cell: Cell, tick: ProgressFn, force: bool = False) -> UnlearnCellResult:
+        """`force`: train again even when the cell's folder holds this run finished (else it is reused)."""
         target, _ = self.model_paths(progress=False)
         reference = self.retrain_reference()
-        config = self.config.unlearn_config(cell.method, cell.strategy)
+        config = self.config.unlearn_config(cell.method, cell.strategy, cell.seed)
         if self.config.select_epoch and self.config.stop_at_selected and reference.knowmem_f is not None:
             # the epochs after MUSE's selected one would never be evaluated: stop there
             config = config.model_copy(update={"stop_knowmem_f": reference.knowmem_f})
-        set_seed(self.config.seed)
+        set_seed(config.seed)
         tick(f"{cell.id}: unlearn")
         hook = knowmem_hook(self.corpus(), self.config.eval_config()) if self.config.select_epoch else None
         started = time.perf_counter()
         result = unlearn(target, self.corpus(), config, self.cell_dir(cell) / "unlearn", epoch_hook=hook,
-                         progress=False)
+                         progress=False, resume=not force)
         summary = self._summary(result, reference, time.perf_counter() - started)
         evals: dict[str, EvalRecord] = {}
         for precision in self.config.precisions:
@@ -299,7 +309,8 @@ class Experiment:
         survival = self._survival(cell, target, summary.model_dir)
         if not self.config.keep_epoch_models:
             _prune_epoch_models(result.model_dir.parent / "epochs", keep=Path(summary.model_dir))
-        return UnlearnCellResult(cell=cell.id, method=cell.method, strategy=cell.strategy, adapter=config.adapter,
+        return UnlearnCellResult(cell=cell.id, method=cell.method, strategy=cell.strategy, seed=config.seed,
+                                 adapter=config.adapter,
                                  unlearn_config=config,
                                  unlearn=summary, retrain_reference=reference, evals=evals, survival=survival)
 
@@ -321,14 +332,22 @@ class Experiment:
         quantized = [p for p in self.config.precisions if not is_full_precision(p)]
         if not quantized:
             return {}
-        base, unlearned = self._load(target, "fp")[0], self._load(model_dir, "fp")[0]
+        base, (unlearned, tokenizer) = self._load(target, "fp")[0], self._load(model_dir, "fp")
+        gradient = None
+        if self.config.first_order:
+            settings = self.config.eval_config()
+            prompts, answers, pad = forget_answer_tokens(unlearned, tokenizer, self.corpus(), settings)
+            gradient = answer_nll_gradient(unlearned, prompts, answers, pad, settings.batch_size)
         records: dict[str, SurvivalRecord] = {}
         for precision in quantized:
-            report = survival_report(base, unlearned, parse_spec(precision))
+            spec = parse_spec(precision)
+            report = survival_report(base, unlearned, spec)
             png = self.out / "plots" / f"survival_{cell.id}_{_slug(precision)}.png"
             plot_survival(report, png)
-            records[precision] = SurvivalRecord(**report.model_dump(), plot=str(png.relative_to(self.out)))
-        del base, unlearned
+            records[precision] = SurvivalRecord(
+                **report.model_dump(), plot=str(png.relative_to(self.out)),
+                first_order=first_order(base, unlearned, spec, gradient) if gradient is not None else None)
+        del base, unlearned, gradient
         gc.collect()
         return records
 

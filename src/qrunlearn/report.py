@@ -8,24 +8,44 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
+from typing import Any
 
-import numpy as np
+from pydantic import BaseModel
+from scipy.stats import spearmanr
 
 from qrunlearn.config import ExperimentConfig
+from qrunlearn.eval.bootstrap import LEVEL
+from qrunlearn.eval.effect import (
+    FORGETTING_METRICS,
+    Estimate,
+    PrecisionEffect,
+    Verdict,
+    has_items,
+    precision_effect,
+    verdict,
+)
+from qrunlearn.eval.items import ItemScores
 from qrunlearn.io import atomic_write_json, atomic_write_text, git_commit, package_versions
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision, parse_spec
+from qrunlearn.quant.survival import SurvivalOverall
 from qrunlearn.results import (
     Correlation,
+    Effects,
+    EvalRecord,
     ExperimentResults,
     Metrics,
     ReferenceCellResult,
-    Reversion,
     Row,
     StrategyFinding,
+    SurvivalRecord,
     UnlearnCellResult,
 )
 from qrunlearn.unlearn.strategy import parse_strategy
@@ -34,25 +54,35 @@ from qrunlearn.unlearn.strategy import parse_strategy
 COLUMNS = {"VerbMem": "verbmem_f", "KnowMem-forget": "knowmem_f", "PrivLeak": "privleak", "Utility": "knowmem_r"}
 EXTRA_COLUMNS = {"answer NLL": "knowmem_f_answer_nll", "forget NLL": "nll_privleak_forget",
                  "Min-40% AUC": "privleak_auc"}
-REVERSION_COLUMNS = {"reversion KnowMem-f": "knowmem_f", "reversion answer NLL": "answer_nll"}
-SURVIVAL_COLUMNS = {"codes changed": "codes_changed_frac", "projection": "projection", "cosine": "cosine",
-                    "|dW| / step": "mean_abs_dw_in_steps"}
+# the precision-matched figures table.md shows (table.csv and results.json hold every forgetting metric's)
+EFFECT_COLUMNS = {"forgetting KnowMem-f": ("knowmem_f", "effect"), "reversion KnowMem-f": ("knowmem_f", "reversion"),
+                  "reversion answer NLL": ("knowmem_f_answer_nll", "reversion"),
+                  "reversion forget NLL": ("nll_privleak_forget", "reversion")}
+RETRAIN_GAP_COLUMN = "KnowMem-f - retrain"
+# diagnostics computed before deployment, from the weights (and, first-order, the forget loss's gradient):
+# column -> name; `_diagnostics` reads them
+DIAGNOSTICS = {"relative error": "relative_error", "codes changed": "codes_changed_frac",
+               "|dW| / step": "mean_abs_dw_in_steps"}
+FIRST_ORDER = "first_order_reversion"  # 1 - g.dQ / g.dW: a predicted reversion, printed only where it predicts
+FIRST_ORDER_COLUMN = "predicted reversion (1st order)"
+REVERSION_TARGETS = ("knowmem_f", "knowmem_f_answer_nll")  # the measured reversions the diagnostics are tested on
 GPU_COMMAND = "accelerate launch -m qrunlearn run configs/muse-news-llama2-7b.yaml --out runs/muse-news"
-# A reversion is computed only where unlearning moved the metric by at least this much (else the share is noise).
-MIN_EFFECT = {"knowmem_f": 1.0, "answer_nll": 0.05}
-# A cell whose quantized model gets back this share of the forgotten KnowMem counts as reverted.
-REVERT_SHARE = 0.25
-# A diagnostic "predicts" reversion when its rank correlation reaches this over at least PREDICT_PAIRS pairs.
-PREDICT_RHO = 0.6
-PREDICT_PAIRS = 8
 
 
 def _fmt(value: float | str | None, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
     return str(value)
+
+
+def _fmt_estimate(estimate: Estimate | None, digits: int = 2) -> str:
+    if estimate is None or estimate.value is None:
+        return "-"
+    if estimate.low is None or estimate.high is None:
+        return _fmt(estimate.value, digits)
+    return f"{_fmt(estimate.value, digits)} [{_fmt(estimate.low, digits)}, {_fmt(estimate.high, digits)}]"
 
 
 def low_precision(precisions: Sequence[str]) -> str | None:
@@ -63,77 +93,199 @@ def low_precision(precisions: Sequence[str]) -> str | None:
     return min(quantized, key=lambda p: parse_spec(p).bits or 0)
 
 
-def _share(target: float | None, fp: float | None, q: float | None, minimum: float,
-           forgetting_sign: int) -> float | None:
-    """(q - fp) / (target - fp), or None unless unlearning moved the metric by at least `minimum` in the forgetting
-    direction (`forgetting_sign` -1: down, as KnowMem-forget; +1: up, as the answers' NLL): a share of an effect
-    that went the wrong way would read as reversion where there was no forgetting to undo."""
-    if target is None or fp is None or q is None or forgetting_sign * (fp - target) < minimum:
+def anchor_precision(strategy: str, precisions: Sequence[str]) -> str | None:
+    """Where a strategy's forgetting is judged from: full precision, or for a quantization-aware strategy the
+    grid's precision it was trained for (None when the grid does not evaluate it there)."""
+    trained_for = parse_strategy(strategy).qat
+    if trained_for is None:
+        return next((p for p in precisions if is_full_precision(p)), None)
+    label = parse_spec(trained_for).label
+    return next((p for p in precisions if parse_spec(p).label == label), None)
+
+
+def _diagnostics(survival: SurvivalRecord) -> dict[str, float | None]:
+    values: dict[str, float | None] = {key: getattr(survival.overall, key) for key in DIAGNOSTICS.values()}
+    values[FIRST_ORDER] = survival.first_order.predicted_reversion if survival.first_order is not None else None
+    return values
+
+
+# ---- rows -----------------------------------------------------------------------------------------------------
+def _mean_record(records: Sequence[BaseModel], kind: type[BaseModel]) -> Any:
+    """Field-wise mean of records (None where any record lacks the field); integer fields rounded."""
+    dumps = [record.model_dump() for record in records]
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for dump in dumps for k in dump):
+        values = [dump.get(key) for dump in dumps]
+        numbers = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) < len(values):  # None, text or a nested record: kept only where every record agrees
+            merged[key] = values[0] if all(v == values[0] for v in values) else None
+        elif all(isinstance(v, int) for v in values):
+            merged[key] = int(round(statistics.fmean(numbers)))
+        else:
+            merged[key] = statistics.fmean(numbers)
+    return kind.model_validate(merged)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One (method, strategy): its cells, one per seed."""
+
+    method: str
+    strategy: str
+    cells: tuple[UnlearnCellResult, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{self.method}-{parse_strategy(self.strategy).slug}"
+
+
+def _groups(cells: Sequence[UnlearnCellResult]) -> list[_Group]:
+    by_key: dict[tuple[str, str], list[UnlearnCellResult]] = {}
+    for cell in cells:
+        by_key.setdefault((cell.method, cell.strategy), []).append(cell)
+    return [_Group(method, strategy, tuple(found)) for (method, strategy), found in by_key.items()]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What every precision-matched comparison needs: the reference evaluations and the bootstrap settings."""
+
+    references: ReferenceCellResult
+    resamples: int
+    seed: int
+    threshold: float
+
+    def items(self, evals: dict[str, EvalRecord], precision: str) -> ItemScores | None:
+        record = evals.get(precision)
+        return record.items if record is not None else None
+
+
+def effects_at(measure: Measurement, cells: Sequence[UnlearnCellResult], precision: str,
+               anchor: str | None) -> Effects:
+    """Every forgetting metric of `cells` (one per seed) at `precision`, shares relative to `anchor` (None: no
+    share, as at the anchor itself or on a row that is not deployed)."""
+    refs = measure.references
+    target = measure.items(refs.target_evals, precision)
+    unlearned = [cell.evals[precision].items for cell in cells]
+    anchor_target = measure.items(refs.target_evals, anchor) if anchor is not None else None
+    anchor_unlearned = [cell.evals[anchor].items for cell in cells] if anchor is not None else []
+    retrain = measure.items(refs.retrain_evals, precision)
+    found: dict[str, PrecisionEffect] = {}
+    for metric in FORGETTING_METRICS:
+        if not all(has_items(metric, s) for s in (target, *unlearned)):
+            continue
+        anchored = anchor is not None and all(has_items(metric, s) for s in (anchor_target, *anchor_unlearned))
+        found[metric.name] = precision_effect(
+            metric, target, unlearned,  # type: ignore[arg-type]
+            anchor_target if anchored else None, anchor_unlearned if anchored else None,  # type: ignore[arg-type]
+            retrain if has_items(metric, retrain) else None, measure.resamples, measure.seed)
+    return Effects(**found)
+
+
+def _row_verdict(precision: str, anchor: str | None, deployed: bool, anchor_effects: Effects | None,
+                 effects: Effects, threshold: float) -> Verdict | None:
+    if not deployed:
+        return "not deployed"
+    if precision == anchor:
+        return "anchor"
+    if anchor is None or is_full_precision(precision):
         return None
-    return (q - fp) / (target - fp)
+    anchor_effect = anchor_effects.knowmem_f.effect if anchor_effects and anchor_effects.knowmem_f else None
+    share = effects.knowmem_f.reversion if effects.knowmem_f is not None else None
+    return verdict(anchor_effect, share, threshold)
 
 
-def reversion(target: Metrics, fp: Metrics, q: Metrics) -> Reversion:
-    return Reversion(knowmem_f=_share(target.knowmem_f, fp.knowmem_f, q.knowmem_f, MIN_EFFECT["knowmem_f"], -1),
-                     answer_nll=_share(target.knowmem_f_answer_nll, fp.knowmem_f_answer_nll, q.knowmem_f_answer_nll,
-                                       MIN_EFFECT["answer_nll"], +1))
-
-
-def collect_rows(references: ReferenceCellResult, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Row]:
+def collect_rows(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Row]:
+    references = measure.references
     rows = []
     for name, evals in (("target", references.target_evals), ("retrain", references.retrain_evals)):
         for precision in precisions:
             if precision in evals:
                 rows.append(Row(method=name, strategy="", precision=precision, metrics=evals[precision].metrics))
-    target = references.target_evals["fp"].metrics if "fp" in references.target_evals else None
-    for cell in cells:
-        fp = cell.evals["fp"].metrics if "fp" in cell.evals else None
+    for group in _groups(cells):
+        anchor = anchor_precision(group.strategy, precisions)
+        qat = parse_strategy(group.strategy).qat is not None
+        anchor_effects = effects_at(measure, group.cells, anchor, None) if anchor is not None else None
         for precision in precisions:
-            survival = cell.survival.get(precision)
-            metrics = cell.evals[precision].metrics
-            shares = None
-            if not is_full_precision(precision) and target is not None and fp is not None:
-                shares = reversion(target, fp, metrics)
-            rows.append(Row(cell=cell.cell, method=cell.method, strategy=cell.strategy, precision=precision,
-                            metrics=metrics, reversion=shares,
-                            survival=survival.overall if survival is not None else None))
+            deployed = not (qat and is_full_precision(precision))
+            shares_from = anchor if deployed and precision != anchor else None
+            effects = anchor_effects if precision == anchor and anchor_effects is not None else effects_at(
+                measure, group.cells, precision, shares_from)
+            survivals = [cell.survival[precision] for cell in group.cells if precision in cell.survival]
+            predicted = [_diagnostics(survival)[FIRST_ORDER] for survival in survivals]
+            rows.append(Row(
+                group=group.id, method=group.method, strategy=group.strategy, precision=precision,
+                seeds=[cell.seed for cell in group.cells], cells=[cell.cell for cell in group.cells],
+                metrics=_mean_record([cell.evals[precision].metrics for cell in group.cells], Metrics),
+                anchor=anchor, deployed=deployed, effects=effects,
+                verdict=_row_verdict(precision, anchor, deployed, anchor_effects, effects, measure.threshold),
+                survival=_mean_record([s.overall for s in survivals], SurvivalOverall)
+                if len(survivals) == len(group.cells) else None,
+                first_order_reversion=statistics.fmean(predicted)  # type: ignore[arg-type]
+                if predicted and None not in predicted and len(predicted) == len(group.cells) else None))
     return rows
 
 
-def _row_values(row: Row) -> dict[str, float | None]:
-    values: dict[str, float | None] = {c: getattr(row.metrics, k) for c, k in {**COLUMNS, **EXTRA_COLUMNS}.items()}
-    for column, key in REVERSION_COLUMNS.items():
-        values[column] = getattr(row.reversion, key) if row.reversion is not None else None
-    for column, key in SURVIVAL_COLUMNS.items():
-        values[column] = getattr(row.survival, key) if row.survival is not None else None
-    return values
+# ---- tables ---------------------------------------------------------------------------------------------------
+def _effect(row: Row, metric: str) -> PrecisionEffect | None:
+    return getattr(row.effects, metric) if row.effects is not None else None
 
 
-HEADERS = ["Method", "Strategy", "Precision", *COLUMNS, *EXTRA_COLUMNS, *REVERSION_COLUMNS, *SURVIVAL_COLUMNS]
+def _effect_part(row: Row, metric: str, part: str) -> Estimate | None:
+    found = _effect(row, metric)
+    return getattr(found, part) if found is not None else None
 
 
-def table_markdown(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+HEADERS = ["Method", "Strategy", "Seeds", "Precision", *COLUMNS, *EXTRA_COLUMNS, *EFFECT_COLUMNS, "verdict",
+           RETRAIN_GAP_COLUMN, *DIAGNOSTICS]
+
+
+def table_markdown(rows: list[Row], predicted: bool = False) -> str:
+    """The table; `predicted` adds the first-order predicted reversion (only where it has been shown to predict)."""
+    headers = HEADERS + ([FIRST_ORDER_COLUMN] if predicted else [])
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        values = _row_values(row)
-        cells = [row.method, row.strategy or "-", row.precision, *(_fmt(values[c]) for c in COLUMNS),
-                 *(_fmt(values[c], 3) for c in EXTRA_COLUMNS), *(_fmt(values[c]) for c in REVERSION_COLUMNS),
-                 *(_fmt(values[c], 3) for c in SURVIVAL_COLUMNS)]
+        precision = row.precision if row.deployed else f"{row.precision} (not deployed)"
+        cells = [row.method, row.strategy or "-", str(len(row.seeds)) if row.seeds else "-", precision,
+                 *(_fmt(getattr(row.metrics, key)) for key in COLUMNS.values()),
+                 *(_fmt(getattr(row.metrics, key), 3) for key in EXTRA_COLUMNS.values()),
+                 *(_fmt_estimate(_effect_part(row, metric, part)) for metric, part in EFFECT_COLUMNS.values()),
+                 row.verdict or "-", _fmt_estimate(_effect_part(row, "knowmem_f", "retrain_gap"), 1),
+                 *(_fmt(getattr(row.survival, key), 3) if row.survival is not None else "-"
+                   for key in DIAGNOSTICS.values()),
+                 *([_fmt(row.first_order_reversion)] if predicted else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def table_csv(rows: list[Row]) -> str:
+    """Every number of every row: the metrics, then per forgetting metric its effect, retained share, reversion
+    and gap to the retrain model, each as value, low, high."""
+    effect_fields = [f"{metric.name}_{part}{end}" for metric in FORGETTING_METRICS
+                     for part in ("effect", "retained", "reversion", "retrain_gap") for end in ("", "_low", "_high")]
+    fields = ["method", "strategy", "seeds", "precision", "anchor", "deployed", *COLUMNS.values(),
+              *EXTRA_COLUMNS.values(), *effect_fields, "verdict", *DIAGNOSTICS.values(), FIRST_ORDER]
     buffer = io.StringIO()
-    fields = ["method", "strategy", "precision", *HEADERS[3:]]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({"method": row.method, "strategy": row.strategy, "precision": row.precision,
-                         **_row_values(row)})
+        values: dict[str, object] = {"method": row.method, "strategy": row.strategy,
+                                     "seeds": " ".join(map(str, row.seeds)), "precision": row.precision,
+                                     "anchor": row.anchor or "", "deployed": row.deployed, "verdict": row.verdict or ""}
+        values.update({key: getattr(row.metrics, key) for key in (*COLUMNS.values(), *EXTRA_COLUMNS.values())})
+        for metric in FORGETTING_METRICS:
+            for part in ("effect", "retained", "reversion", "retrain_gap"):
+                estimate = _effect_part(row, metric.name, part)
+                for end, key in (("", "value"), ("_low", "low"), ("_high", "high")):
+                    values[f"{metric.name}_{part}{end}"] = getattr(estimate, key) if estimate is not None else None
+        values.update({key: getattr(row.survival, key) if row.survival is not None else None
+                       for key in DIAGNOSTICS.values()})
+        values[FIRST_ORDER] = row.first_order_reversion
+        writer.writerow(values)
     return buffer.getvalue()
 
 
+# ---- findings -------------------------------------------------------------------------------------------------
 def _median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
@@ -141,132 +293,189 @@ def _median(values: list[float | None]) -> float | None:
 
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+    return statistics.fmean(present) if present else None
+
+
+def _reversion_value(row: Row, metric: str) -> float | None:
+    estimate = _effect_part(row, metric, "reversion")
+    return estimate.value if estimate is not None else None
 
 
 def strategy_findings(rows: list[Row], strategies: Sequence[str], precisions: Sequence[str]) -> list[StrategyFinding]:
-    """Per strategy and quantized precision: how often and how much the quantizer undoes the unlearning, and the
-    utility it keeps (mean over the methods)."""
-    fp_utility = {row.cell: row.metrics.knowmem_r for row in rows if row.cell and is_full_precision(row.precision)}
+    """Per strategy and quantized precision: how many (method) rows revert, hold or stay inconclusive, among those
+    with a measurable effect, and the utility kept (mean over the methods)."""
+    anchor_utility = {row.group: row.metrics.knowmem_r for row in rows if row.group and row.verdict == "anchor"}
     findings = []
     for strategy in strategies:
         for precision in precisions:
-            group = [r for r in rows if r.strategy == strategy and r.precision == precision and r.reversion]
+            group = [r for r in rows if r.strategy == strategy and r.precision == precision
+                     and r.verdict in ("reverted", "holds", "inconclusive", "no effect", "no items")]
             if not group:
                 continue
-            shares = [r.reversion.knowmem_f for r in group if r.reversion]
+            measurable = [r for r in group if r.verdict in ("reverted", "holds", "inconclusive")]
             findings.append(StrategyFinding(
-                strategy=strategy, precision=precision, cells=len(group),
-                reverted=sum(1 for s in shares if s is not None and s >= REVERT_SHARE),
-                median_reversion_knowmem_f=_median(shares),
-                median_reversion_answer_nll=_median([r.reversion.answer_nll for r in group if r.reversion]),
-                mean_utility_fp=_mean([fp_utility.get(r.cell) for r in group]),
+                strategy=strategy, precision=precision, groups=len(group), measurable=len(measurable),
+                reverted=sum(r.verdict == "reverted" for r in measurable),
+                holds=sum(r.verdict == "holds" for r in measurable),
+                inconclusive=sum(r.verdict == "inconclusive" for r in measurable),
+                median_reversion_knowmem_f=_median([_reversion_value(r, "knowmem_f") for r in measurable]),
+                median_reversion_answer_nll=_median([_reversion_value(r, "knowmem_f_answer_nll") for r in measurable]),
+                mean_utility_anchor=_mean([anchor_utility.get(r.group) for r in group]),
                 mean_utility_q=_mean([r.metrics.knowmem_r for r in group])))
     return findings
 
 
-def _ranks(values: Sequence[float]) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=float)
-    for value in set(values):  # ties share their mean rank
-        tied = np.asarray(values) == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+def rank_correlation(xs: Sequence[float], ys: Sequence[float], level: float = LEVEL) -> Estimate:
+    """Spearman's rho with a Fisher-z interval (Fieller, Hartley and Pearson's variance 1.06 / (n - 3)); no
+    interval under 4 pairs, no rho when either side is constant."""
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return Estimate(value=None)
+    rho = float(spearmanr(xs, ys).statistic)
+    if len(xs) < 4:
+        return Estimate(value=rho)
+    z = math.atanh(max(-0.999999, min(0.999999, rho)))
+    half = NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt(1.06 / (len(xs) - 3))
+    return Estimate(value=rho, low=math.tanh(z - half), high=math.tanh(z + half))
 
 
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
-    if len(xs) < 3:
-        return None
-    rx, ry = _ranks(xs), _ranks(ys)
-    if rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def correlations(rows: list[Row]) -> list[Correlation]:
-    """Does the survival diagnostic (computed from weights alone, before deployment) predict the reversion measured
-    by evaluating the quantized model? One rank correlation per (diagnostic, reversion metric)."""
+def correlations(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Correlation]:
+    """Does a diagnostic computed from weights alone predict the reversion measured by evaluating the quantized
+    models? One rank correlation per (diagnostic, reversion metric) over every (unlearning cell, quantized deployed
+    precision) pair whose own anchor effect is measurable (each seed its own pair)."""
+    pairs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for cell in cells:
+        anchor = anchor_precision(cell.strategy, precisions)
+        if anchor is None:
+            continue
+        anchor_effects = effects_at(measure, [cell], anchor, None)
+        for precision, survival in cell.survival.items():
+            if precision == anchor or precision not in cell.evals:
+                continue
+            effects = effects_at(measure, [cell], precision, anchor)
+            for target in REVERSION_TARGETS:
+                measured = getattr(effects, target)
+                at_anchor = getattr(anchor_effects, target)
+                if measured is None or measured.reversion is None or measured.reversion.value is None \
+                        or at_anchor is None or at_anchor.effect.excludes(0.0) != "above":
+                    continue
+                for key, value in _diagnostics(survival).items():
+                    if value is not None:
+                        pairs.setdefault((key, target), []).append((value, measured.reversion.value))
     out = []
-    for diagnostic in SURVIVAL_COLUMNS.values():
-        for target in REVERSION_COLUMNS.values():
-            pairs = [(getattr(r.survival, diagnostic), getattr(r.reversion, target)) for r in rows
-                     if r.survival is not None and r.reversion is not None]
-            pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
-            out.append(Correlation(diagnostic=diagnostic, target=target, pairs=len(pairs),
-                                   rho=spearman([x for x, _ in pairs], [y for _, y in pairs])))
+    for key in (*DIAGNOSTICS.values(), FIRST_ORDER):
+        for target in REVERSION_TARGETS:
+            found = pairs.get((key, target), [])
+            rho = rank_correlation([x for x, _ in found], [y for _, y in found])
+            out.append(Correlation(diagnostic=key, target=target, rho=rho, pairs=len(found),
+                                   predicts=rho.excludes(0.0) is not None))
     return out
 
 
-def finding_sentence(findings: list[StrategyFinding], low: str | None) -> str:
+def _count_sentence(f: StrategyFinding) -> str:
+    without = f.groups - f.measurable
+    return (f"{f.strategy}: {f.reverted} of {f.measurable} rows with a measurable effect reverted, {f.holds} held, "
+            f"{f.inconclusive} inconclusive ({without} without a measurable effect); median KnowMem-forget "
+            f"reversion {_fmt(f.median_reversion_knowmem_f)}, utility {_fmt(f.mean_utility_anchor)} -> "
+            f"{_fmt(f.mean_utility_q)}")
+
+
+def finding_sentence(findings: list[StrategyFinding], low: str | None, threshold: float) -> str:
     at_low = [f for f in findings if f.precision == low]
     if low is None or not at_low:
-        return "No quantized precision with a measurable unlearning effect in the grid."
-    parts = []
-    for f in at_low:
-        knowmem = _fmt(f.median_reversion_knowmem_f)
-        nll = _fmt(f.median_reversion_answer_nll)
-        parts.append(f"{f.strategy} reverted in {f.reverted} of {f.cells} cells (median share of the unlearning "
-                     f"undone: KnowMem-forget {knowmem}, answer NLL {nll}; utility {_fmt(f.mean_utility_fp)} -> "
-                     f"{_fmt(f.mean_utility_q)})")
-    return f"At {low}: " + "; ".join(parts) + "."
+        return "No quantized precision with an unlearning row in the grid."
+    return (f"At {low} (a row reverts when its KnowMem-forget reversion's 95% interval lies above {threshold}, "
+            f"holds when it lies below): " + "; ".join(_count_sentence(f) for f in at_low) + ".")
+
+
+def first_order_predicts(found: list[Correlation]) -> bool:
+    """The first-order prediction is a reversion in its own right; it is printed only once its rank correlation
+    with the measured reversion is positive beyond its interval."""
+    return any(c.diagnostic == FIRST_ORDER and c.predicts and (c.rho.value or 0.0) > 0 for c in found)
 
 
 def prediction_sentence(found: list[Correlation]) -> str:
-    usable = [c for c in found if c.rho is not None]
+    usable = [c for c in found if c.rho.value is not None]
     if not usable:
         return "Too few quantized cells with a measurable effect to test whether the diagnostics predict reversion."
-    best = max(usable, key=lambda c: abs(c.rho or 0))
-    verdict = ("predicts" if abs(best.rho or 0) >= PREDICT_RHO and best.pairs >= PREDICT_PAIRS
-               else "does not predict")
-    return (f"The closest diagnostic, {best.diagnostic}, {verdict} the measured {best.target} reversion: Spearman "
-            f"rho {best.rho:.2f} over {best.pairs} (cell, precision) pairs (threshold |rho| >= {PREDICT_RHO} over "
-            f">= {PREDICT_PAIRS} pairs).")
+    predicting = [c for c in usable if c.predicts]
+    if not predicting:
+        best = max(usable, key=lambda c: abs(c.rho.value or 0.0))
+        return (f"No diagnostic predicts the measured reversion here: every rank correlation's 95% interval "
+                f"includes 0 (the strongest, {best.diagnostic} vs {best.target}: rho {_fmt_estimate(best.rho)} over "
+                f"{best.pairs} pairs).")
+    return "Diagnostics whose rank correlation with the measured reversion excludes 0: " + "; ".join(
+        f"{c.diagnostic} vs {c.target} rho {_fmt_estimate(c.rho)} over {c.pairs} pairs" for c in predicting) + "."
 
 
-def transfer_lines(findings: list[StrategyFinding]) -> list[str]:
-    """Quantization-aware strategies, trained against one quantizer: do they hold at the others?"""
+def transfer_lines(rows: list[Row]) -> list[str]:
+    """Quantization-aware strategies, trained against one quantizer: does the forgetting hold at the others?"""
     lines = []
-    for strategy in dict.fromkeys(f.strategy for f in findings):
+    for strategy in dict.fromkeys(r.strategy for r in rows if r.strategy):
         trained_for = parse_strategy(strategy).qat
-        if trained_for is None:
+        others = [r for r in rows if r.strategy == strategy and r.anchor is not None and r.deployed
+                  and r.precision != r.anchor]
+        if trained_for is None or not others:
             continue
-        own = [f for f in findings if f.strategy == strategy and f.precision == trained_for]
-        others = [f for f in findings if f.strategy == strategy and f.precision != trained_for]
-        if own and others:
-            lines.append(f"- {strategy}: median KnowMem-forget reversion {_fmt(own[0].median_reversion_knowmem_f)} "
-                         f"at its own {trained_for}; at the others: " + ", ".join(
-                             f"{f.precision} {_fmt(f.median_reversion_knowmem_f)}" for f in others))
+        parts = [f"{r.method} at {r.precision} {_fmt_estimate(_effect_part(r, 'knowmem_f', 'reversion'))} "
+                 f"({r.verdict})" for r in others]
+        lines.append(f"- {strategy} (anchored at {others[0].anchor}, where it is deployed): KnowMem-forget "
+                     "reversion " + "; ".join(parts))
     return lines
 
 
-def plot_tradeoff(references: ReferenceCellResult, cells: list[UnlearnCellResult], low: str | None,
-                  path: Path) -> None:
+def plot_tradeoff(rows: list[Row], low: str | None, path: Path) -> None:
+    """Utility vs KnowMem-forget per (method, strategy), mean over seeds: an arrow from where its forgetting is
+    anchored (fp, or a QAT row's own quantizer) to the lowest-bit precision."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     markers = ["o", "s", "^", "D", "v", "P", "X"]
-    strategies = list(dict.fromkeys(cell.strategy for cell in cells))
-    for i, cell in enumerate(cells):
-        fp = cell.evals["fp"].metrics
+    anchors = [r for r in rows if r.group and r.verdict == "anchor"]
+    strategies = list(dict.fromkeys(r.strategy for r in anchors))
+    for i, row in enumerate(anchors):
         color = colors[i % len(colors)]
-        marker = markers[strategies.index(cell.strategy) % len(markers)]
-        ax.scatter(fp.knowmem_f, fp.knowmem_r, color=color, marker=marker, label=cell.cell)
-        if low is not None:
-            q = cell.evals[low].metrics
-            ax.annotate("", xy=(q.knowmem_f, q.knowmem_r), xytext=(fp.knowmem_f, fp.knowmem_r),
-                        arrowprops={"arrowstyle": "->", "color": color})
-    for name, evals, marker in (("target", references.target_evals, "*"),
-                                ("retrain", references.retrain_evals, "P")):
-        if "fp" in evals:
-            metrics = evals["fp"].metrics
-            ax.scatter(metrics.knowmem_f, metrics.knowmem_r, color="black", marker=marker, s=120,
+        marker = markers[strategies.index(row.strategy) % len(markers)]
+        start = row.metrics
+        ax.scatter(start.knowmem_f, start.knowmem_r, color=color, marker=marker, label=f"{row.group} @ {row.anchor}")
+        end = next((r for r in rows if r.group == row.group and r.precision == low), None)
+        if end is not None and end is not row:
+            ax.annotate("", xy=(end.metrics.knowmem_f, end.metrics.knowmem_r),
+                        xytext=(start.knowmem_f, start.knowmem_r), arrowprops={"arrowstyle": "->", "color": color})
+    for name, marker in (("target", "*"), ("retrain", "P")):
+        found = next((r for r in rows if r.method == name and is_full_precision(r.precision)), None)
+        if found is not None:
+            ax.scatter(found.metrics.knowmem_f, found.metrics.knowmem_r, color="black", marker=marker, s=120,
                        label=f"{name} (fp)")
     ax.set_xlabel("KnowMem on forget (lower = more forgotten)")
     ax.set_ylabel("Utility = KnowMem on retain")
-    ax.set_title("Unlearning cells: full precision -> " + (low or "(no quantized precision)"))
+    ax.set_title("Unlearning rows: anchor -> " + (low or "(no quantized precision)"))
     ax.legend(fontsize=6, loc="best")
     ax.grid(alpha=0.3)
+    save_figure(fig, path, dpi=120)
+
+
+def plot_reversion(rows: list[Row], threshold: float, path: Path) -> None:
+    """KnowMem-forget reversion with its 95% interval for every quantized deployed row, threshold and 0 marked."""
+    plt = pyplot()
+    shown = [r for r in rows if r.verdict in ("reverted", "holds", "inconclusive")
+             and _effect_part(r, "knowmem_f", "reversion") is not None]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(shown) + 1.2)))
+    colors = {"reverted": "tab:red", "holds": "tab:green", "inconclusive": "tab:grey"}
+    for y, row in enumerate(shown):
+        estimate = _effect_part(row, "knowmem_f", "reversion")
+        assert estimate is not None and estimate.value is not None
+        low = estimate.low if estimate.low is not None else estimate.value
+        high = estimate.high if estimate.high is not None else estimate.value
+        ax.errorbar(estimate.value, y, xerr=[[estimate.value - low], [high - estimate.value]], fmt="o",
+                    color=colors[row.verdict or "inconclusive"], capsize=3)
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.axvline(threshold, color="tab:red", lw=0.8, ls="--")
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{r.group} @ {r.precision}" for r in shown], fontsize=7)
+    ax.set_xlabel("KnowMem-forget reversion (precision-matched; 0 = all forgetting kept, 1 = all given back)")
+    ax.set_title("Reversion with 95% intervals (red: reverted, green: holds, grey: inconclusive)", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
 
@@ -274,72 +483,99 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
                  cells: list[UnlearnCellResult]) -> ExperimentResults:
     precisions = list(config.precisions)
     low = low_precision(precisions)
-    rows = collect_rows(references, cells, precisions)
+    measure = Measurement(references=references, resamples=config.eval.bootstrap, seed=config.seed,
+                          threshold=config.reversion_threshold)
+    started = time.perf_counter()
+    rows = collect_rows(measure, cells, precisions)
+    found = correlations(measure, cells, precisions)
+    bootstrap_seconds = time.perf_counter() - started
     findings = strategy_findings(rows, config.strategies, precisions)
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
                                 references=references, cells=cells, rows=rows, low_precision=low,
-                                strategies=findings, correlations=correlations(rows),
-                                finding=finding_sentence(findings, low))
+                                reversion_threshold=config.reversion_threshold, strategies=findings,
+                                correlations=found, finding=finding_sentence(findings, low, config.reversion_threshold),
+                                bootstrap_seconds=bootstrap_seconds)
     atomic_write_json(out / "results.json", results)
-    table = table_markdown(rows)
+    table = table_markdown(rows, predicted=first_order_predicts(found))
     atomic_write_text(out / "table.md", table)
     atomic_write_text(out / "table.csv", table_csv(rows))
-    plot_tradeoff(references, cells, low, out / "plots" / "tradeoff.png")
+    plot_tradeoff(rows, low, out / "plots" / "tradeoff.png")
+    plot_reversion(rows, config.reversion_threshold, out / "plots" / "reversion.png")
     atomic_write_text(out / "report.md", report_markdown(results, table))
     return results
 
 
 def _strategy_table(findings: list[StrategyFinding]) -> list[str]:
-    lines = ["| strategy | precision | cells | reverted | median reversion KnowMem-f | median reversion answer NLL | "
-             "utility fp | utility quantized |", "|" + "---|" * 8]
+    lines = ["| strategy | precision | rows | measurable | reverted | holds | inconclusive | median reversion "
+             "KnowMem-f | median reversion answer NLL | utility at anchor | utility quantized |", "|" + "---|" * 11]
     for f in findings:
-        lines.append(f"| {f.strategy} | {f.precision} | {f.cells} | {f.reverted} | "
-                     f"{_fmt(f.median_reversion_knowmem_f)} | {_fmt(f.median_reversion_answer_nll)} | "
-                     f"{_fmt(f.mean_utility_fp)} | {_fmt(f.mean_utility_q)} |")
+        lines.append(f"| {f.strategy} | {f.precision} | {f.groups} | {f.measurable} | {f.reverted} | {f.holds} | "
+                     f"{f.inconclusive} | {_fmt(f.median_reversion_knowmem_f)} | "
+                     f"{_fmt(f.median_reversion_answer_nll)} | {_fmt(f.mean_utility_anchor)} | "
+                     f"{_fmt(f.mean_utility_q)} |")
     return lines
 
 
 def _correlation_table(found: list[Correlation]) -> list[str]:
-    lines = ["| diagnostic | reversion of | Spearman rho | pairs |", "|---|---|---|---|"]
-    lines += [f"| {c.diagnostic} | {c.target} | {_fmt(c.rho)} | {c.pairs} |" for c in found]
+    lines = ["| diagnostic | reversion of | Spearman rho [95% CI] | pairs | predicts |", "|---|---|---|---|---|"]
+    lines += [f"| {c.diagnostic} | {c.target} | {_fmt_estimate(c.rho)} | {c.pairs} | {'yes' if c.predicts else 'no'} |"
+              for c in found]
     return lines
+
+
+DEFINITION = (
+    "**Reversion** is measured precision-matched: at each precision P the forgetting is effect_P = the target's "
+    "metric minus the unlearned model's (signed so that forgetting is positive: KnowMem and VerbMem down, the "
+    "answers' NLL, the forget NLL and the Min-40% AUC up), both models quantized the same way; retained = "
+    "effect_Q / effect_anchor, reversion = 1 - retained (0: the quantizer kept all the forgetting, 1: it gave all "
+    "of it back). The anchor is full precision, or for a quantization-aware strategy its own quantizer (its fp model "
+    "is never deployed and carries no share). Intervals are 95% percentile bootstraps over items, paired (the same "
+    "resampled questions and texts for every model compared; the AUC's splits resampled separately) and, with "
+    "several seeds, over seeds as well (each resample draws seeds with replacement, then items; the seeds' effects "
+    "are averaged). A row *reverts* when its KnowMem-forget reversion interval lies above the threshold, *holds* "
+    "when it lies below, and is *inconclusive* otherwise; a row whose anchor forgetting interval includes 0 has "
+    "*no effect* to give back and is not counted. `KnowMem-f - retrain`: the unlearned model's KnowMem-forget minus "
+    "the retrain model's at the same precision (MUSE's view: 0 = as if never trained on the forget set).")
 
 
 def report_markdown(results: ExperimentResults, table: str) -> str:
     config, low = results.config, results.low_precision
     reference = results.references.retrain_reference
+    seeds = config.unlearn_seeds
     lines = [f"# qrunlearn report: {config.name}", "", "## Finding at this scale", "", results.finding, "",
-             "Reversion = (m_Q - m_fp) / (m_target - m_fp): the share of the unlearning effect (target -> unlearned "
-             "at full precision) that quantization undoes, for KnowMem-forget and for the mean NLL of the forget "
-             "answers given their questions; 1 = back at the target, 0 = unchanged, < 0 = quantization forgot more. "
-             f"A cell counts as reverted at a KnowMem share >= {REVERT_SHARE}; shares are left out where unlearning "
-             f"moved the metric less than {MIN_EFFECT['knowmem_f']} point / {MIN_EFFECT['answer_nll']} nats in the "
-             "forgetting direction (KnowMem-forget down, answer NLL up).", "",
-             "## Strategies at each quantized precision", "", *_strategy_table(results.strategies), ""]
-    transfer = transfer_lines(results.strategies)
+             DEFINITION, "", "## Strategies at each quantized precision", "", *_strategy_table(results.strategies),
+             ""]
+    transfer = transfer_lines(results.rows)
     if transfer:
         lines += ["Transfer (a model made robust for one quantizer, deployed with the others):", "", *transfer, ""]
-    lines += ["## Do the survival diagnostics predict reversion?", "", prediction_sentence(results.correlations), "",
+    lines += ["## Do the diagnostics predict reversion?", "", prediction_sentence(results.correlations), "",
               *_correlation_table(results.correlations), "",
-              "*codes changed*: share of quantization codes that differ between Q(target) and Q(unlearned); "
-              "*projection* = sum(dQ*dW)/sum(dW^2), how much of the update's direction survives on average; "
-              "*cosine*: how faithfully; *abs(dW)/step*: mean weight change in quantization steps.", "",
-              "## Table", "",
-              "VerbMem, KnowMem and Utility are ROUGE-L F1 x 100; PrivLeak is relative to the retrain AUC "
-              f"{_fmt(reference.auc, 4)} ({reference.source}); answer NLL = mean NLL of the KnowMem forget answers; "
-              "forget NLL = mean per-token NLL on privleak/forget; Min-40% AUC = forget vs holdout. Survival and "
-              "reversion columns are for quantized rows.", "", table,
-              "## Plots", "", f"- `plots/tradeoff.png`: utility vs KnowMem-forget per cell, arrow to {low or '-'}."]
+              "*relative error* = ||dQ - dW|| / ||dW||, how far the quantized update is from the update (0: kept "
+              "exactly, 1: as far as no update at all); *codes changed*: share of quantization codes that differ "
+              "between Q(target) and Q(unlearned); *|dW| / step*: mean weight change in quantization steps; "
+              f"*{FIRST_ORDER}* = 1 - g.dQ / g.dW with g the gradient of the forget answers' NLL at the unlearned "
+              "model (dQ = Q(unlearned) - Q(target); parameters the quantizer leaves alone carry dW into both): a "
+              "first-order prediction of the answer-NLL reversion, shown in the table only if it predicts. Each "
+              "pair is one unlearning cell (one seed) at one quantized precision with a measurable anchor effect.",
+              "", "## Table", "",
+              "VerbMem, KnowMem and Utility are ROUGE-L F1 x 100 (means over seeds); PrivLeak is relative to the "
+              f"retrain AUC {_fmt(reference.auc, 4)} ({reference.source}); answer NLL = mean NLL of the KnowMem "
+              "forget answers; forget NLL = mean per-token NLL on privleak/forget; Min-40% AUC = forget vs holdout. "
+              "Forgetting, reversion and gap columns: value [95% interval]; `table.csv` and `results.json` hold the "
+              "same for VerbMem and the Min-40% AUC.", "", table,
+              "## Plots", "", f"- `plots/tradeoff.png`: utility vs KnowMem-forget per row, arrow to {low or '-'}.",
+              "- `plots/reversion.png`: KnowMem-forget reversion with its interval per quantized row."]
     for cell in results.cells:
         for precision, survival in cell.survival.items():
             lines.append(f"- `{survival.plot}`: per-layer survival, {cell.cell} at {precision}. {survival.verdict}")
     lines += ["", "## Run it at the paper's scale", "",
               "On GPUs, the same grid on Llama-2-7B with MUSE-News (bf16, bitsandbytes NF4 / LLM.int8 on CUDA):", "",
               f"    {GPU_COMMAND}", "", "## Settings", "",
-              f"- seed {config.seed}; defaults `{config.defaults}`; methods {', '.join(config.methods)}; strategies "
-              f"{', '.join(config.strategies)}; precisions {', '.join(config.precisions)}",
+              f"- seed {config.seed}; unlearning seeds {', '.join(map(str, seeds))}; defaults `{config.defaults}`; "
+              f"methods {', '.join(config.methods)}; strategies {', '.join(config.strategies)}; precisions "
+              f"{', '.join(config.precisions)}; reversion threshold {results.reversion_threshold}",
               f"- eval: limit {config.eval.limit}, batch size {config.eval.batch_size}, "
-              f"bootstrap {config.eval.bootstrap}",
+              f"bootstrap {config.eval.bootstrap} (the report's paired bootstrap: {results.bootstrap_seconds:.1f} s)",
               f"- git commit {results.git_commit}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if v),
               "- per-cell settings, losses and timings: `cells/<cell>/result.json`; every number: `results.json`", ""]

@@ -12,8 +12,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qrunlearn.config import ExperimentConfig
-from qrunlearn.eval.muse import EvalResult
-from qrunlearn.quant.survival import SurvivalOverall, SurvivalReport
+from qrunlearn.eval.effect import Estimate, PrecisionEffect, Verdict
+from qrunlearn.eval.items import ItemScores, item_scores
+from qrunlearn.eval.muse import PRIVLEAK_SCORE, EvalResult
+from qrunlearn.quant.survival import FirstOrder, SurvivalOverall, SurvivalReport
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.records import EpochRecord, StepLoss
 
@@ -39,17 +41,21 @@ class Metrics(BaseModel):
 
 
 class EvalRecord(BaseModel):
-    """One model evaluated at one precision (without the per-item logs, which `qrunlearn eval` writes)."""
+    """One model evaluated at one precision, with the per-item numbers that paired intervals resample (the texts
+    stay in the per-item logs, which `qrunlearn eval` writes). Records written before items were kept read with
+    `items` None."""
 
     metrics: Metrics
     intervals: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    items: ItemScores | None = None
     timings: dict[str, float] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
     wall_seconds: float = 0.0
 
     @classmethod
     def of(cls, result: EvalResult, wall_seconds: float) -> "EvalRecord":
-        return cls(metrics=Metrics(**result.metrics), intervals=result.intervals, timings=result.timings,
+        return cls(metrics=Metrics(**result.metrics), intervals=result.intervals,
+                   items=item_scores(result.items, PRIVLEAK_SCORE), timings=result.timings,
                    settings=result.settings, wall_seconds=wall_seconds)
 
 
@@ -64,6 +70,7 @@ class RetrainReference(BaseModel):
 
 class SurvivalRecord(SurvivalReport):
     plot: str | None = None  # the per-layer PNG, relative to the experiment folder
+    first_order: FirstOrder | None = None  # on the forget answers' NLL; None when the config turns it off
 
 
 class ReferenceCellResult(BaseModel):
@@ -99,6 +106,7 @@ class UnlearnCellResult(BaseModel):
     cell: str
     method: str
     strategy: str
+    seed: int = 0  # the unlearning run's seed
     adapter: str
     unlearn_config: UnlearnConfig
     unlearn: UnlearnSummary
@@ -120,49 +128,60 @@ def read_cell(path: Path, kind: type[BaseModel]) -> Any:
         return None
 
 
-class Reversion(BaseModel):
-    """The share of the unlearning effect a quantizer undoes, (m_Q - m_fp) / (m_target - m_fp), for KnowMem-forget
-    and for the forget answers' NLL. Unlearning moves m from the target's value to m_fp (KnowMem down, NLL up); 1
-    means the quantized model is back at the target, 0 that quantization changed nothing, < 0 that it forgot more.
-    None when the cell barely moved the metric (less than `report.MIN_EFFECT`)."""
+class Effects(BaseModel):
+    """The precision-matched forgetting of one row, per metric with a forgetting direction (`eval.effect`); None
+    where the evaluations hold no per-item numbers for it."""
 
-    knowmem_f: float | None = None
-    answer_nll: float | None = None
+    knowmem_f: PrecisionEffect | None = None
+    verbmem_f: PrecisionEffect | None = None
+    knowmem_f_answer_nll: PrecisionEffect | None = None
+    nll_privleak_forget: PrecisionEffect | None = None
+    privleak_auc: PrecisionEffect | None = None
 
 
 class Row(BaseModel):
-    """One table row: a model (reference or cell) at one precision."""
+    """One table row: a reference model, or a (method, strategy) over its seeds, at one precision."""
 
-    cell: str = ""
+    group: str = ""  # method-strategy ("" for the reference models)
     method: str
     strategy: str  # "" for the reference models
     precision: str
-    metrics: Metrics
-    reversion: Reversion | None = None  # quantized cell rows
-    survival: SurvivalOverall | None = None
+    seeds: list[int] = Field(default_factory=list)  # the unlearning seeds averaged
+    cells: list[str] = Field(default_factory=list)  # their cell ids
+    metrics: Metrics  # mean over the seeds
+    anchor: str | None = None  # the precision the retained shares are relative to (fp, or a QAT cell's quantizer)
+    deployed: bool = True  # False: a quantization-aware cell's full-precision model (trained, never shipped)
+    effects: Effects | None = None  # unlearning rows
+    verdict: Verdict | None = None  # from the KnowMem-forget reversion, at quantized deployed rows
+    survival: SurvivalOverall | None = None  # mean over the seeds
+    first_order_reversion: float | None = None  # 1 - g.dQ / g.dW, mean over the seeds (`quant.survival.first_order`)
 
 
 class StrategyFinding(BaseModel):
-    """One strategy at one quantized precision, over the grid's methods."""
+    """One strategy at one quantized precision, over the grid's methods (each method's seeds pooled)."""
 
     strategy: str
     precision: str
-    cells: int
-    reverted: int  # cells whose KnowMem-forget reversion >= report.REVERT_SHARE
-    median_reversion_knowmem_f: float | None
+    groups: int  # (method, strategy) rows at this precision
+    measurable: int  # rows whose anchor forgetting interval excludes 0
+    reverted: int  # measurable rows whose KnowMem-forget reversion interval lies above the threshold
+    holds: int  # ... below it
+    inconclusive: int
+    median_reversion_knowmem_f: float | None  # over the measurable rows
     median_reversion_answer_nll: float | None
-    mean_utility_fp: float | None
+    mean_utility_anchor: float | None
     mean_utility_q: float | None
 
 
 class Correlation(BaseModel):
-    """Rank correlation (Spearman) between a survival diagnostic and a measured reversion over the grid's
-    (cell, quantized precision) pairs."""
+    """Rank correlation (Spearman) between a diagnostic and a measured reversion over (unlearning cell, quantized
+    precision) pairs with a measurable effect; the interval is Fisher's z with Fieller's variance 1.06 / (n - 3)."""
 
     diagnostic: str
     target: str
-    rho: float | None
+    rho: Estimate
     pairs: int
+    predicts: bool  # the interval excludes 0
 
 
 class ExperimentResults(BaseModel):
@@ -175,6 +194,8 @@ class ExperimentResults(BaseModel):
     cells: list[UnlearnCellResult]
     rows: list[Row]
     low_precision: str | None
+    reversion_threshold: float
     strategies: list[StrategyFinding]
     correlations: list[Correlation]
     finding: str
+    bootstrap_seconds: float = 0.0  # the report's paired bootstrap, all rows

@@ -206,14 +206,29 @@ def run_knowmem(model, tokenizer, corpus: MuseCorpus, split: str, config: EvalCo
                      "recall": score.recall * 100, "prompt_tokens": len(encoded.ids[index]),
                      "new_tokens": new_tokens[index], "truncated": encoded.truncated[index]})
     if split == "forget" and config.answer_nll:
-        lead = "" if config.knowmem_prompt == "muse" else " "  # the answer carries the prompt's moved space
-        texts = [lead + pair.answer for pair in qa]
-        answers = [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        answers = _answer_ids(tokenizer, qa, config)
         nlls = answer_nll(model, encoded.ids, answers, setup.pad, config.batch_size, prefix)
         for log, value, ids in zip(logs, nlls, answers):
             log["answer_nll"] = float(value)
             log["answer_tokens"] = len(ids)
     return f1s, recalls, logs, encoded.n_truncated
+
+
+def _answer_ids(tokenizer, qa: list, config: EvalConfig) -> list[list[int]]:
+    lead = "" if config.knowmem_prompt == "muse" else " "  # the answer carries the prompt's moved space
+    return [list(ids) for ids in tokenizer([lead + pair.answer for pair in qa], add_special_tokens=False)["input_ids"]]
+
+
+def forget_answer_tokens(model, tokenizer, corpus: MuseCorpus, config: EvalConfig
+                         ) -> tuple[list[list[int]], list[list[int]], int]:
+    """The KnowMem-forget prompts and answers exactly as `knowmem_f_answer_nll` scores them (token ids), and the
+    pad id: the loss whose gradient `eval.gradient` takes."""
+    setup = _setup(model, tokenizer, config)
+    qa = _head(corpus.require_knowmem("forget_qa"), config.limit)
+    icl = corpus.require_knowmem("forget_qa_icl")
+    prompts = [knowmem_prompt(icl, pair.question, config.knowmem_prompt) for pair in qa]
+    encoded = encode(tokenizer, prompts, _prompt_budget(setup, config.max_new_tokens_knowmem), keep="last")
+    return encoded.ids, _answer_ids(tokenizer, qa, config), setup.pad
 
 
 @dataclass
@@ -254,6 +269,7 @@ def run_privleak_scores(model, tokenizer, corpus: MuseCorpus, config: EvalConfig
     for row, (split, index) in enumerate(owners):
         logs.append({"metric": "privleak", "split": split, "id": index, "text_start": texts[row][:200],
                      "tokens": len(encoded.ids[row]), "truncated": encoded.truncated[row],
+                     "nll_sum": float(columns["nll_sum"][row]), "scored_tokens": int(columns["n_tokens"][row]),
                      "scores": {name: float(values[row]) for name, values in columns.items()
                                 if name not in ("nll_sum", "n_tokens")}})
     return PrivleakScores(scores=scores, truncated=encoded.n_truncated, logs=logs)

@@ -3,6 +3,7 @@
     spec = parse_spec("rtn:w4g64")          # or "nf4", "fp4", "int8", "hqq:w4g64", "gptq:w4g128", "fp"
     quantize_model(model, spec)              # every linear in the transformer blocks; embeddings/lm_head stay fp
     report = survival_report(base, unlearned, spec); print(report.verdict)
+    first_order(base, unlearned, spec, gradient).predicted_reversion  # gradient: eval.gradient.answer_nll_gradient
     with fake_quantized(model, "nf4"): loss = ...  # train on Q(W) (straight-through), for quantization-aware unlearning
 """
 
@@ -14,8 +15,8 @@ _EXPORTS = {
     **{name: "qrunlearn.quant.registry" for name in ("available_methods", "load_quantized", "quantize_model",
                                                      "quantize_weight", "quantized_codes", "save_quantized")},
     **{name: "qrunlearn.quant.spec" for name in ("QuantSpec", "is_full_precision", "parse_spec")},
-    **{name: "qrunlearn.quant.survival" for name in ("LayerSurvival", "SurvivalReport", "plot_survival",
-                                                     "survival_report")},
+    **{name: "qrunlearn.quant.survival" for name in ("FirstOrder", "LayerSurvival", "SurvivalReport",
+                                                     "first_order", "plot_survival", "survival_report")},
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

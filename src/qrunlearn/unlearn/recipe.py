@@ -37,6 +37,7 @@ from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
 from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.heads import hidden_states_forward
+from qrunlearn.models.identity import model_identity
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.onednn import onednn_linear
 from qrunlearn.models.passes import pass_cost_for
@@ -88,9 +89,11 @@ class MicroLoss:
 
 
 def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -> str:
-    """Identifies a run (model, tokenised data, settings): a checkpoint resumes only the same run."""
+    """Identifies a run (input model, tokenised data, settings): only the same run resumes a checkpoint, is reused
+    finished, or reads back NPO's reference NLLs. The model counts by content (`model_identity`), not by path: a
+    target retrained into the same folder is a new run, and a moved or copied folder is still the same one."""
     digest = hashlib.sha256()
-    digest.update(str(Path(model_path).resolve() if Path(model_path).exists() else model_path).encode())
+    digest.update(model_identity(model_path).encode())
     digest.update(config.model_dump_json().encode())
     digest.update(json.dumps([data.forget, data.retain]).encode())
     return digest.hexdigest()[:16]

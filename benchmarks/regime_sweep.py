@@ -1,0 +1,182 @@
+"""The paper's mechanism tested directly: does quantization give back the forgetting of full fine-tuning when its
+update is small against the quantization step? A sweep of the full-FT learning rate (epochs fixed), each lr a grid
+of its own sharing one prepared target and retrain, LoRA at its own lr beside them, every cell over several seeds;
+then the precision-matched KnowMem-forget reversion (95% interval over seeds and items) at each quantizer against the
+update's mean |dW| in quantization steps and the share of codes it changed.
+
+    .venv/bin/python benchmarks/regime_sweep.py --out runs/regime                  # the built-in benchmark
+    .venv/bin/python benchmarks/regime_sweep.py --config configs/smollm2.yaml --out runs/regime-smollm2 \\
+        --lrs 3e-6 1e-5 3e-5 1e-4 3e-4 --precisions fp nf4 rtn:w4g64
+
+Resumable: each lr's grid lives in OUT/lr_<lr>/ and skips its finished cells, so a killed sweep continues where it
+stopped (run it again with the same arguments). Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from qrunlearn.config import ExperimentConfig, load_config
+from qrunlearn.eval.effect import Estimate
+from qrunlearn.experiment import Experiment, run_experiment
+from qrunlearn.io import atomic_write_text
+from qrunlearn.plotting import pyplot, save_figure
+from qrunlearn.quant import is_full_precision
+from qrunlearn.results import ExperimentResults, Row
+
+
+def sub_config(base: ExperimentConfig, prepared: Experiment, *, strategy: str, lr: float | None,
+               args: argparse.Namespace) -> ExperimentConfig:
+    """One lr's grid: the base config's settings, on the prepared data and models, with the sweep's axes."""
+    target, retrain = prepared.model_paths(progress=False)
+    hparams = {key: value.model_dump(exclude_none=True) for key, value in base.hparams.items()}
+    adapter = "full" if strategy == "full" else "lora"
+    hparams[adapter] = {**hparams.get(adapter, {}), **({"lr": lr} if lr is not None else {}),
+                        **({"epochs": args.epochs} if args.epochs else {})}
+    raw = base.model_dump(mode="json", exclude={"hparams"})
+    raw.update(data={"path": str(prepared.data_dir)},
+               models={**raw["models"], "target": target, "retrain": retrain, "base": None},
+               methods=list(args.methods), strategies=[strategy], precisions=list(args.precisions),
+               seeds=list(args.seeds), hparams=hparams)
+    return ExperimentConfig.model_validate(raw)
+
+
+def collect(out: Path, label: str, lr: float | None) -> list[dict[str, object]]:
+    results = ExperimentResults.model_validate_json((out / "results.json").read_text())
+    points = []
+    for row in results.rows:
+        if not row.group or is_full_precision(row.precision) or row.effects is None:
+            continue
+        knowmem = row.effects.knowmem_f
+        anchor = next(r for r in results.rows if r.group == row.group and r.precision == row.anchor)
+        anchor_effect = anchor.effects.knowmem_f.effect if anchor.effects and anchor.effects.knowmem_f else None
+        points.append({"run": label, "lr": lr, "method": row.method, "strategy": row.strategy,
+                       "precision": row.precision, "seeds": len(row.seeds), "verdict": row.verdict,
+                       "forgetting_fp": anchor_effect, "reversion": knowmem.reversion if knowmem else None,
+                       "answer_nll_reversion": _part(row, "knowmem_f_answer_nll"),
+                       "dw_steps": row.survival.mean_abs_dw_in_steps if row.survival else None,
+                       "codes_changed": row.survival.codes_changed_frac if row.survival else None,
+                       "relative_error": row.survival.relative_error if row.survival else None,
+                       "utility": row.metrics.knowmem_r})
+    return points
+
+
+def _part(row: Row, metric: str) -> Estimate | None:
+    found = getattr(row.effects, metric) if row.effects is not None else None
+    return found.reversion if found is not None else None
+
+
+def _est(value: object) -> str:
+    if not isinstance(value, Estimate) or value.value is None:
+        return "-"
+    if value.low is None or value.high is None:
+        return f"{value.value:.2f}"
+    return f"{value.value:.2f} [{value.low:.2f}, {value.high:.2f}]"
+
+
+def _num(value: object, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str, float]) -> None:
+    header = ["run", "method", "precision", "seeds", "forgetting at fp (KnowMem-f)", "reversion KnowMem-f",
+              "reversion answer NLL", "verdict", "mean |dW| / step", "codes changed", "relative error", "utility"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in points:
+        lines.append("| " + " | ".join([
+            str(p["run"]), str(p["method"]), str(p["precision"]), str(p["seeds"]), _est(p["forgetting_fp"]),
+            _est(p["reversion"]), _est(p["answer_nll_reversion"]), str(p["verdict"]), _num(p["dw_steps"]),
+            _num(p["codes_changed"]), _num(p["relative_error"]), _num(p["utility"], 1)]) + " |")
+    lines += ["", "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    atomic_write_text(out / "regime.md", "\n".join(lines) + "\n")
+    buffer = io.StringIO()
+    estimates = ("forgetting_fp", "reversion", "answer_nll_reversion")
+    fields = ["run", "lr", "method", "strategy", "precision", "seeds", "verdict", "dw_steps", "codes_changed",
+              "relative_error", "utility", *(f"{k}{end}" for k in estimates for end in ("", "_low", "_high"))]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for p in points:
+        flat = {k: v for k, v in p.items() if not isinstance(v, Estimate) and v is not None}
+        for key in estimates:
+            estimate = p[key]
+            if isinstance(estimate, Estimate):
+                flat.update({key: estimate.value, f"{key}_low": estimate.low, f"{key}_high": estimate.high})
+        writer.writerow({k: flat.get(k) for k in fields})
+    atomic_write_text(out / "regime.csv", buffer.getvalue())
+    plot(points, out / "plots" / "regime.png")
+
+
+def plot(points: list[dict[str, object]], path: Path) -> None:
+    """One panel per quantizer: reversion (95% interval) against mean |dW| in steps, per method; LoRA hollow."""
+    plt = pyplot()
+    precisions = list(dict.fromkeys(str(p["precision"]) for p in points))
+    fig, axes = plt.subplots(1, len(precisions), figsize=(5.5 * len(precisions), 4.2), squeeze=False)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = dict(zip(dict.fromkeys(str(p["method"]) for p in points), palette))
+    for ax, precision in zip(axes[0], precisions):
+        for p in points:
+            estimate = p["reversion"]
+            if p["precision"] != precision or not isinstance(estimate, Estimate) or estimate.value is None \
+                    or p["dw_steps"] is None:
+                continue
+            low = estimate.low if estimate.low is not None else estimate.value
+            high = estimate.high if estimate.high is not None else estimate.value
+            lora = p["strategy"] != "full"
+            ax.errorbar(p["dw_steps"], estimate.value, yerr=[[estimate.value - low], [high - estimate.value]],
+                        fmt="s" if lora else "o", mfc="none" if lora else colors[str(p["method"])],
+                        color=colors[str(p["method"])], capsize=3,
+                        label=f"{p['method']} {'LoRA' if lora else 'full'}")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("mean |dW| in quantization steps (log)")
+        ax.set_ylabel("KnowMem-forget reversion (precision-matched)")
+        ax.set_title(precision)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the base grid (default: the built-in benchmark)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
+                        help="full fine-tuning learning rates")
+    parser.add_argument("--lora-lr", type=float, default=None, help="LoRA's lr (default: its adapter default)")
+    parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs for every run (default: the config's)")
+    parser.add_argument("--methods", nargs="+", default=["ga_gdr", "npo_gdr"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["fp", "nf4", "rtn:w4g64"])
+    args = parser.parse_args()
+    base = load_config(args.config)
+    prepared = Experiment(base, args.out / "base")
+    prepared.prepare(progress=False)
+    runs: list[tuple[str, str, float | None]] = [(f"full lr {lr:g}", "full", lr) for lr in args.lrs]
+    if not args.no_lora:
+        runs.append((f"lora lr {args.lora_lr:g}" if args.lora_lr else "lora (default lr)", "lora", args.lora_lr))
+    points, timings = [], {}
+    for label, strategy, lr in runs:
+        folder = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
+        config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
+        started = time.perf_counter()
+        run_experiment(config, folder, resume=True, progress=False)
+        timings[label] = time.perf_counter() - started
+        points += collect(folder, label, lr)
+        write_outputs(args.out, points, timings)  # after each run: a partial sweep is already readable
+        print(f"{label}: {timings[label]:.0f} s", flush=True)
+    print((args.out / "regime.md").read_text())
+    print(json.dumps({"runs": len(runs), "points": len(points)}))
+
+
+if __name__ == "__main__":
+    main()
