@@ -55,9 +55,11 @@ def collect(out: Path, label: str, lr: float | None) -> list[dict[str, object]]:
         knowmem = row.effects.knowmem_f
         anchor = next(r for r in results.rows if r.group == row.group and r.precision == row.anchor)
         anchor_effect = anchor.effects.knowmem_f.effect if anchor.effects and anchor.effects.knowmem_f else None
+        nll_anchor = anchor.effects.knowmem_f_answer_nll if anchor.effects else None
         points.append({"run": label, "lr": lr, "method": row.method, "strategy": row.strategy,
                        "precision": row.precision, "seeds": len(row.seeds), "verdict": row.verdict,
                        "forgetting_fp": anchor_effect, "reversion": knowmem.reversion if knowmem else None,
+                       "answer_nll_forgetting_fp": nll_anchor.effect if nll_anchor else None,
                        "answer_nll_reversion": _part(row, "knowmem_f_answer_nll"),
                        "dw_steps": row.survival.mean_abs_dw_in_steps if row.survival else None,
                        "codes_changed": row.survival.codes_changed_frac if row.survival else None,
@@ -75,27 +77,31 @@ def _est(value: object) -> str:
     if not isinstance(value, Estimate) or value.value is None:
         return "-"
     if value.low is None or value.high is None:
-        return f"{value.value:.2f}"
-    return f"{value.value:.2f} [{value.low:.2f}, {value.high:.2f}]"
+        return _num(value.value, 2)
+    return f"{_num(value.value, 2)} [{_num(value.low, 2)}, {_num(value.high, 2)}]"
 
 
 def _num(value: object, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.00"
+    return "-" if value is None else str(value)
 
 
 def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str, float]) -> None:
     header = ["run", "method", "precision", "seeds", "forgetting at fp (KnowMem-f)", "reversion KnowMem-f",
-              "reversion answer NLL", "verdict", "mean |dW| / step", "codes changed", "relative error", "utility"]
+              "verdict", "forgetting at fp (answer NLL)", "reversion answer NLL", "mean |dW| / step",
+              "codes changed", "relative error", "utility"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in points:
         lines.append("| " + " | ".join([
             str(p["run"]), str(p["method"]), str(p["precision"]), str(p["seeds"]), _est(p["forgetting_fp"]),
-            _est(p["reversion"]), _est(p["answer_nll_reversion"]), str(p["verdict"]), _num(p["dw_steps"]),
+            _est(p["reversion"]), str(p["verdict"]), _est(p["answer_nll_forgetting_fp"]),
+            _est(p["answer_nll_reversion"]), _num(p["dw_steps"]),
             _num(p["codes_changed"]), _num(p["relative_error"]), _num(p["utility"], 1)]) + " |")
     lines += ["", "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     atomic_write_text(out / "regime.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()
-    estimates = ("forgetting_fp", "reversion", "answer_nll_reversion")
+    estimates = ("forgetting_fp", "reversion", "answer_nll_forgetting_fp", "answer_nll_reversion")
     fields = ["run", "lr", "method", "strategy", "precision", "seeds", "verdict", "dw_steps", "codes_changed",
               "relative_error", "utility", *(f"{k}{end}" for k in estimates for end in ("", "_low", "_high"))]
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
@@ -111,38 +117,53 @@ def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str,
     plot(points, out / "plots" / "regime.png")
 
 
+PANELS = (("KnowMem-forget", "forgetting_fp", "reversion"),
+          ("answer NLL", "answer_nll_forgetting_fp", "answer_nll_reversion"))
+
+
+def _measurable(forgetting: object) -> bool:
+    return isinstance(forgetting, Estimate) and forgetting.excludes(0.0) == "above"
+
+
 def plot(points: list[dict[str, object]], path: Path) -> None:
-    """One panel per quantizer: reversion (95% interval) against mean |dW| in steps, per method; LoRA hollow."""
+    """One panel per (metric, quantizer): reversion (95% interval) against mean |dW| in steps, per method, for the
+    rows whose forgetting at fp is measurable (its interval excludes 0); LoRA hollow squares."""
     plt = pyplot()
     precisions = list(dict.fromkeys(str(p["precision"]) for p in points))
-    fig, axes = plt.subplots(1, len(precisions), figsize=(5.5 * len(precisions), 4.2), squeeze=False)
+    fig, axes = plt.subplots(len(PANELS), len(precisions), figsize=(5.5 * len(precisions), 4.0 * len(PANELS)),
+                             squeeze=False)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors = dict(zip(dict.fromkeys(str(p["method"]) for p in points), palette))
-    for ax, precision in zip(axes[0], precisions):
-        for p in points:
-            estimate = p["reversion"]
-            if p["precision"] != precision or not isinstance(estimate, Estimate) or estimate.value is None \
-                    or p["dw_steps"] is None:
-                continue
-            low = estimate.low if estimate.low is not None else estimate.value
-            high = estimate.high if estimate.high is not None else estimate.value
-            lora = p["strategy"] != "full"
-            ax.errorbar(p["dw_steps"], estimate.value, yerr=[[estimate.value - low], [high - estimate.value]],
-                        fmt="s" if lora else "o", mfc="none" if lora else colors[str(p["method"])],
-                        color=colors[str(p["method"])], capsize=3,
-                        label=f"{p['method']} {'LoRA' if lora else 'full'}")
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xlabel("mean |dW| in quantization steps (log)")
-        ax.set_ylabel("KnowMem-forget reversion (precision-matched)")
-        ax.set_title(precision)
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
-        ax.grid(alpha=0.3)
+    for (metric, forgetting_key, reversion_key), row_axes in zip(PANELS, axes):
+        for ax, precision in zip(row_axes, precisions):
+            _panel(ax, [p for p in points if p["precision"] == precision and _measurable(p[forgetting_key])],
+                   reversion_key, colors)
+            ax.set_ylabel(f"{metric} reversion (precision-matched)")
+            ax.set_title(f"{metric} at {precision}")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+
+
+def _panel(ax, points: list[dict[str, object]], key: str, colors: dict[str, str]) -> None:
+    for p in points:
+        estimate = p[key]
+        if not isinstance(estimate, Estimate) or estimate.value is None or p["dw_steps"] is None:
+            continue
+        low = estimate.low if estimate.low is not None else estimate.value
+        high = estimate.high if estimate.high is not None else estimate.value
+        lora = p["strategy"] != "full"
+        ax.errorbar(p["dw_steps"], estimate.value, yerr=[[estimate.value - low], [high - estimate.value]],
+                    fmt="s" if lora else "o", mfc="none" if lora else colors[str(p["method"])],
+                    color=colors[str(p["method"])], capsize=3, label=f"{p['method']} {'LoRA' if lora else 'full'}")
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("mean |dW| in quantization steps (log)")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def main() -> None:
@@ -157,16 +178,24 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ga_gdr", "npo_gdr"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp", "nf4", "rtn:w4g64"])
+    parser.add_argument("--collect-only", action="store_true", help="rebuild the outputs from finished runs only")
     args = parser.parse_args()
     base = load_config(args.config)
     prepared = Experiment(base, args.out / "base")
-    prepared.prepare(progress=False)
+    if not args.collect_only:
+        prepared.prepare(progress=False)
     runs: list[tuple[str, str, float | None]] = [(f"full lr {lr:g}", "full", lr) for lr in args.lrs]
     if not args.no_lora:
         runs.append((f"lora lr {args.lora_lr:g}" if args.lora_lr else "lora (default lr)", "lora", args.lora_lr))
     points, timings = [], {}
     for label, strategy, lr in runs:
         folder = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
+        if args.collect_only:
+            if (folder / "results.json").is_file():
+                points += collect(folder, label, lr)
+                results = ExperimentResults.model_validate_json((folder / "results.json").read_text())
+                timings[label] = sum(cell.wall_seconds for cell in results.cells) + results.references.wall_seconds
+            continue
         config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
         started = time.perf_counter()
         run_experiment(config, folder, resume=True, progress=False)
@@ -174,6 +203,8 @@ def main() -> None:
         points += collect(folder, label, lr)
         write_outputs(args.out, points, timings)  # after each run: a partial sweep is already readable
         print(f"{label}: {timings[label]:.0f} s", flush=True)
+    if args.collect_only:
+        write_outputs(args.out, points, timings)
     print((args.out / "regime.md").read_text())
     print(json.dumps({"runs": len(runs), "points": len(points)}))
 

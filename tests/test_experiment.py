@@ -18,7 +18,7 @@ def grid(tmp_path_factory):
         "name": "tiny-grid", "seed": 0,
         "data": {"synth": {"size": "tiny", "seed": 0}},
         "models": {"size": "tiny", "epochs": 15},
-        "methods": ["ga_gdr", "npo_klr"], "adapters": ["full", "lora"], "precisions": ["fp", "nf4"],
+        "methods": ["ga_gdr", "npo_klr"], "strategies": ["full", "lora"], "precisions": ["fp", "nf4"],
         "hparams": {"full": {"epochs": 1, "lr": 3e-3}, "lora": {"epochs": 1, "lr": 3e-2}},
         "eval": {"limit": 4, "batch_size": 8, "bootstrap": 50},
     }

@@ -167,6 +167,8 @@ def test_rows_without_items_have_no_interval_and_no_verdict():
     rows = collect_rows(_measure(), [_cell("ga_gdr", "full", bare)], ["fp", "nf4"])
     nf4 = _row(rows, "ga_gdr-full", "nf4")
     assert nf4.effects is not None and nf4.effects.knowmem_f is None and nf4.verdict == "no items"
+    sentence = finding_sentence(strategy_findings(rows, ["full"], ["fp", "nf4"]), "nf4", 0.25)
+    assert "0 of 0 rows with a measurable effect" in sentence and "1 without per-item scores" in sentence
 
 
 def test_rank_correlation_interval():
@@ -210,7 +212,7 @@ def test_the_first_order_prediction_is_printed_once_it_predicts():
     assert first_order_predicts(found)
     rows = collect_rows(_measure(), cells, ["fp", "nf4"])
     table = table_markdown(rows, predicted=True)
-    assert "predicted reversion (1st order)" in table and "| 0.88 |" in table  # 35 / 40
+    assert "predicted answer-NLL reversion (1st order)" in table and "| 0.88 |" in table  # 35 / 40
 
 
 def test_estimate_sides():

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -63,6 +62,7 @@ from qrunlearn.results import (
 )
 from qrunlearn.unlearn import UnlearnResult, select_epoch, unlearn
 from qrunlearn.unlearn.recipe import EpochHook
+from qrunlearn.unlearn.storage import epoch_model_dir
 from qrunlearn.unlearn.strategy import parse_strategy
 
 PRESET_NAMES = {"news": "MUSE-News", "books": "MUSE-Books"}
@@ -320,7 +320,7 @@ class Experiment:
         model_dir, selected = result.model_dir, None
         if self.config.select_epoch and reference.knowmem_f is not None:
             selected = select_epoch(result.epochs, reference.knowmem_f)
-            epoch_dir = result.model_dir.parent / "epochs" / f"epoch_{selected:03d}" if selected else None
+            epoch_dir = epoch_model_dir(result.model_dir.parent, selected) if selected else None
             if epoch_dir is not None and epoch_dir.is_dir():
                 model_dir = epoch_dir
         return UnlearnSummary(model_dir=str(model_dir), adapter_dir=str(result.adapter_dir or "") or None,
@@ -391,7 +391,6 @@ def run_experiment(config: ExperimentConfig, out: Path | str, *, resume: bool = 
     experiment = Experiment(config, out)
     if cell_index is not None and not 0 <= cell_index < len(experiment.cells):
         raise UserError(f"--cell {cell_index}: out of range (this config has cells 0..{len(experiment.cells) - 1})")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     experiment.prepare(progress=progress)
     if prepare_only:
         return out

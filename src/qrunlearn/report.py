@@ -64,7 +64,7 @@ RETRAIN_GAP_COLUMN = "KnowMem-f - retrain"
 DIAGNOSTICS = {"relative error": "relative_error", "codes changed": "codes_changed_frac",
                "|dW| / step": "mean_abs_dw_in_steps"}
 FIRST_ORDER = "first_order_reversion"  # 1 - g.dQ / g.dW: a predicted reversion, printed only where it predicts
-FIRST_ORDER_COLUMN = "predicted reversion (1st order)"
+FIRST_ORDER_COLUMN = "predicted answer-NLL reversion (1st order)"
 REVERSION_TARGETS = ("knowmem_f", "knowmem_f_answer_nll")  # the measured reversions the diagnostics are tested on
 GPU_COMMAND = "accelerate launch -m qrunlearn run configs/muse-news-llama2-7b.yaml --out runs/muse-news"
 
@@ -318,6 +318,7 @@ def strategy_findings(rows: list[Row], strategies: Sequence[str], precisions: Se
                 reverted=sum(r.verdict == "reverted" for r in measurable),
                 holds=sum(r.verdict == "holds" for r in measurable),
                 inconclusive=sum(r.verdict == "inconclusive" for r in measurable),
+                without_items=sum(r.verdict == "no items" for r in group),
                 median_reversion_knowmem_f=_median([_reversion_value(r, "knowmem_f") for r in measurable]),
                 median_reversion_answer_nll=_median([_reversion_value(r, "knowmem_f_answer_nll") for r in measurable]),
                 mean_utility_anchor=_mean([anchor_utility.get(r.group) for r in group]),
@@ -372,9 +373,10 @@ def correlations(measure: Measurement, cells: list[UnlearnCellResult], precision
 
 
 def _count_sentence(f: StrategyFinding) -> str:
-    without = f.groups - f.measurable
+    without = f.groups - f.measurable - f.without_items
+    older = f"; {f.without_items} without per-item scores, from an older run" if f.without_items else ""
     return (f"{f.strategy}: {f.reverted} of {f.measurable} rows with a measurable effect reverted, {f.holds} held, "
-            f"{f.inconclusive} inconclusive ({without} without a measurable effect); median KnowMem-forget "
+            f"{f.inconclusive} inconclusive ({without} without a measurable effect{older}); median KnowMem-forget "
             f"reversion {_fmt(f.median_reversion_knowmem_f)}, utility {_fmt(f.mean_utility_anchor)} -> "
             f"{_fmt(f.mean_utility_q)}")
 

@@ -167,6 +167,7 @@ class StrategyFinding(BaseModel):
     reverted: int  # measurable rows whose KnowMem-forget reversion interval lies above the threshold
     holds: int  # ... below it
     inconclusive: int
+    without_items: int = 0  # rows from evaluations without per-item scores (written before they were kept)
     median_reversion_knowmem_f: float | None  # over the measurable rows
     median_reversion_answer_nll: float | None
     mean_utility_anchor: float | None

@@ -25,8 +25,9 @@ def _k(values) -> ItemScores:
 
 
 def test_hand_computed_share():
-    target_fp, unlearned_fp = _k([100, 100, 0, 100]), _k([0, 0, 0, 100])  # 75 -> 25: effect 50
-    target_q, unlearned_q = _k([100, 0, 0, 100]), _k([0, 0, 0, 50])  # 50 -> 12.5: effect 37.5
+    # 10 copies of 4 questions: enough items for the forgetting's interval to exclude 0
+    target_fp, unlearned_fp = _k([100, 100, 0, 100] * 10), _k([0, 0, 0, 100] * 10)  # 75 -> 25: effect 50
+    target_q, unlearned_q = _k([100, 0, 0, 100] * 10), _k([0, 0, 0, 50] * 10)  # 50 -> 12.5: effect 37.5
     found = precision_effect(KNOWMEM, target_q, [unlearned_q], target_fp, [unlearned_fp], resamples=200)
     assert found.effect.value == pytest.approx(37.5)
     assert found.retained is not None and found.reversion is not None
@@ -124,6 +125,14 @@ def test_draws_are_reproducible():
 def test_models_with_different_items_are_refused():
     with pytest.raises(UserError, match="different items"):
         precision_effect(KNOWMEM, _k([1, 2, 3]), [_k([1, 2])])
+
+
+def test_no_share_of_a_forgetting_whose_interval_reaches_zero():
+    rng = np.random.default_rng(5)
+    target = rng.uniform(50, 100, size=30)
+    noise = rng.normal(0, 10, size=30)  # unlearning moved the items both ways: mean about 0
+    found = precision_effect(KNOWMEM, _k(target), [_k(target + noise)], _k(target), [_k(target + noise - 1)])
+    assert found.effect.value is not None and found.retained is None and found.reversion is None
 
 
 def test_retrain_gap():

@@ -20,8 +20,6 @@ from qrunlearn.data.muse import (
 )
 from qrunlearn.errors import UserError
 
-KNOWN_DATASETS = ("muse-bench/MUSE-News", "muse-bench/MUSE-Books")
-
 # config -> (split names, kind)
 _CONFIGS = {
     "raw": ("forget", "retain1", "retain2", "holdout"),
@@ -50,15 +48,3 @@ def export_hub_corpus(dataset_id: str, out: Path | str) -> MuseCorpus:
     write_corpus(corpus, out)
     return load_corpus(out)  # validate what was written
 
-
-def resolve_data(spec: str | Path, cache_dir: Path | str = Path(".cache/qrunlearn/data")) -> MuseCorpus:
-    """A local folder, or a hub id (downloaded once into `cache_dir`)."""
-    path = Path(spec)
-    if path.exists():
-        return load_corpus(path)
-    if str(spec) in KNOWN_DATASETS or str(spec).count("/") == 1:
-        target = Path(cache_dir) / str(spec).replace("/", "__")
-        if target.exists():
-            return load_corpus(target)
-        return export_hub_corpus(str(spec), target)
-    raise UserError(f"{spec}: data folder not found")

@@ -179,7 +179,8 @@ def precision_effect(metric: ForgettingMetric, target: ItemScores, unlearned: Se
                      retrain: ItemScores | None = None, resamples: int = 1000, seed: int = 0) -> PrecisionEffect:
     """The metric's forgetting at one precision (`target`, `unlearned` = one evaluation per seed, both at that
     precision), its share of the anchor's forgetting (`anchor_*` at the anchor precision; None = this precision is
-    the anchor), and the gap to the retrain model at this precision."""
+    the anchor), and the gap to the retrain model at this precision. The share is left out (None) unless the
+    anchor's forgetting interval lies above 0."""
     if not unlearned:
         raise UserError(f"{metric.label}: no unlearned evaluation to compare")
     models = [target, *unlearned]
@@ -198,7 +199,8 @@ def precision_effect(metric: ForgettingMetric, target: ItemScores, unlearned: Se
         at, at_s = compared.one(anchor_target)
         au, au_s = compared.seeds(anchor_unlearned)
         anchor_effect, anchor_samples = d * (au - at), d * (au_s - at_s)
-        if anchor_effect != 0:
+        # a share of a forgetting that is not there (its interval reaches 0 or below) is a ratio of noise
+        if _estimate(anchor_effect, anchor_samples).excludes(0.0) == "above":
             with np.errstate(divide="ignore", invalid="ignore"):
                 shares = np.where(anchor_samples != 0, d * (u_s - t_s) / anchor_samples, np.nan)
             retained = _estimate(d * (u - t) / anchor_effect, shares)

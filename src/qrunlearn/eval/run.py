@@ -47,8 +47,9 @@ def quantization_spec(model, saved: QuantSpec | None = None) -> Any:
     return spec.to_dict() if hasattr(spec, "to_dict") else spec
 
 
-def _free(model) -> None:
-    del model
+def _release_memory() -> None:
+    """Return freed model memory to the allocator (the caller deletes its own references first: a `del` in here
+    would only drop this function's name)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -73,7 +74,8 @@ def eval_folder(model_path: Path, data_path: Path, out: Path, config: EvalConfig
     if retrain_path is not None and wants_privleak:
         retrain_model, retrain_tokenizer, _ = load_model_folder(retrain_path, dtype=dtype)
         reference = privleak_auc(retrain_model, retrain_tokenizer, corpus, config, progress=progress)
-        _free(retrain_model)
+        del retrain_model, retrain_tokenizer
+        _release_memory()
 
     model, tokenizer, saved_spec = load_model_folder(model_path, dtype=dtype)
     result = evaluate(model, tokenizer, corpus, config, retrain_auc=reference, progress=progress)

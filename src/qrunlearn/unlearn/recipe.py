@@ -510,7 +510,7 @@ class UnlearnRecipe:
                                     f" <= retrain {config.stop_knowmem_f:.2f} (MUSE rule)")
         stopping = epoch == config.epochs or state.stopped_reason != "completed"
         if config.save_every_epoch:
-            self._save_model(self.out_dir / "epochs" / f"epoch_{epoch:03d}", self._record("running"))
+            self._save_model(storage.epoch_model_dir(self.out_dir, epoch), self._record("running"))
         if not stopping:
             storage.save_checkpoint(self.parallel, self.model, self.optimizer, self.out_dir, state)
         return stopping

@@ -35,6 +35,11 @@ CHECKPOINT = "checkpoint"
 OUTPUTS = (CHECKPOINT, "model", "adapter", "epochs", RECORD_FILE)
 
 
+def epoch_model_dir(out_dir: Path, epoch: int) -> Path:
+    """Where a run keeps the model saved after `epoch` (`save_every_epoch`)."""
+    return out_dir / "epochs" / f"epoch_{epoch:03d}"
+
+
 def save_checkpoint(parallel: Parallel, model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path,
                     progress: Progress) -> None:
     """Model, optimizer and RNG states plus `progress`, swapped in as one folder."""
