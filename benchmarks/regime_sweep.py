@@ -21,12 +21,15 @@ import json
 import time
 from pathlib import Path
 
+from matplotlib.ticker import FuncFormatter
+
 from qrunlearn.config import ExperimentConfig, load_config
 from qrunlearn.eval.effect import Estimate
 from qrunlearn.experiment import Experiment, run_experiment
 from qrunlearn.io import atomic_write_text
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision
+from qrunlearn.report import build_report
 from qrunlearn.results import ExperimentResults, Row
 
 
@@ -44,6 +47,14 @@ def sub_config(base: ExperimentConfig, prepared: Experiment, *, strategy: str, l
                methods=list(args.methods), strategies=[strategy], precisions=list(args.precisions),
                seeds=list(args.seeds), hparams=hparams)
     return ExperimentConfig.model_validate(raw)
+
+
+def rebuild_report(folder: Path) -> ExperimentResults:
+    """The run's report again from its finished cells, with this code's measurement (the config it ran is in its
+    results.json)."""
+    config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
+    finished = Experiment(config, folder)
+    return build_report(folder, config, finished.references(), finished.unlearn_results())
 
 
 def collect(out: Path, label: str, lr: float | None) -> list[dict[str, object]]:
@@ -136,8 +147,21 @@ def plot(points: list[dict[str, object]], path: Path) -> None:
     colors = dict(zip(dict.fromkeys(str(p["method"]) for p in points), palette))
     for (metric, forgetting_key, reversion_key), row_axes in zip(PANELS, axes):
         for ax, precision in zip(row_axes, precisions):
-            _panel(ax, [p for p in points if p["precision"] == precision and _measurable(p[forgetting_key])],
-                   reversion_key, colors)
+            here = [p for p in points if p["precision"] == precision and p["dw_steps"] is not None]
+            _panel(ax, [p for p in here if _measurable(p[forgetting_key])], reversion_key, colors)
+            # where it was looked for and nothing was forgotten: grey marks on the 0 line
+            absent = [p for p in here if not _measurable(p[forgetting_key])]
+            if absent:
+                ax.scatter([p["dw_steps"] for p in absent], [0.0] * len(absent), marker="x", color="grey",
+                           label="no measurable forgetting at fp")
+            if here:
+                steps = [float(p["dw_steps"]) for p in here]  # type: ignore[arg-type]
+                ax.set_xlim(min(steps) / 1.5, max(steps) * 1.5)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                unique = dict(zip(labels, handles))
+                ax.legend(unique.values(), unique.keys(), fontsize=7)
             ax.set_ylabel(f"{metric} reversion (precision-matched)")
             ax.set_title(f"{metric} at {precision}")
     fig.tight_layout()
@@ -159,10 +183,6 @@ def _panel(ax, points: list[dict[str, object]], key: str, colors: dict[str, str]
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("mean |dW| in quantization steps (log)")
-    handles, labels = ax.get_legend_handles_labels()
-    if handles:
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
     ax.grid(alpha=0.3)
 
 
@@ -178,7 +198,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ga_gdr", "npo_gdr"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp", "nf4", "rtn:w4g64"])
-    parser.add_argument("--collect-only", action="store_true", help="rebuild the outputs from finished runs only")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="rebuild each finished run's report and the sweep's outputs; run nothing")
     args = parser.parse_args()
     base = load_config(args.config)
     prepared = Experiment(base, args.out / "base")
@@ -192,8 +213,8 @@ def main() -> None:
         folder = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
         if args.collect_only:
             if (folder / "results.json").is_file():
+                results = rebuild_report(folder)
                 points += collect(folder, label, lr)
-                results = ExperimentResults.model_validate_json((folder / "results.json").read_text())
                 timings[label] = sum(cell.wall_seconds for cell in results.cells) + results.references.wall_seconds
             continue
         config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
