@@ -29,7 +29,7 @@ from qrunlearn.experiment import Experiment, run_experiment
 from qrunlearn.io import atomic_write_text
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision
-from qrunlearn.report import build_report
+from qrunlearn.report import Measurement, Pairs, build_report, correlations_of, diagnostic_pairs
 from qrunlearn.results import ExperimentResults, Row
 
 
@@ -55,6 +55,22 @@ def rebuild_report(folder: Path) -> ExperimentResults:
     config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
     finished = Experiment(config, folder)
     return build_report(folder, config, finished.references(), finished.unlearn_results())
+
+
+def run_pairs(folder: Path) -> Pairs:
+    """Each diagnostic beside the measured reversion, per (cell, quantizer) of one finished run."""
+    results = ExperimentResults.model_validate_json((folder / "results.json").read_text())
+    config = results.config
+    measure = Measurement(references=results.references, resamples=config.eval.bootstrap, seed=config.seed,
+                          threshold=config.reversion_threshold)
+    return diagnostic_pairs(measure, results.cells, list(config.precisions))
+
+
+def correlation_lines(pairs: Pairs) -> list[str]:
+    lines = ["| diagnostic | reversion of | Spearman rho [95% CI] | pairs | predicts |", "|---|---|---|---|---|"]
+    for c in correlations_of(pairs):
+        lines.append(f"| {c.diagnostic} | {c.target} | {_est(c.rho)} | {c.pairs} | {'yes' if c.predicts else 'no'} |")
+    return lines
 
 
 def collect(out: Path, label: str, lr: float | None) -> list[dict[str, object]]:
@@ -98,7 +114,7 @@ def _num(value: object, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
-def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str, float]) -> None:
+def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str, float], pairs: Pairs) -> None:
     header = ["run", "method", "precision", "seeds", "forgetting at fp (KnowMem-f)", "reversion KnowMem-f",
               "verdict", "forgetting at fp (answer NLL)", "reversion answer NLL", "mean |dW| / step",
               "codes changed", "relative error", "utility"]
@@ -109,7 +125,9 @@ def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str,
             _est(p["reversion"]), str(p["verdict"]), _est(p["answer_nll_forgetting_fp"]),
             _est(p["answer_nll_reversion"]), _num(p["dw_steps"]),
             _num(p["codes_changed"]), _num(p["relative_error"]), _num(p["utility"], 1)]) + " |")
-    lines += ["", "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+    lines += ["", "The diagnostics against the measured reversion, pooled over every run's (cell, seed, quantizer) "
+              "pairs with a measurable effect:", "", *correlation_lines(pairs), "",
+              "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     atomic_write_text(out / "regime.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()
     estimates = ("forgetting_fp", "reversion", "answer_nll_forgetting_fp", "answer_nll_reversion")
@@ -186,6 +204,11 @@ def _panel(ax, points: list[dict[str, object]], key: str, colors: dict[str, str]
     ax.grid(alpha=0.3)
 
 
+def _pool(into: Pairs, more: Pairs) -> None:
+    for key, found in more.items():
+        into.setdefault(key, []).extend(found)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the base grid (default: the built-in benchmark)")
@@ -208,13 +231,16 @@ def main() -> None:
     runs: list[tuple[str, str, float | None]] = [(f"full lr {lr:g}", "full", lr) for lr in args.lrs]
     if not args.no_lora:
         runs.append((f"lora lr {args.lora_lr:g}" if args.lora_lr else "lora (default lr)", "lora", args.lora_lr))
-    points, timings = [], {}
+    points: list[dict[str, object]] = []
+    timings: dict[str, float] = {}
+    pairs: Pairs = {}
     for label, strategy, lr in runs:
         folder = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
         if args.collect_only:
             if (folder / "results.json").is_file():
                 results = rebuild_report(folder)
                 points += collect(folder, label, lr)
+                _pool(pairs, run_pairs(folder))
                 timings[label] = sum(cell.wall_seconds for cell in results.cells) + results.references.wall_seconds
             continue
         config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
@@ -222,10 +248,11 @@ def main() -> None:
         run_experiment(config, folder, resume=True, progress=False)
         timings[label] = time.perf_counter() - started
         points += collect(folder, label, lr)
-        write_outputs(args.out, points, timings)  # after each run: a partial sweep is already readable
+        _pool(pairs, run_pairs(folder))
+        write_outputs(args.out, points, timings, pairs)  # after each run: a partial sweep is already readable
         print(f"{label}: {timings[label]:.0f} s", flush=True)
     if args.collect_only:
-        write_outputs(args.out, points, timings)
+        write_outputs(args.out, points, timings, pairs)
     print((args.out / "regime.md").read_text())
     print(json.dumps({"runs": len(runs), "points": len(points)}))
 

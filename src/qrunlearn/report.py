@@ -339,11 +339,13 @@ def rank_correlation(xs: Sequence[float], ys: Sequence[float], level: float = LE
     return Estimate(value=rho, low=math.tanh(z - half), high=math.tanh(z + half))
 
 
-def correlations(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Correlation]:
-    """Does a diagnostic computed from weights alone predict the reversion measured by evaluating the quantized
-    models? One rank correlation per (diagnostic, reversion metric) over every (unlearning cell, quantized deployed
-    precision) pair whose own anchor effect is measurable (each seed its own pair)."""
-    pairs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+Pairs = dict[tuple[str, str], list[tuple[float, float]]]  # (diagnostic, reversion metric) -> (value, measured)
+
+
+def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> Pairs:
+    """Every (unlearning cell, quantized deployed precision) pair whose own anchor effect is measurable (each seed
+    its own pair): each diagnostic's value beside the measured reversion, per reversion metric."""
+    pairs: Pairs = {}
     for cell in cells:
         anchor = anchor_precision(cell.strategy, precisions)
         if anchor is None:
@@ -362,6 +364,16 @@ def correlations(measure: Measurement, cells: list[UnlearnCellResult], precision
                 for key, value in _diagnostics(survival).items():
                     if value is not None:
                         pairs.setdefault((key, target), []).append((value, measured.reversion.value))
+    return pairs
+
+
+def correlations(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Correlation]:
+    """Does a diagnostic computed before deployment predict the reversion measured by evaluating the quantized
+    models? One rank correlation per (diagnostic, reversion metric) over `diagnostic_pairs`."""
+    return correlations_of(diagnostic_pairs(measure, cells, precisions))
+
+
+def correlations_of(pairs: Pairs) -> list[Correlation]:
     out = []
     for key in (*DIAGNOSTICS.values(), FIRST_ORDER):
         for target in REVERSION_TARGETS:
