@@ -1,0 +1,34 @@
+"""Every shipped grid config loads and plans its cells: a typo in one fails here, not hours into a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qrunlearn.config import load_config
+from qrunlearn.experiment import plan_cells
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_the_configs_are_found():
+    assert len(CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_a_shipped_config_loads_and_plans_its_cells(path):
+    config = load_config(path)
+    cells = plan_cells(config)
+    expected = len(config.methods) * len(config.strategies) * len(config.unlearn_seeds)
+    assert len(cells) == 1 + expected
+    assert len({cell.id for cell in cells}) == len(cells)  # every cell has its own folder
+    for cell in cells[1:]:
+        assert config.unlearn_config(cell.method, cell.strategy, cell.seed).seed == (cell.seed or config.seed)
+
+
+def test_the_seeds_grid_names_a_cell_per_seed():
+    config = load_config(next(p for p in CONFIGS if p.name == "smollm2-seeds.yaml"))
+    ids = [cell.id for cell in plan_cells(config)]
+    assert ids[:4] == ["references", "ga_gdr-full-s0", "ga_gdr-full-s1", "ga_gdr-full-s2"]
+    assert config.data.synth is not None and config.data.synth.size == "small"
