@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from qrunlearn.cli import main
+from qrunlearn.unlearn.storage import RECORD_FILE
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,11 @@ def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys)
     assert [r["seeds"] for r in rows] == [[0, 1], [0, 1]]
     nll = [seeds[c]["evals"]["fp"]["metrics"]["knowmem_f_answer_nll"] for c in ("ga_gdr-lora-s0", "ga_gdr-lora-s1")]
     assert rows[0]["metrics"]["knowmem_f_answer_nll"] == pytest.approx(sum(nll) / 2)
+    # --force redoes the unlearning run itself, not only its evaluation (a finished run would otherwise be reused)
+    record = out / "cells" / "ga_gdr-lora-s0" / "unlearn" / RECORD_FILE
+    trained = record.stat().st_mtime_ns
+    assert main(["run", str(path), "--out", str(out), "--cell", "1", "--force", "--no-progress"]) == 0
+    assert record.stat().st_mtime_ns != trained
 
 
 SMOLLM2 = Path(__file__).resolve().parents[1] / "models" / "smollm2"
