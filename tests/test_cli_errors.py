@@ -66,7 +66,10 @@ CASES = [
     # unlearn
     BadCall("unlearn-unknown-method", ("unlearn", "{unlearn}", "--method", "nosuch"), "--method"),
     BadCall("unlearn-unknown-reg", ("unlearn", "{unlearn}", "--reg", "klx"), "--reg"),
-    BadCall("unlearn-unknown-adapter", ("unlearn", "{unlearn}", "--adapter", "qlora"), "--adapter"),
+    BadCall("unlearn-unknown-strategy", ("unlearn", "{unlearn}", "--strategy", "qlora"),
+            "--strategy: strategy 'qlora'"),
+    BadCall("unlearn-strategy-bad-spec", ("unlearn", "{unlearn}", "--strategy", "qat:int8"),
+            "--strategy: strategy 'qat:int8': qat.spec"),
     BadCall("unlearn-lr-not-a-number", ("unlearn", "{unlearn}", "--lr", "abc"), "--lr"),
     BadCall("unlearn-negative-lr", ("unlearn", "{unlearn}", "--lr", "-1"), "--lr"),
     BadCall("unlearn-zero-batch-size", ("unlearn", "{unlearn}", "--batch-size", "0"), "--batch-size"),
@@ -91,7 +94,11 @@ CASES = [
     # run
     BadCall("run-malformed-yaml", ("run", "{badyaml}", "--list-cells"), "{badyaml}"),
     BadCall("run-unknown-key", ("run", "{unknownkey}", "--list-cells"), "{unknownkey}"),
-    BadCall("run-unknown-precision", ("run", "{badprecision}", "--list-cells"), "{badprecision}"),
+    BadCall("run-unknown-precision", ("run", "{badprecision}", "--list-cells"),
+            "{badprecision}: field 'precisions.1': unknown quantization spec 'q9'"),
+    BadCall("run-bad-strategy-spec", ("run", "{badstrategy}", "--list-cells"),
+            "{badstrategy}: field 'strategies.1.qat.spec': quantization-aware unlearning supports"),
+    BadCall("run-repeated-precision", ("run", "{repeated}", "--list-cells"), "listed twice: nf4"),
     BadCall("run-missing-config", ("run", "{tmp}/absent.yaml"), "{tmp}/absent.yaml"),
     BadCall("run-empty-seeds", ("run", "{emptyseeds}", "--list-cells"), "field 'seeds'"),
     BadCall("run-seeds-not-integers", ("run", "{floatseeds}", "--list-cells"), "field 'seeds"),
@@ -115,6 +122,8 @@ def _bad_inputs(root: Path, corpus: Path) -> dict[str, str]:
     (root / "bad.yaml").write_text("methods: [ga_gdr\n")
     (root / "unknown_key.yaml").write_text(json.dumps({"methodz": ["ga_gdr"]}))
     (root / "bad_precision.yaml").write_text(json.dumps({"precisions": ["fp", "q9"]}))
+    (root / "bad_strategy.yaml").write_text(json.dumps({"strategies": ["full", "qat:int8"]}))
+    (root / "repeated.yaml").write_text(json.dumps({"precisions": ["fp", "nf4", "NF4"]}))
     (root / "empty_seeds.yaml").write_text(json.dumps({"seeds": []}))
     (root / "float_seeds.yaml").write_text(json.dumps({"seeds": [0, 1.5]}))
     (root / "bad_threshold.yaml").write_text(json.dumps({"reversion_threshold": 1.5}))
@@ -122,7 +131,8 @@ def _bad_inputs(root: Path, corpus: Path) -> dict[str, str]:
              "floatseeds": root / "float_seeds.yaml", "badthreshold": root / "bad_threshold.yaml",
              "badjson": root / "badjson", "notmodel": root / "notmodel",
              "badconfig": root / "badconfig", "badyaml": root / "bad.yaml", "unknownkey": root / "unknown_key.yaml",
-             "badprecision": root / "bad_precision.yaml"}
+             "badprecision": root / "bad_precision.yaml", "badstrategy": root / "bad_strategy.yaml",
+             "repeated": root / "repeated.yaml"}
     return {name: str(path) for name, path in paths.items()}
 
 

@@ -32,3 +32,13 @@ def test_the_seeds_grid_names_a_cell_per_seed():
     ids = [cell.id for cell in plan_cells(config)]
     assert ids[:4] == ["references", "ga_gdr-full-s0", "ga_gdr-full-s1", "ga_gdr-full-s2"]
     assert config.data.synth is not None and config.data.synth.size == "small"
+
+
+def test_the_strategy_grids_keep_the_learning_rates_they_were_measured_at():
+    """SURE's factor moved into the strategy: the SmolLM2 strategy grid's SURE cells still train at 3e-4 (10x the
+    full-FT lr), the built-in grid's at 3x the tiny default, as in the README's tables."""
+    smollm2 = load_config(next(p for p in CONFIGS if p.name == "smollm2-strategies.yaml"))
+    assert smollm2.unlearn_config("ga_gdr", "sure").effective_lr == pytest.approx(3e-4)
+    assert smollm2.unlearn_config("ga_gdr", "full").effective_lr == pytest.approx(3e-5)
+    tiny = load_config(next(p for p in CONFIGS if p.name == "strategies.yaml"))
+    assert tiny.unlearn_config("npo_gdr", "sure").effective_lr == pytest.approx(3e-3)  # 3 x NPO full's 1e-3

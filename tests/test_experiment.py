@@ -91,7 +91,7 @@ def test_cell_out_of_range_and_bad_config(grid, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [ga_gdr]\nadapters: [ful]\n")
     assert main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
-    assert "field 'strategies': Value error, strategy 'ful'" in capsys.readouterr().err
+    assert "field 'strategies.0': 'ful' is not one of" in capsys.readouterr().err
 
 
 def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys):

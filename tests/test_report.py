@@ -32,6 +32,7 @@ from qrunlearn.results import (
     UnlearnSummary,
 )
 from qrunlearn.unlearn.config import UnlearnConfig
+from qrunlearn.unlearn.strategy import Strategy
 
 N = 40  # forget questions: enough for the paired intervals to clear a threshold
 
@@ -143,9 +144,9 @@ def test_seeds_make_one_row_with_the_mean():
 
 
 def test_a_quantization_aware_row_is_judged_where_it_is_deployed():
-    assert anchor_precision("qat:nf4", ["fp", "int8", "nf4"]) == "nf4"
-    assert anchor_precision("lora", ["fp", "int8", "nf4"]) == "fp"
-    assert anchor_precision("qat:rtn:w4g64", ["fp", "nf4"]) is None
+    assert anchor_precision(Strategy.parse("qat:nf4"), ["fp", "int8", "nf4"]) == "nf4"
+    assert anchor_precision(Strategy.parse("lora"), ["fp", "int8", "nf4"]) == "fp"
+    assert anchor_precision(Strategy.parse("qat:rtn:w4g64"), ["fp", "nf4"]) is None
     deployed = TARGET_NF4 - 40
     cell = _cell("ga_gdr", "qat:nf4", {"fp": _eval(TARGET_FP - 60), "nf4": _eval(deployed),
                                        "int8": _eval(TARGET_FP - 20)})

@@ -25,6 +25,7 @@ from qrunlearn.lazy import lazy_module
 from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.source import ModelSource
 from qrunlearn.unlearn.config import UnlearnConfig
+from qrunlearn.unlearn.strategy import Strategy
 
 # The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after
 # ~5 s of importing torch, transformers and peft.
@@ -271,7 +272,7 @@ def eval_cmd(
 
 
 # ---- unlearn --------------------------------------------------------------------------------------------------
-UNLEARN_OPTIONS = tuple(name for name in UnlearnConfig.model_fields if name not in ("method", "reg", "adapter",
+UNLEARN_OPTIONS = tuple(name for name in UnlearnConfig.model_fields if name not in ("method", "reg", "strategy",
                                                                                      "stop_knowmem_f"))
 
 
@@ -287,8 +288,10 @@ def unlearn_command(
     method: Annotated[Literal["ga", "npo", "simnpo"], typer.Option(help="Forget objective.")] = "ga",
     reg: Annotated[Literal["none", "gdr", "klr"], typer.Option(help="Retain term: NLL (gdr) or KL to the "
                                                                      "reference (klr).")] = "gdr",
-    adapter: Annotated[Literal["full", "lora"], typer.Option(help="Full fine-tuning or LoRA merged at the "
-                                                                  "end.")] = "full",
+    strategy: Annotated[str, typer.Option(help="Which weights move and what is added: full, lora, sure, quail, "
+                                               "qat:SPEC, lora+qat:SPEC; settings after a colon, e.g. "
+                                               "sure:percentile=90, lora+qat:nf4:mix=0.5, quail:rtn:w4g64:weight=2 "
+                                               "(the grid's strategies, the same text).")] = "full",
     defaults: Annotated[Literal["paper", "tiny"], typer.Option(help="Default set: the paper's (real models) or "
                                                                     "the built-in tiny model's.")] = "paper",
     resume: Annotated[bool, typer.Option(help="Resume an interrupted run in --out (or reuse a finished one).")] = True,
@@ -308,7 +311,11 @@ def unlearn_command(
     if settings.get("lora_targets"):  # accept --lora-targets q_proj,v_proj as well as repeated options
         settings["lora_targets"] = [t.strip() for item in settings["lora_targets"] for t in item.split(",")
                                     if t.strip()]
-    base = UnlearnConfig.defaults(defaults, method, reg, adapter).model_dump()
+    try:
+        chosen = Strategy.parse(strategy)
+    except UserError as err:
+        raise UserError(f"--strategy: {err}") from None
+    base = UnlearnConfig.defaults(defaults, method, reg, chosen).model_dump()
     config = build_settings(UnlearnConfig, base, settings)
     corpus = muse.load_corpus(data)
     if estimate:  # a folder with only a config.json is enough (e.g. configs/llama-2-7b): no weights are read

@@ -21,9 +21,9 @@ from pydantic import (
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.models.config import FinetuneRecipe
-from qrunlearn.quant.spec import parse_spec
+from qrunlearn.quant.spec import QuantSpec, parse_spec
 from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
-from qrunlearn.unlearn.strategy import STRATEGY_HELP, parse_strategy, strategy_settings
+from qrunlearn.unlearn.strategy import STRATEGY_HELP, Strategy
 
 MethodName = Literal["ga_gdr", "ga_klr", "npo_gdr", "npo_klr", "ga", "npo", "simnpo", "simnpo_gdr", "simnpo_klr"]
 
@@ -103,9 +103,10 @@ class ExperimentConfig(_Strict):
     data: DataConfig = DataConfig(synth=SynthData())
     models: ModelsConfig = ModelsConfig()
     methods: tuple[MethodName, ...] = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
-    strategies: tuple[str, ...] = Field(("full", "lora"), min_length=1,
-                                        description=f"one grid axis: {STRATEGY_HELP}")
-    precisions: tuple[str, ...] = ("fp", "int8", "nf4")
+    strategies: tuple[Strategy, ...] = Field((Strategy(), Strategy(adapter="lora")), min_length=1,
+                                             description=f"one grid axis: {STRATEGY_HELP}")
+    precisions: tuple[QuantSpec, ...] = Field(tuple(parse_spec(p) for p in ("fp", "int8", "nf4")), min_length=1,
+                                              description="the precisions every model is evaluated at")
     defaults: DefaultsName = "tiny"
     hparams: dict[str, UnlearnOverrides] = Field(  # type: ignore[valid-type]
         default_factory=dict,
@@ -145,40 +146,30 @@ class ExperimentConfig(_Strict):
     def unlearn_seeds(self) -> tuple[int, ...]:
         return self.seeds if self.seeds is not None else (self.seed,)
 
-    @field_validator("strategies")
+    @field_validator("strategies", "precisions")
     @classmethod
-    def _known_strategies(cls, strategies: tuple[str, ...]) -> tuple[str, ...]:
-        for name in strategies:
-            try:
-                parse_strategy(name)
-            except UserError as err:
-                raise ValueError(str(err)) from None
-        return strategies
-
-    @field_validator("precisions")
-    @classmethod
-    def _known_precisions(cls, precisions: tuple[str, ...]) -> tuple[str, ...]:
-        """Parse every spec now: a typo fails on loading, not in the middle of the grid after hours of training."""
-        for spec in precisions:
-            try:
-                parse_spec(spec)
-            except UserError as err:
-                raise ValueError(str(err)) from None
-        return precisions
+    def _distinct(cls, values: tuple) -> tuple:
+        """Cells and table rows are named by these labels: two entries with one label would overwrite each other."""
+        labels = [str(value) for value in values]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"listed twice: {', '.join(repeated)}")
+        return values
 
     def eval_config(self) -> EvalConfig:
         """The evaluation settings with the experiment's seed as the bootstrap seed."""
         return self.eval.model_copy(update={"seed": self.seed})
 
-    def unlearn_config(self, method: str, strategy: str, seed: int | None = None) -> UnlearnConfig:
-        """A cell's settings: the default set of its adapter, the strategy's settings, then the overrides from
-        least to most specific (adapter, strategy, method, method/strategy); `seed` defaults to the config's."""
+    def unlearn_config(self, method: str, strategy: Strategy | str, seed: int | None = None) -> UnlearnConfig:
+        """A cell's settings: the default set of its strategy, then the overrides from least to most specific
+        (adapter, strategy, method, method/strategy); `seed` defaults to the config's. The strategy's own rules
+        (SURE's lr factor) apply on top of whatever lr the overrides give."""
         forget, reg = split_method(method)
-        parsed = parse_strategy(strategy)
-        base = UnlearnConfig.defaults(self.defaults, forget, reg, parsed.adapter)  # type: ignore[arg-type]
-        updates: dict[str, object] = {"seed": self.seed if seed is None else seed,
-                                      **strategy_settings(parsed, self.defaults, forget, base.lr)}  # type: ignore[arg-type]
-        for key in dict.fromkeys((parsed.adapter, strategy, method, f"{method}/{strategy}")):
+        parsed = Strategy.parse(strategy)
+        base = UnlearnConfig.defaults(self.defaults, forget, reg, parsed)  # type: ignore[arg-type]
+        updates: dict[str, object] = {"seed": self.seed if seed is None else seed}
+        label = parsed.label
+        for key in dict.fromkeys((parsed.adapter, label, method, f"{method}/{label}")):
             override = self.hparams.get(key)
             if override is not None:
                 updates.update(override.model_dump(exclude_none=True))
@@ -187,7 +178,7 @@ class ExperimentConfig(_Strict):
         try:
             return UnlearnConfig.model_validate({**base.model_dump(), **updates})
         except ValidationError as err:
-            raise UserError(f"cell {method}-{strategy}: {validation_message(err)}") from None
+            raise UserError(f"cell {method}-{label}: {validation_message(err)}") from None
 
 
 def split_method(method: str) -> tuple[str, str]:

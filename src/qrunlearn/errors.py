@@ -49,4 +49,4 @@ def validation_message(err: ValidationError, option_style: bool = False) -> str:
         where = "--" + location[0].replace("_", "-")
     else:
         where = f"field '{'.'.join(location) or '(top level)'}'"
-    return f"{where}: {first['msg']}"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"

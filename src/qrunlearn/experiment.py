@@ -42,10 +42,10 @@ from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 from qrunlearn.quant import (
+    FULL_PRECISION,
+    QuantSpec,
     first_order,
-    is_full_precision,
     load_quantized,
-    parse_spec,
     plot_survival,
     survival_report,
 )
@@ -63,7 +63,7 @@ from qrunlearn.results import (
 from qrunlearn.unlearn import UnlearnResult, select_epoch, unlearn
 from qrunlearn.unlearn.recipe import EpochHook
 from qrunlearn.unlearn.storage import epoch_model_dir
-from qrunlearn.unlearn.strategy import parse_strategy
+from qrunlearn.unlearn.strategy import Strategy
 
 PRESET_NAMES = {"news": "MUSE-News", "books": "MUSE-Books"}
 
@@ -73,14 +73,14 @@ class Cell:
     index: int
     kind: Literal["reference", "unlearn"]
     method: str = ""
-    strategy: str = "full"
+    strategy: Strategy = Strategy()
     seed: int | None = None  # None: the config's seed, and no seed in the id (a config without `seeds`)
 
     @property
     def id(self) -> str:
         if self.kind == "reference":
             return "references"
-        group = f"{self.method}-{parse_strategy(self.strategy).slug}"
+        group = f"{self.method}-{self.strategy.slug}"
         return group if self.seed is None else f"{group}-s{self.seed}"
 
 
@@ -201,12 +201,12 @@ class Experiment:
         return 2 * n if cell.kind == "reference" else n + 1
 
     # ---- evaluation -------------------------------------------------------------------------------------------
-    def _load(self, model_dir: str, precision: str):
-        if is_full_precision(precision):
+    def _load(self, model_dir: str, precision: QuantSpec):
+        if precision.is_noop:
             return load_causal_lm(model_dir, dtype=self.config.models.dtype)
-        return load_quantized(model_dir, parse_spec(precision))
+        return load_quantized(model_dir, precision)
 
-    def _evaluate(self, model_dir: str, precision: str, retrain_auc: float | None) -> EvalRecord:
+    def _evaluate(self, model_dir: str, precision: QuantSpec, retrain_auc: float | None) -> EvalRecord:
         model, tokenizer = self._load(model_dir, precision)
         started = time.perf_counter()
         result = evaluate(model, tokenizer, self.corpus(), self.config.eval_config(), retrain_auc=retrain_auc,
@@ -250,7 +250,7 @@ class Experiment:
             return RetrainReference(auc=preset[0], knowmem_f=None, source=preset[1])
         if retrain is None:
             raise UserError("config field 'models.retrain': give a retrain model or models.retrain_auc")
-        reference = self._measured_reference(retrain, self._evaluate(retrain, "fp", None))
+        reference = self._measured_reference(retrain, self._evaluate(retrain, FULL_PRECISION, None))
         atomic_write_json(cache, reference)
         return reference
 
@@ -259,8 +259,8 @@ class Experiment:
         retrain_evals: dict[str, EvalRecord] = {}
         if retrain is not None:
             tick("retrain @ fp")
-            retrain_evals["fp"] = self._evaluate(retrain, "fp", None)
-            reference = self._measured_reference(retrain, retrain_evals["fp"])
+            retrain_evals[FULL_PRECISION.label] = self._evaluate(retrain, FULL_PRECISION, None)
+            reference = self._measured_reference(retrain, retrain_evals[FULL_PRECISION.label])
         else:
             preset = self._preset()
             if preset is None:
@@ -279,11 +279,11 @@ class Experiment:
                              done: dict[str, EvalRecord] | None = None) -> dict[str, EvalRecord]:
         records: dict[str, EvalRecord] = {}
         for precision in self.config.precisions:
-            if done and is_full_precision(precision) and "fp" in done:
-                records[precision] = done["fp"]
+            if done and precision.label in done:
+                records[precision.label] = done[precision.label]
                 continue
             tick(f"{name} @ {precision}")
-            records[precision] = self._evaluate(model_dir, precision, None)
+            records[precision.label] = self._evaluate(model_dir, precision, None)
         return records
 
     # ---- an unlearning cell -----------------------------------------------------------------------------------
@@ -305,12 +305,11 @@ class Experiment:
         evals: dict[str, EvalRecord] = {}
         for precision in self.config.precisions:
             tick(f"{cell.id} @ {precision}")
-            evals[precision] = self._evaluate(summary.model_dir, precision, reference.auc)
+            evals[precision.label] = self._evaluate(summary.model_dir, precision, reference.auc)
         survival = self._survival(cell, target, summary.model_dir)
         if not self.config.keep_epoch_models:
             _prune_epoch_models(result.model_dir.parent / "epochs", keep=Path(summary.model_dir))
         return UnlearnCellResult(cell=cell.id, method=cell.method, strategy=cell.strategy, seed=config.seed,
-                                 adapter=config.adapter,
                                  unlearn_config=config,
                                  unlearn=summary, retrain_reference=reference, evals=evals, survival=survival)
 
@@ -329,22 +328,21 @@ class Experiment:
 
     def _survival(self, cell: Cell, target: str, model_dir: str) -> dict[str, SurvivalRecord]:
         """Survival of the cell's update under every quantized precision; both models loaded once."""
-        quantized = [p for p in self.config.precisions if not is_full_precision(p)]
+        quantized = [p for p in self.config.precisions if not p.is_noop]
         if not quantized:
             return {}
-        base, (unlearned, tokenizer) = self._load(target, "fp")[0], self._load(model_dir, "fp")
+        base, (unlearned, tokenizer) = self._load(target, FULL_PRECISION)[0], self._load(model_dir, FULL_PRECISION)
         gradient = None
         if self.config.first_order:
             settings = self.config.eval_config()
             prompts, answers, pad = forget_answer_tokens(unlearned, tokenizer, self.corpus(), settings)
             gradient = answer_nll_gradient(unlearned, prompts, answers, pad, settings.batch_size)
         records: dict[str, SurvivalRecord] = {}
-        for precision in quantized:
-            spec = parse_spec(precision)
+        for spec in quantized:
             report = survival_report(base, unlearned, spec)
-            png = self.out / "plots" / f"survival_{cell.id}_{_slug(precision)}.png"
+            png = self.out / "plots" / f"survival_{cell.id}_{_slug(spec.label)}.png"
             plot_survival(report, png)
-            records[precision] = SurvivalRecord(
+            records[spec.label] = SurvivalRecord(
                 **report.model_dump(), plot=str(png.relative_to(self.out)),
                 first_order=first_order(base, unlearned, spec, gradient) if gradient is not None else None)
         del base, unlearned, gradient

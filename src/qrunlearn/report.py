@@ -34,7 +34,7 @@ from qrunlearn.eval.effect import (
 from qrunlearn.eval.items import ItemScores
 from qrunlearn.io import atomic_write_json, atomic_write_text, git_commit, package_versions
 from qrunlearn.plotting import pyplot, save_figure
-from qrunlearn.quant import is_full_precision, parse_spec
+from qrunlearn.quant import FULL_PRECISION, QuantSpec
 from qrunlearn.quant.survival import SurvivalOverall
 from qrunlearn.results import (
     Correlation,
@@ -48,7 +48,7 @@ from qrunlearn.results import (
     SurvivalRecord,
     UnlearnCellResult,
 )
-from qrunlearn.unlearn.strategy import parse_strategy
+from qrunlearn.unlearn.strategy import Strategy
 
 # table column -> metric field
 COLUMNS = {"VerbMem": "verbmem_f", "KnowMem-forget": "knowmem_f", "PrivLeak": "privleak", "Utility": "knowmem_r"}
@@ -85,22 +85,20 @@ def _fmt_estimate(estimate: Estimate | None, digits: int = 2) -> str:
     return f"{_fmt(estimate.value, digits)} [{_fmt(estimate.low, digits)}, {_fmt(estimate.high, digits)}]"
 
 
-def low_precision(precisions: Sequence[str]) -> str | None:
+def low_precision(precisions: Sequence[QuantSpec]) -> str | None:
     """The lowest-bit quantized precision of the grid (the one the paper's claim is about)."""
-    quantized = [p for p in precisions if not is_full_precision(p)]
+    quantized = [p for p in precisions if not p.is_noop]
     if not quantized:
         return None
-    return min(quantized, key=lambda p: parse_spec(p).bits or 0)
+    return min(quantized, key=lambda p: p.bits or 0).label
 
 
-def anchor_precision(strategy: str, precisions: Sequence[str]) -> str | None:
+def anchor_precision(strategy: Strategy, precisions: Sequence[str]) -> str | None:
     """Where a strategy's forgetting is judged from: full precision, or for a quantization-aware strategy the
-    grid's precision it was trained for (None when the grid does not evaluate it there)."""
-    trained_for = parse_strategy(strategy).qat
-    if trained_for is None:
-        return next((p for p in precisions if is_full_precision(p)), None)
-    label = parse_spec(trained_for).label
-    return next((p for p in precisions if parse_spec(p).label == label), None)
+    grid's precision it was trained for (None when the grid does not evaluate it there). `precisions` are
+    labels, as records key them."""
+    anchor = FULL_PRECISION if strategy.qat is None else strategy.qat.spec
+    return anchor.label if anchor.label in precisions else None
 
 
 def _diagnostics(survival: SurvivalRecord) -> dict[str, float | None]:
@@ -131,19 +129,19 @@ class _Group:
     """One (method, strategy): its cells, one per seed."""
 
     method: str
-    strategy: str
+    strategy: Strategy
     cells: tuple[UnlearnCellResult, ...]
 
     @property
     def id(self) -> str:
-        return f"{self.method}-{parse_strategy(self.strategy).slug}"
+        return f"{self.method}-{self.strategy.slug}"
 
 
 def _groups(cells: Sequence[UnlearnCellResult]) -> list[_Group]:
     by_key: dict[tuple[str, str], list[UnlearnCellResult]] = {}
     for cell in cells:
-        by_key.setdefault((cell.method, cell.strategy), []).append(cell)
-    return [_Group(method, strategy, tuple(found)) for (method, strategy), found in by_key.items()]
+        by_key.setdefault((cell.method, cell.strategy.label), []).append(cell)
+    return [_Group(method, found[0].strategy, tuple(found)) for (method, _), found in by_key.items()]
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,7 @@ def _row_verdict(precision: str, anchor: str | None, deployed: bool, anchor_effe
         return "not deployed"
     if precision == anchor:
         return "anchor"
-    if anchor is None or is_full_precision(precision):
+    if anchor is None or precision == FULL_PRECISION.label:
         return None
     anchor_effect = anchor_effects.knowmem_f.effect if anchor_effects and anchor_effects.knowmem_f else None
     share = effects.knowmem_f.reversion if effects.knowmem_f is not None else None
@@ -204,17 +202,17 @@ def collect_rows(measure: Measurement, cells: list[UnlearnCellResult], precision
                 rows.append(Row(method=name, strategy="", precision=precision, metrics=evals[precision].metrics))
     for group in _groups(cells):
         anchor = anchor_precision(group.strategy, precisions)
-        qat = parse_strategy(group.strategy).qat is not None
+        qat = group.strategy.qat is not None
         anchor_effects = effects_at(measure, group.cells, anchor, None) if anchor is not None else None
         for precision in precisions:
-            deployed = not (qat and is_full_precision(precision))
+            deployed = not (qat and precision == FULL_PRECISION.label)
             shares_from = anchor if deployed and precision != anchor else None
             effects = anchor_effects if precision == anchor and anchor_effects is not None else effects_at(
                 measure, group.cells, precision, shares_from)
             survivals = [cell.survival[precision] for cell in group.cells if precision in cell.survival]
             predicted = [_diagnostics(survival)[FIRST_ORDER] for survival in survivals]
             rows.append(Row(
-                group=group.id, method=group.method, strategy=group.strategy, precision=precision,
+                group=group.id, method=group.method, strategy=group.strategy.label, precision=precision,
                 seeds=[cell.seed for cell in group.cells], cells=[cell.cell for cell in group.cells],
                 metrics=_mean_record([cell.evals[precision].metrics for cell in group.cells], Metrics),
                 anchor=anchor, deployed=deployed, effects=effects,
@@ -421,14 +419,13 @@ def prediction_sentence(found: list[Correlation]) -> str:
         f"{c.diagnostic} vs {c.target} rho {_fmt_estimate(c.rho)} over {c.pairs} pairs" for c in predicting) + "."
 
 
-def transfer_lines(rows: list[Row]) -> list[str]:
+def transfer_lines(rows: list[Row], strategies: Sequence[Strategy]) -> list[str]:
     """Quantization-aware strategies, trained against one quantizer: does the forgetting hold at the others?"""
     lines = []
-    for strategy in dict.fromkeys(r.strategy for r in rows if r.strategy):
-        trained_for = parse_strategy(strategy).qat
+    for strategy in (s.label for s in strategies if s.qat is not None):
         others = [r for r in rows if r.strategy == strategy and r.anchor is not None and r.deployed
                   and r.precision != r.anchor]
-        if trained_for is None or not others:
+        if not others:
             continue
         parts = [f"{r.method} at {r.precision} {_fmt_estimate(_effect_part(r, 'knowmem_f', 'reversion'))} "
                  f"({r.verdict})" for r in others]
@@ -456,7 +453,7 @@ def plot_tradeoff(rows: list[Row], low: str | None, path: Path) -> None:
             ax.annotate("", xy=(end.metrics.knowmem_f, end.metrics.knowmem_r),
                         xytext=(start.knowmem_f, start.knowmem_r), arrowprops={"arrowstyle": "->", "color": color})
     for name, marker in (("target", "*"), ("retrain", "P")):
-        found = next((r for r in rows if r.method == name and is_full_precision(r.precision)), None)
+        found = next((r for r in rows if r.method == name and r.precision == FULL_PRECISION.label), None)
         if found is not None:
             ax.scatter(found.metrics.knowmem_f, found.metrics.knowmem_r, color="black", marker=marker, s=120,
                        label=f"{name} (fp)")
@@ -495,15 +492,15 @@ def plot_reversion(rows: list[Row], threshold: float, path: Path) -> None:
 
 def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellResult,
                  cells: list[UnlearnCellResult]) -> ExperimentResults:
-    precisions = list(config.precisions)
-    low = low_precision(precisions)
+    precisions = [p.label for p in config.precisions]
+    low = low_precision(config.precisions)
     measure = Measurement(references=references, resamples=config.eval.bootstrap, seed=config.seed,
                           threshold=config.reversion_threshold)
     started = time.perf_counter()
     rows = collect_rows(measure, cells, precisions)
     found = correlations(measure, cells, precisions)
     bootstrap_seconds = time.perf_counter() - started
-    findings = strategy_findings(rows, config.strategies, precisions)
+    findings = strategy_findings(rows, [s.label for s in config.strategies], precisions)
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
                                 references=references, cells=cells, rows=rows, low_precision=low,
                                 reversion_threshold=config.reversion_threshold, strategies=findings,
@@ -559,7 +556,7 @@ def report_markdown(results: ExperimentResults, table: str) -> str:
     lines = [f"# qrunlearn report: {config.name}", "", "## Finding at this scale", "", results.finding, "",
              DEFINITION, "", "## Strategies at each quantized precision", "", *_strategy_table(results.strategies),
              ""]
-    transfer = transfer_lines(results.rows)
+    transfer = transfer_lines(results.rows, config.strategies)
     if transfer:
         lines += ["Transfer (a model made robust for one quantizer, deployed with the others):", "", *transfer, ""]
     lines += ["## Do the diagnostics predict reversion?", "", prediction_sentence(results.correlations), "",
@@ -586,8 +583,9 @@ def report_markdown(results: ExperimentResults, table: str) -> str:
               "On GPUs, the same grid on Llama-2-7B with MUSE-News (bf16, bitsandbytes NF4 / LLM.int8 on CUDA):", "",
               f"    {GPU_COMMAND}", "", "## Settings", "",
               f"- seed {config.seed}; unlearning seeds {', '.join(map(str, seeds))}; defaults `{config.defaults}`; "
-              f"methods {', '.join(config.methods)}; strategies {', '.join(config.strategies)}; precisions "
-              f"{', '.join(config.precisions)}; reversion threshold {results.reversion_threshold}",
+              f"methods {', '.join(config.methods)}; strategies "
+              f"{', '.join(map(str, config.strategies))}; precisions {', '.join(map(str, config.precisions))}; "
+              f"reversion threshold {results.reversion_threshold}",
               f"- eval: limit {config.eval.limit}, batch size {config.eval.batch_size}, "
               f"bootstrap {config.eval.bootstrap} (the report's paired bootstrap: {results.bootstrap_seconds:.1f} s)",
               f"- git commit {results.git_commit}",

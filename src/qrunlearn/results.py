@@ -18,6 +18,7 @@ from qrunlearn.eval.muse import PRIVLEAK_SCORE, EvalResult
 from qrunlearn.quant.survival import FirstOrder, SurvivalOverall, SurvivalReport
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.records import EpochRecord, StepLoss
+from qrunlearn.unlearn.strategy import Strategy
 
 
 class Metrics(BaseModel):
@@ -105,9 +106,8 @@ class UnlearnCellResult(BaseModel):
     kind: Literal["unlearn"] = "unlearn"
     cell: str
     method: str
-    strategy: str
+    strategy: Strategy
     seed: int = 0  # the unlearning run's seed
-    adapter: str
     unlearn_config: UnlearnConfig
     unlearn: UnlearnSummary
     retrain_reference: RetrainReference

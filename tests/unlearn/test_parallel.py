@@ -39,7 +39,7 @@ def _launch_two(args: list[str]) -> None:
     ("lora", ["--lr", "1e-2", "--epochs", "1", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]),
 ])
 def test_fsdp_on_two_processes_matches_one_process(adapter, extra, tiny_model_dir, tiny_corpus_dir, tmp_path):
-    args = ["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--adapter", adapter,
+    args = ["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--strategy", adapter,
             *COMMON, *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     # one pass per micro-batch, as under FSDP (grouping by length would change the float summation order)

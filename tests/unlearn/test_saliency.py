@@ -60,7 +60,7 @@ def test_percentile_out_of_range_is_a_one_line_user_error(bad):
     with pytest.raises(UserError) as err:
         row_saliency_masks(_hand_grads(), bad)
     message = str(err.value)
-    assert "--sure-percentile" in message and "sure_percentile" in message and "\n" not in message
+    assert "sure:percentile=P" in message and "\n" not in message
 
 
 def test_percentile_edges_ties_and_zero_rows():

@@ -14,7 +14,7 @@ _EXPORTS = {
     **{name: "qrunlearn.quant.fake" for name in ("fake_quantize", "fake_quantized")},
     **{name: "qrunlearn.quant.registry" for name in ("available_methods", "load_quantized", "quantize_model",
                                                      "quantize_weight", "quantized_codes", "save_quantized")},
-    **{name: "qrunlearn.quant.spec" for name in ("QuantSpec", "is_full_precision", "parse_spec")},
+    **{name: "qrunlearn.quant.spec" for name in ("FULL_PRECISION", "QuantSpec", "is_full_precision", "parse_spec")},
     **{name: "qrunlearn.quant.survival" for name in ("FirstOrder", "LayerSurvival", "SurvivalReport",
                                                      "first_order", "plot_survival", "survival_report")},
 }

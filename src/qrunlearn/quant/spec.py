@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic_core import core_schema
 
 from qrunlearn.errors import UserError
 
@@ -54,6 +56,26 @@ class QuantSpec:
 
     def __str__(self) -> str:
         return self.label
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        """As a pydantic field: validated from its spec string (or taken as is), written back as its label, so a
+        config holds a parsed spec and its JSON holds the text a user would type."""
+        return core_schema.no_info_plain_validator_function(
+            _validate, serialization=core_schema.plain_serializer_function_ser_schema(str, when_used="always"),
+            json_schema_input_schema=core_schema.str_schema())
+
+
+def _validate(value: object) -> QuantSpec:
+    if not isinstance(value, (str, QuantSpec)):
+        raise ValueError(f"a quantization spec is a string ({SPEC_HELP}), not {type(value).__name__}")
+    try:
+        return parse_spec(value)
+    except UserError as err:
+        raise ValueError(str(err)) from None
+
+
+FULL_PRECISION = QuantSpec(method="fp")
 
 
 def is_full_precision(spec: str | QuantSpec) -> bool:

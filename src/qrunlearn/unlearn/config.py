@@ -6,16 +6,18 @@ fields, serialises to JSON (it is written into every output folder) and can be r
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qrunlearn.unlearn.strategy import STRATEGY_HELP, Adapter, DefaultsName, Strategy
+
 Method = Literal["ga", "npo", "simnpo"]
 Reg = Literal["none", "gdr", "klr"]
-Adapter = Literal["full", "lora"]
 SaveDType = Literal["source", "float32", "bfloat16"]
 TrainDType = Literal["auto", "float32", "bfloat16"]
-DefaultsName = Literal["paper", "tiny"]
+# Before strategies were typed, their settings were fields of their own; records written then still read.
+_FLAT_STRATEGY_FIELDS = ("sure_percentile", "quail_weight", "quail_spec", "quail_margin", "qat", "qat_mix")
 
 # Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
 # table; MUSE's own baselines use 1, so SimNPO gets 1.
@@ -57,8 +59,7 @@ TINY_MAX_LENGTH = 256
 TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
     "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
-    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "sure_percentile", "quail_weight",
-    "quail_spec", "quail_margin", "qat", "qat_mix", "onednn_linear", "pass_cost_tokens",
+    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "onednn_linear", "pass_cost_tokens",
 )
 
 
@@ -69,8 +70,10 @@ class UnlearnConfig(BaseModel):
 
     method: Method = Field("ga", description="forget objective")
     reg: Reg = Field("gdr", description="retain term: NLL (gdr) or KL to the reference (klr)")
-    adapter: Adapter = Field("full", description="full fine-tuning, or LoRA adapters merged at the end")
-    lr: float = Field(1e-5, gt=0, description="learning rate (AdamW, constant schedule)")
+    strategy: Strategy = Field(Strategy(), description="which weights move (full, lora) and SURE / QUAIL / "
+                                                       "quantization-aware unlearning on top: " + STRATEGY_HELP)
+    lr: float = Field(1e-5, gt=0, description="learning rate (AdamW, constant schedule); SURE multiplies it by its "
+                                              "lr_factor")
     epochs: int = Field(5, ge=1, description="passes over the forget set")
     batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch (forget; retain the same)")
     grad_accum: int = Field(4, ge=1, description="micro-batches per optimizer step")
@@ -114,45 +117,71 @@ class UnlearnConfig(BaseModel):
     reference_device: Literal["auto", "cpu"] = Field(
         "auto", description="where full fine-tuning's frozen reference (KLR, QUAIL) lives: beside the policy, or on "
                             "the CPU")
-    sure_percentile: Optional[float] = Field(
-        None, gt=0, lt=100, description="SURE: update only the weight rows whose forget-gradient norm is at or above "
-                                        "this percentile (90-99 in the paper); full fine-tuning only")
-    quail_weight: float = Field(0.0, ge=0, description="QUAIL: weight of the logit-space hinge on forget examples "
-                                                       "(0 = off)")
-    quail_spec: str = Field("nf4", description="QUAIL: the deployment quantizer whose step sets the margin")
-    quail_margin: str = Field(
-        "logit", pattern=r"^(logit|weight|[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?)$",
-        description="QUAIL margin: 'logit' = half the logit shift that quantizing the original model causes on the "
-                    "forget set; 'weight' = half the mean weight quantization step (the paper's words, taken "
-                    "literally); or a number")
-    qat: Optional[str] = Field(None, description="quantization-aware unlearning: compute the losses with the block "
-                                                 "linears fake-quantized to this spec (rtn:w{b}[g{g}], nf4, fp4; "
-                                                 "straight-through gradients; LoRA: Q(W0 + s B A))")
-    qat_mix: float = Field(1.0, gt=0, le=1, description="weight of the quantized forward's loss; the rest goes to the "
-                                                        "full-precision forward's (1 = quantized only)")
     stop_knowmem_f: Optional[float] = Field(
         None, description="MUSE selection: stop at the first epoch whose hook metric 'knowmem_f' is <= this "
                           "(the retrain model's KnowMem-forget); needs an epoch_hook")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _strategy_fields(cls, raw: Any) -> Any:
+        """`adapter=` is the strategy's adapter (`UnlearnConfig(adapter="lora")` reads as the strategy "lora"); the
+        flat fields of records written before strategies were typed become the strategy they meant (their `lr`
+        already held SURE's factor, so it is kept as 1)."""
+        if not isinstance(raw, dict) or not ({"adapter", *_FLAT_STRATEGY_FIELDS} & raw.keys()):
+            return raw
+        raw = dict(raw)
+        strategy = raw.get("strategy")
+        fields: dict[str, Any] = dict(strategy) if isinstance(strategy, dict) else {}
+        if strategy is not None and not isinstance(strategy, dict):
+            parsed = Strategy.parse(strategy)
+            fields = {name: getattr(parsed, name) for name in Strategy.model_fields}
+        if "adapter" in raw:
+            adapter = raw.pop("adapter")
+            if strategy is not None and fields.get("adapter", adapter) != adapter:
+                raise ValueError(f"adapter '{adapter}' contradicts strategy '{strategy}'")
+            fields["adapter"] = adapter
+        flat = {name: raw.pop(name) for name in _FLAT_STRATEGY_FIELDS if name in raw}
+        if flat.get("sure_percentile") is not None:
+            fields["sure"] = {"percentile": flat["sure_percentile"], "lr_factor": 1.0}
+        if (flat.get("quail_weight") or 0) > 0:
+            fields["quail"] = {"weight": flat["quail_weight"], "spec": flat.get("quail_spec", "nf4"),
+                               "margin": flat.get("quail_margin", "logit")}
+        if flat.get("qat"):
+            fields["qat"] = {"spec": flat["qat"], "mix": flat.get("qat_mix", 1.0)}
+        raw["strategy"] = fields
+        return raw
+
     @model_validator(mode="after")
     def _compatible(self) -> "UnlearnConfig":
-        if self.sure_percentile is not None and self.adapter != "full":
-            raise ValueError("SURE (sure_percentile) selects rows of full weights: use adapter 'full'")
-        if self.sure_percentile is not None and self.sharding == "fsdp":
-            raise ValueError("SURE (sure_percentile) needs whole weight rows: not with sharding 'fsdp'")
-        if self.quail_weight > 0 and self.loss_chunk:
-            raise ValueError("QUAIL compares whole logit vectors: use loss_chunk 0 with quail_weight > 0")
+        if self.strategy.sure is not None and self.sharding == "fsdp":
+            raise ValueError("strategy: SURE needs whole weight rows: not with sharding 'fsdp'")
+        if self.strategy.quail is not None and self.loss_chunk:
+            raise ValueError("strategy: QUAIL compares whole logit vectors: use loss_chunk 0")
         return self
+
+    @property
+    def adapter(self) -> Adapter:
+        """The weights that move: the strategy's."""
+        return self.strategy.adapter
+
+    @property
+    def effective_lr(self) -> float:
+        """The optimizer's learning rate: `lr` with the strategy's rule applied (SURE's factor)."""
+        return self.strategy.lr(self.lr)
 
     @property
     def uses_frozen_reference(self) -> bool:
         """Full fine-tuning keeps a frozen copy of the model when a term compares against it (KLR, QUAIL)."""
-        return self.adapter == "full" and (self.reg == "klr" or self.quail_weight > 0)
+        return self.adapter == "full" and (self.reg == "klr" or self.strategy.quail is not None)
 
     @classmethod
-    def defaults(cls, name: DefaultsName, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
-        """A named default set: "paper" (real models) or "tiny" (the built-in benchmark's model)."""
-        return (cls.paper_defaults if name == "paper" else cls.tiny_defaults)(method, reg, adapter)
+    def defaults(cls, name: DefaultsName, method: Method, reg: Reg,
+                 strategy: Strategy | str = "full") -> "UnlearnConfig":
+        """A named default set: "paper" (real models) or "tiny" (the built-in benchmark's model), for the
+        strategy's adapter, with the strategy's open settings (SURE's lr factor) taken from the same set."""
+        parsed = Strategy.parse(strategy)
+        config = (cls.paper_defaults if name == "paper" else cls.tiny_defaults)(method, reg, parsed.adapter)
+        return config.model_copy(update={"strategy": parsed.for_defaults(name)})
 
     @classmethod
     def paper_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
@@ -160,15 +189,16 @@ class UnlearnConfig(BaseModel):
         AdamW, constant schedule, 5 epochs, max length 2048, alpha per method from paper.md; activation
         checkpointing and chunked losses on, so a 7B model fits (see `qrunlearn unlearn --estimate`)."""
         batch, accum = PAPER_BATCH[adapter]
-        return cls(method=method, reg=reg, adapter=adapter, lr=PAPER_LR[adapter], epochs=5, batch_size=batch,
-                   grad_accum=accum, max_length=2048, alpha=PAPER_ALPHA[method] if reg != "none" else 0.0,
-                   gradient_checkpointing=True, loss_chunk=PAPER_LOSS_CHUNK)
+        return cls(method=method, reg=reg, strategy=Strategy(adapter=adapter), lr=PAPER_LR[adapter], epochs=5,
+                   batch_size=batch, grad_accum=accum, max_length=2048,
+                   alpha=PAPER_ALPHA[method] if reg != "none" else 0.0, gradient_checkpointing=True,
+                   loss_chunk=PAPER_LOSS_CHUNK)
 
     @classmethod
     def tiny_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
         """Settings for the built-in ~4.3M-param model on the built-in corpus (measured: see the comment on
         TINY_LR above)."""
-        return cls(method=method, reg=reg, adapter=adapter, lr=TINY_LR[method, adapter],
+        return cls(method=method, reg=reg, strategy=Strategy(adapter=adapter), lr=TINY_LR[method, adapter],
                    epochs=TINY_EPOCHS[method, adapter],
                    batch_size=TINY_BATCH, grad_accum=1, max_length=TINY_MAX_LENGTH,
                    alpha=TINY_ALPHA[method] if reg != "none" else 0.0)

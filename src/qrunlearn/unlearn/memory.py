@@ -14,7 +14,12 @@ once its config.json is local) to count parameters exactly; the rest is arithmet
   exist again beside its gradient temporaries (the MLP's three intermediate-width gradients), the kept block
   inputs and the parameter gradients accumulated so far (counted whole: the first block is recomputed last);
 - loss temporaries: the fp32 logits and the copies the loss and its gradient make, for the whole micro-batch or
-  for one chunk of `loss_chunk` positions.
+  for one chunk of `loss_chunk` positions;
+- the strategy's own (`strategy_terms`): SURE keeps the forget term's gradient beside the step's (one gradient-sized
+  copy, all step long) and, at the optimizer step, the unselected rows of every partly selected parameter with
+  their two AdamW moments (percentile / 100 of three trainable-sized tensors); quantization-aware unlearning keeps
+  each block linear's Q(W) for the backward pass (LoRA: also W0 + s B A), in the compute dtype; QUAIL the
+  reference's logits over the forget rows and their fp32 difference from the policy's.
 Sharded (FSDP) quantities are divided by the number of processes; FSDP2 then holds whole copies of what it has
 all-gathered, in the compute dtype: two blocks (the one computing and the one prefetched) and the root's own
 parameters (embeddings, final norm, head), which the root keeps gathered between forward and backward; mixed
@@ -58,6 +63,9 @@ class MemoryEstimate(BaseModel):
     activations: int
     loss_temporaries: int
     recompute: int = 0
+    strategy_resident: int = 0  # SURE's forget-gradient copy, alive through the whole step
+    strategy_forward: int = 0  # QAT's Q(W), QUAIL's reference logits: beside the activations
+    strategy_step: int = 0  # SURE's clones of unselected rows and moments: beside the gradients, at the step
     tokens_per_micro_batch: int
     processes: int
 
@@ -67,14 +75,18 @@ class MemoryEstimate(BaseModel):
         backward pass while the activations are freed, so they and the forward's activations and loss temporaries
         are not alive at once; the largest of the forward's peak, the gradients, and (with checkpointing) the
         backward pass's recompute peak counts."""
-        return (self.weights + self.optimizer + self.reference
-                + max(self.gradients, self.activations + self.loss_temporaries, self.recompute))
+        return (self.weights + self.optimizer + self.reference + self.strategy_resident
+                + max(self.gradients + self.strategy_step,
+                      self.activations + self.loss_temporaries + self.strategy_forward, self.recompute))
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
                 ("reference", self.reference), ("activations", self.activations),
                 ("loss temporaries", self.loss_temporaries)] + (
-                    [("backward recompute", self.recompute)] if self.recompute else [])
+                    [("backward recompute", self.recompute)] if self.recompute else []) + [
+                    (f"strategy ({part})", value) for part, value in (
+                        ("kept", self.strategy_resident), ("forward", self.strategy_forward),
+                        ("step", self.strategy_step)) if value]
         lines = [f"per process ({self.processes} process{'es' if self.processes > 1 else ''}; "
                  f"{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable; "
                  f"{self.tokens_per_micro_batch} tokens per micro-batch):"]
@@ -185,10 +197,32 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     else:
         activations = tokens * layers * per_block
     activations += tokens * model_config.hidden_size * (element + 4)  # embeddings out, final norm
+    resident, forward, step = strategy_terms(model, config, gradients, element, rows, length)
     return MemoryEstimate(parameters=params, trainable_parameters=trainable, weights=weights, gradients=gradients,
                           optimizer=optimizer, reference=reference, activations=activations,
-                          loss_temporaries=loss, recompute=recompute, tokens_per_micro_batch=tokens,
+                          loss_temporaries=loss, recompute=recompute, strategy_resident=resident,
+                          strategy_forward=forward, strategy_step=step, tokens_per_micro_batch=tokens,
                           processes=processes)
+
+
+def strategy_terms(model: PreTrainedModel, config: UnlearnConfig, gradients: int, element: int, rows: int,
+                   length: int) -> tuple[int, int, int]:
+    """(kept all step, beside the activations, beside the gradients at the step) bytes of the run's strategy; see
+    the module docstring. `gradients`: the run's gradient bytes per process."""
+    strategy = config.strategy
+    resident = forward = step = 0
+    if strategy.sure is not None:
+        resident = gradients
+        step = int(3 * gradients * strategy.sure.percentile / 100)
+    if strategy.qat is not None:
+        linears = sum(module.weight.numel() for name in block_list_names(model)
+                      for module in model.get_submodule(name).modules() if isinstance(module, torch.nn.Linear))
+        forward += linears * element * (2 if config.adapter == "lora" else 1)
+    if strategy.quail is not None:
+        forget_rows = max(1, rows // 2) if config.reg != "none" else rows
+        vocabulary = int(model.config.vocab_size)
+        forward += forget_rows * length * vocabulary * (element + 4)
+    return resident, forward, step
 
 
 class MicroBatchShape(BaseModel):

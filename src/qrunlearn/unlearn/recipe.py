@@ -61,6 +61,7 @@ from qrunlearn.unlearn.parallel import make_parallel, weights_dtype
 from qrunlearn.unlearn.records import EpochRecord, Progress, RunRecord, StepLoss, UnlearnResult
 from qrunlearn.unlearn.reference import Reference, cached_reference_nll
 from qrunlearn.unlearn.select import select_epoch
+from qrunlearn.unlearn.strategy import Quail
 
 EpochHook = Callable[[int, Any, Any], "dict[str, float] | None"]
 
@@ -164,7 +165,8 @@ class UnlearnRecipe:
 
         self.provenance = run_metadata(config.model_dump(mode="json"), config.seed)
         self.pad_id = self.tokenizer.pad_token_id
-        self.qat: QuantSpec | None = trainable_spec(config.qat) if config.qat else None
+        strategy = config.strategy
+        self.qat: QuantSpec | None = strategy.qat.spec if strategy.qat is not None else None
         self.reference = Reference(config, model, parallel, self.qat)
         if config.gradient_checkpointing:
             model.config.use_cache = False
@@ -177,7 +179,7 @@ class UnlearnRecipe:
         # per tensor (5x faster than the default on SmolLM2's 135M parameters on a CPU thread); not for FSDP's
         # sharded DTensor parameters.
         self.model, self.optimizer = parallel.prepare(
-            model, lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+            model, lambda params: torch.optim.AdamW(params, lr=config.effective_lr, weight_decay=config.weight_decay,
                                                     fused=not parallel.sharded))
         self.unwrapped = parallel.unwrap(self.model)
         named = [(name, p) for name, p in self.unwrapped.named_parameters() if p.requires_grad]
@@ -185,7 +187,7 @@ class UnlearnRecipe:
         self.trainable = [p for _, p in named]
         self.transformer = self.unwrapped.get_base_model() if config.adapter == "lora" else self.unwrapped
         self.state = self._resume_or_start()
-        self.quail_margin = self._quail_margin() if config.quail_weight > 0 else None
+        self.quail_margin = self._quail_margin(strategy.quail) if strategy.quail is not None else None
         self.ref_nll = (cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, parallel)
                         if config.method == "npo" else None)
         self.bar = self._progress_bar()
@@ -285,7 +287,7 @@ class UnlearnRecipe:
                         loss = self._micro_batch_loss(group, counts)
                         # gradients are averaged over processes; the losses are already global means.
                         scale = share * weight * self.parallel.num_processes
-                        if self.config.sure_percentile is not None and loss.forget is not None:
+                        if self.config.strategy.sure is not None and loss.forget is not None:
                             forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
                         self.parallel.backward(loss.total * scale)
                     if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
@@ -293,8 +295,9 @@ class UnlearnRecipe:
                         values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
                         sums = [total + weight * value for total, value in zip(sums, values)]
         forget, retain, quail_term, log_ratio = self.parallel.sum_over_processes(sums)
+        quail_setting = self.config.strategy.quail
         total = (self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
-                 + self.config.quail_weight * quail_term)
+                 + (quail_setting.weight * quail_term if quail_setting is not None else 0.0))
         if math.isfinite(total):
             if self.config.max_grad_norm > 0:
                 self.parallel.clip_grad_norm(self.trainable, self.config.max_grad_norm)
@@ -303,7 +306,7 @@ class UnlearnRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total,
                         log_ratio=log_ratio / counts["forget_sequences"] if self.config.method == "npo" else None,
-                        quail=quail_term if self.config.quail_weight > 0 else None)
+                        quail=quail_term if quail_setting is not None else None)
 
     def _row_passes(self, micro: MicroBatch, weight: float) -> list[tuple[MicroBatch, float]]:
         """The forward passes of one micro-batch, its chunks grouped by length (`data.row_groups`), with their
@@ -331,11 +334,11 @@ class UnlearnRecipe:
     def _precision_passes(self, switch: FakeQuantSwitch | None
                           ) -> list[tuple[float, contextlib.AbstractContextManager, bool]]:
         """(loss share, precision, is the deployed model) per forward of a micro-batch: one pass, or under QAT with
-        `qat_mix` < 1 a full-precision pass and then the quantized one."""
-        if switch is None or self.config.qat_mix >= 1.0:
+        a `mix` < 1 a full-precision pass and then the quantized one."""
+        qat = self.config.strategy.qat
+        if switch is None or qat is None or qat.mix >= 1.0:
             return [(1.0, contextlib.nullcontext(), True)]
-        return [(1.0 - self.config.qat_mix, switch.full_precision(), False),
-                (self.config.qat_mix, contextlib.nullcontext(), True)]
+        return [(1.0 - qat.mix, switch.full_precision(), False), (qat.mix, contextlib.nullcontext(), True)]
 
     def _add_forget_gradient(self, grads: list[torch.Tensor | None] | None,
                              forget: torch.Tensor) -> list[torch.Tensor | None]:
@@ -347,7 +350,8 @@ class UnlearnRecipe:
 
     def _update(self, forget_grads: list[torch.Tensor | None] | None) -> None:
         """The optimizer step; under SURE only on the rows most salient for the forget loss (others unchanged)."""
-        if self.config.sure_percentile is None or forget_grads is None:
+        sure = self.config.strategy.sure
+        if sure is None or forget_grads is None:
             self.optimizer.step()
             return
         named = dict(zip(self.trainable_names, self.trainable))
@@ -357,23 +361,22 @@ class UnlearnRecipe:
                 if self.parallel.num_processes > 1:
                     torch.distributed.all_reduce(grad)
                 grads[name] = grad
-        masks = saliency.row_saliency_masks(grads, self.config.sure_percentile)
+        masks = saliency.row_saliency_masks(grads, sure.percentile)
         for name, param in named.items():
             masks.setdefault(name, torch.zeros(param.shape[0], dtype=torch.bool))
         saliency.masked_step(self.optimizer, named, masks)
 
     @torch.no_grad()
-    def _quail_margin(self) -> float:
-        """QUAIL's margin (see `UnlearnConfig.quail_margin`), from the model before unlearning, kept with the run."""
-        setting = self.config.quail_margin
+    def _quail_margin(self, setting: Quail) -> float:
+        """QUAIL's margin (see `strategy.Quail.margin`), from the model before unlearning, kept with the run."""
         if self.state.quail_margin is not None:
             return self.state.quail_margin
-        if setting == "weight":
-            margin = quail.quail_margin(self.transformer, self.config.quail_spec)
-        elif setting == "logit":
-            margin = self._logit_margin(trainable_spec(self.config.quail_spec))
+        if setting.margin == "weight":
+            margin = quail.quail_margin(self.transformer, setting.spec)
+        elif setting.margin == "logit":
+            margin = self._logit_margin(trainable_spec(setting.spec))
         else:
-            margin = float(setting)
+            margin = float(setting.margin)
         self.state.quail_margin = margin
         return margin
 
@@ -448,9 +451,9 @@ class UnlearnRecipe:
             retain = objectives.kl_from_tokens(stats.retain_kl, stats.retain_mask, counts["retain_tokens"])
         total = objectives.combine(forget, retain, config.gamma, config.alpha)
         hinge = None
-        if stats.forget_hinge is not None:
+        if stats.forget_hinge is not None and config.strategy.quail is not None:
             hinge = stats.forget_hinge.sum() / counts["forget_tokens"]
-            total = total + config.quail_weight * hinge
+            total = total + config.strategy.quail.weight * hinge
         return MicroLoss(total=total, forget=forget, retain=retain, quail=hinge, log_ratio=log_ratio)
 
     def _forget_term(self, forget_nll: torch.Tensor, forget_mask: torch.Tensor, micro: MicroBatch,

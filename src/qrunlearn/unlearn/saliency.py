@@ -37,16 +37,13 @@ import torch
 
 from qrunlearn.errors import UserError
 
-PERCENTILE_OPTION = "--sure-percentile"
-PERCENTILE_FIELD = "sure_percentile"
-
 
 def check_percentile(percentile: float) -> float:
-    """The percentile as a float, or a one-line UserError naming the option and the config field."""
+    """The percentile as a float, or a one-line UserError naming the strategy setting."""
     value = float(percentile)
     if not (0.0 < value < 100.0):  # also rejects nan
-        raise UserError(f"{PERCENTILE_OPTION} (config field '{PERCENTILE_FIELD}'): must be strictly between 0 "
-                        f"and 100 (SURE uses 90-99), got {percentile}")
+        raise UserError(f"SURE's percentile (strategy sure:percentile=P): must be strictly between 0 and 100 (SURE "
+                        f"uses 90-99), got {percentile}")
     return value
 
 
