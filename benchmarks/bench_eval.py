@@ -219,7 +219,7 @@ def time_verbmem_prefill(model, tokenizer, corpus, limit, batch_size: int, confi
 
 # ---- driver -------------------------------------------------------------------------------------------------
 def _default_model(data: Path) -> Path:
-    from qrunlearn.models.target import TargetConfig, build_target_and_retrain
+    from qrunlearn.targets.build import TargetConfig, build_target_and_retrain
 
     out = REPO / "runs" / "bench_eval"
     return Path(build_target_and_retrain(data, out, TargetConfig(size="small"))["target"].path)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qrunlearn.quant.common import linear_weight, target_linear_names
+from qrunlearn.models.layers import linear_weight, target_linear_names
 from qrunlearn.quant.fake import fake_quantize, fake_quantized
 from qrunlearn.unlearn.lora import wrap_lora
 

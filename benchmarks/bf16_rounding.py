@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from qrunlearn.models.loading import load_causal_lm
-from qrunlearn.quant.common import target_linear_names
+from qrunlearn.models.layers import target_linear_names
 
 
 def main() -> None:

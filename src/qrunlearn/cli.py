@@ -22,8 +22,8 @@ from qrunlearn.config import load_config
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
-from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.source import ModelSource
+from qrunlearn.targets.config import BaseTargetConfig
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.strategy import Strategy
 
@@ -41,7 +41,7 @@ recipe = lazy_module("qrunlearn.unlearn.recipe")
 report_module = lazy_module("qrunlearn.report")
 stats = lazy_module("qrunlearn.data.stats")
 synth = lazy_module("qrunlearn.data.synth")
-target_module = lazy_module("qrunlearn.models.target")
+target_module = lazy_module("qrunlearn.targets.build")
 gguf = lazy_module("qrunlearn.models.gguf")
 gptq = lazy_module("qrunlearn.quant.gptq")
 registry = lazy_module("qrunlearn.quant.registry")

@@ -20,8 +20,8 @@ from pydantic import (
 
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
-from qrunlearn.models.config import FinetuneRecipe
 from qrunlearn.quant.spec import QuantSpec, parse_spec
+from qrunlearn.targets.config import FinetuneRecipe
 from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, Strategy
 

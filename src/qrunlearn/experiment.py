@@ -38,9 +38,7 @@ from qrunlearn.eval.gradient import answer_nll_gradient
 from qrunlearn.eval.mia import privleak
 from qrunlearn.eval.muse import forget_answer_tokens
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed
-from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.loading import load_causal_lm
-from qrunlearn.models.target import TargetConfig, build_target_and_retrain
 from qrunlearn.quant import (
     FULL_PRECISION,
     QuantSpec,
@@ -60,6 +58,8 @@ from qrunlearn.results import (
     UnlearnSummary,
     read_cell,
 )
+from qrunlearn.targets.build import TargetConfig, build_target_and_retrain
+from qrunlearn.targets.config import BaseTargetConfig
 from qrunlearn.unlearn import UnlearnResult, select_epoch, unlearn
 from qrunlearn.unlearn.recipe import EpochHook
 from qrunlearn.unlearn.storage import epoch_model_dir

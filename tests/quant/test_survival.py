@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from qrunlearn.errors import UserError
+from qrunlearn.models.layers import target_linear_names
 from qrunlearn.quant import first_order, plot_survival, quantize_weight, survival_report
-from qrunlearn.quant.common import target_linear_names
 
 STEP = 1 / 16  # the toy's quantization step under rtn:w4 (per channel): a power of two, so every value is exact
 

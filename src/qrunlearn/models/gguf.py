@@ -31,8 +31,8 @@ from transformers.utils import logging as hf_logging
 
 from qrunlearn.errors import UserError
 from qrunlearn.io import atomic_directory, atomic_write_json
+from qrunlearn.models.layers import is_plain_linear, linear_weight, target_linear_names
 from qrunlearn.models.source import is_gguf
-from qrunlearn.quant.common import is_plain_linear, linear_weight, target_linear_names
 
 if TYPE_CHECKING:  # importing modeling_utils costs seconds; `load_causal_lm`'s module imports this one
     from transformers import PreTrainedModel

@@ -10,7 +10,8 @@
 from qrunlearn.lazy import lazy_exports
 
 _EXPORTS = {
-    **{name: "qrunlearn.quant.common" for name in ("QuantizedWeight", "target_linear_names")},
+    "QuantizedWeight": "qrunlearn.quant.common",
+    "target_linear_names": "qrunlearn.models.layers",
     **{name: "qrunlearn.quant.fake" for name in ("fake_quantize", "fake_quantized")},
     **{name: "qrunlearn.quant.registry" for name in ("available_methods", "load_quantized", "quantize_model",
                                                      "quantize_weight", "quantized_codes", "save_quantized")},

@@ -20,15 +20,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qrunlearn.errors import MissingDependencyError, UserError
+from qrunlearn.models.layers import as_linear, is_plain_linear, set_submodule, target_linear_names
 from qrunlearn.models.loading import resolve_dtype
-from qrunlearn.quant.common import (
-    QuantizedWeight,
-    as_linear,
-    is_plain_linear,
-    mean_level_gap,
-    set_submodule,
-    target_linear_names,
-)
+from qrunlearn.quant.common import QuantizedWeight, mean_level_gap
 from qrunlearn.quant.spec import BNB_BLOCKSIZE, QuantSpec
 
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (bnb / transformers default)

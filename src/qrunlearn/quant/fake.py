@@ -12,7 +12,7 @@ bitsandbytes' 4-bit blockwise quantizer (flatten, blocks of 64, absmax per block
 with bnb's own bucket boundaries, in fp32, cast to the weight's dtype as `dequantize_4bit` does). Its gradient is
 straight-through: dL/dW = dL/dQ(W), the gradient of the loss evaluated at Q(W).
 
-`fake_quantized` swaps the `forward` of every linear inside the transformer blocks (`common.target_linear_names`)
+`fake_quantized` swaps the `forward` of every linear inside the transformer blocks (`models.layers.target_linear_names`)
 for one that quantizes its weight once per call; parameters, buffers and the state dict are never touched, and the
 original forwards come back when the context exits. A peft LoRA layer computes x @ Q(W0 + s B A)^T + b, with
 W0 + s B A formed exactly as peft's merge forms it, so the quantized weight equals that of the merged-then-quantized
@@ -42,7 +42,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from qrunlearn.errors import UserError
-from qrunlearn.quant.common import PlainLinear, is_plain_linear, linear_weight, target_linear_names
+from qrunlearn.models.layers import PlainLinear, is_plain_linear, linear_weight, target_linear_names
 from qrunlearn.quant.rtn import rtn_dequantize
 from qrunlearn.quant.spec import BNB_BLOCKSIZE, QuantSpec, parse_spec
 

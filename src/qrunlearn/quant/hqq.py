@@ -9,14 +9,8 @@ import torch
 from torch import nn
 
 from qrunlearn.errors import MissingDependencyError
-from qrunlearn.quant.common import (
-    QuantizedWeight,
-    as_linear,
-    check_group_divides,
-    is_plain_linear,
-    set_submodule,
-    target_linear_names,
-)
+from qrunlearn.models.layers import as_linear, is_plain_linear, set_submodule, target_linear_names
+from qrunlearn.quant.common import QuantizedWeight, check_group_divides
 from qrunlearn.quant.spec import QuantSpec
 
 HQQLayer: TypeAlias = Any  # hqq's HQQLinear: hqq is imported lazily (an optional backend) and its `meta` is untyped

@@ -21,16 +21,10 @@ from torch import nn
 
 from qrunlearn.errors import MissingDependencyError, UserError
 from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata
+from qrunlearn.models.layers import is_plain_linear, linear_weight, target_linear_names
 from qrunlearn.models.loading import DTypeName, default_device, load_causal_lm, load_tokenizer
 from qrunlearn.models.source import is_gguf, resolve_model_path
-from qrunlearn.quant.common import (
-    FULL_PRECISION_NOTE,
-    QuantizedWeight,
-    check_group_divides,
-    is_plain_linear,
-    linear_weight,
-    target_linear_names,
-)
+from qrunlearn.quant.common import FULL_PRECISION_NOTE, QuantizedWeight, check_group_divides
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 
 SPEC_FILE = "qrunlearn_quant.json"  # written beside fp weights when the backend does not serialise

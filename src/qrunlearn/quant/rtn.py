@@ -17,14 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qrunlearn.quant.common import (
-    QuantizedWeight,
-    as_linear,
-    check_group_divides,
-    is_plain_linear,
-    set_submodule,
-    target_linear_names,
-)
+from qrunlearn.models.layers import as_linear, is_plain_linear, set_submodule, target_linear_names
+from qrunlearn.quant.common import QuantizedWeight, check_group_divides
 from qrunlearn.quant.spec import QuantSpec
 
 

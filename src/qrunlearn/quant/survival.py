@@ -28,14 +28,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from qrunlearn.errors import UserError
+from qrunlearn.models.layers import PlainLinear, is_plain_linear, linear_weight, target_linear_names
 from qrunlearn.plotting import pyplot, save_figure
-from qrunlearn.quant.common import (
-    FULL_PRECISION_NOTE,
-    PlainLinear,
-    is_plain_linear,
-    linear_weight,
-    target_linear_names,
-)
+from qrunlearn.quant.common import FULL_PRECISION_NOTE
 from qrunlearn.quant.registry import quantize_weight
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 

@@ -38,8 +38,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from qrunlearn.data.muse import MuseCorpus
 from qrunlearn.errors import UserError
+from qrunlearn.models.layers import block_list_names
 from qrunlearn.models.loading import load_tokenizer, resolve_dtype
-from qrunlearn.quant.common import block_list_names
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.data import load_unlearn_data
 from qrunlearn.unlearn.lora import default_lora_targets

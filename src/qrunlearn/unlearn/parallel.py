@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qrunlearn.errors import UserError
+from qrunlearn.models.layers import block_list_names
 from qrunlearn.models.loading import resolve_dtype
-from qrunlearn.quant.common import block_list_names
 from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
 

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from qrunlearn.errors import UserError
-from qrunlearn.quant.common import check_group_divides, is_plain_linear, linear_weight, target_linear_names
+from qrunlearn.models.layers import is_plain_linear, linear_weight, target_linear_names
+from qrunlearn.quant.common import check_group_divides
 from qrunlearn.quant.registry import quantize_weight, require_backend
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 from qrunlearn.unlearn.objectives import shift

@@ -35,10 +35,10 @@ from qrunlearn.errors import UserError
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.eval.muse import evaluate, exact_match
 from qrunlearn.io import atomic_directory, atomic_write_json, run_metadata, set_seed
-from qrunlearn.models.config import BaseTargetConfig
 from qrunlearn.models.loading import ModelSource, load_causal_lm, resolve_dtype
 from qrunlearn.models.tiny import PRESETS, build_model, train_tokenizer
 from qrunlearn.models.train import TrainConfig, TrainResult, train_causal_lm
+from qrunlearn.targets.config import BaseTargetConfig
 
 MARKER = "qrunlearn_model.json"
 RECIPE_VERSION = 2  # bump when a training recipe changes so caches are invalidated (not for a change of float

@@ -10,7 +10,7 @@ from qrunlearn.data.synth import SynthConfig, generate_corpus
 from qrunlearn.eval import EvalConfig, evaluate
 from qrunlearn.eval.muse import exact_match
 from qrunlearn.models.loading import load_causal_lm
-from qrunlearn.models.target import TargetConfig, build_target_and_retrain
+from qrunlearn.targets.build import TargetConfig, build_target_and_retrain
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qrunlearn.cli import main
-from qrunlearn.models.target import MARKER, TargetConfig, build_target_and_retrain
+from qrunlearn.targets.build import MARKER, TargetConfig, build_target_and_retrain
 
 
 def test_target_and_retrain_train_reload_generate_and_cache(tiny_corpus_dir, tmp_path, capsys):
