@@ -24,9 +24,12 @@ $(UV):
 $(STAMP): pyproject.toml constraints.txt $(LOCK) | $(UV)
 	# torch without its dependencies: the lock pins those too.
 	$(PIP) install --quiet --no-deps torch==$(TORCH_VERSION)
-	$(UV) pip install --quiet --python $(PY) --no-deps -r $(LOCK)
+	# Bytecode compiled once here: with PYTHONDONTWRITEBYTECODE=1 (usual in containers) every command would
+	# otherwise recompile what it imports.
+	$(UV) pip install --quiet --python $(PY) --no-deps --compile-bytecode -r $(LOCK)
 	# No build isolation: the editable build uses the locked setuptools instead of fetching the newest.
-	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation -e .
+	$(UV) pip install --quiet --python $(PY) --no-deps --no-build-isolation --compile-bytecode -e .
+	$(PY) -m compileall -q src
 	touch $(STAMP)
 
 install: $(STAMP)

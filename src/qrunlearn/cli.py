@@ -27,24 +27,51 @@ from qrunlearn.targets.config import BaseTargetConfig
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.strategy import Strategy
 
+
+def skip_transformers_hqq_cache() -> None:
+    """Load transformers' model code with hqq and torchao reported absent. transformers imports hqq for a quantized
+    KV cache and torchao for torchao-quantized checkpoints, neither of which qrunlearn uses, and their imports pull
+    in torch._dynamo and inductor: ~4.5 s of a command's start on 2 busy cores (`benchmarks/bench_startup.py`).
+    Only the command line does this (it owns its process); the `hqq:` quantizer imports hqq itself when a spec asks
+    for it."""
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    import transformers.utils as hf_utils
+
+    checks = {name: getattr(hf_utils, name) for name in ("is_hqq_available", "is_torchao_available")}
+    for name in checks:
+        setattr(hf_utils, name, lambda *args, **kwargs: False)
+    try:
+        import transformers.cache_utils  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        for name, check in checks.items():
+            setattr(hf_utils, name, check)
+
+
+def stage(name: str) -> Any:
+    """A stage that loads models, imported on first use after `skip_transformers_hqq_cache`."""
+    return lazy_module(name, before=skip_transformers_hqq_cache)
+
+
 # The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after
-# ~5 s of importing torch, transformers and peft.
-experiment = lazy_module("qrunlearn.experiment")
-eval_run = lazy_module("qrunlearn.eval.run")
+# ~5 s of importing torch, transformers and peft; the data commands never import transformers.
+experiment = stage("qrunlearn.experiment")
+eval_run = stage("qrunlearn.eval.run")
 hub = lazy_module("qrunlearn.data.hub")
 io = lazy_module("qrunlearn.io")
-loading = lazy_module("qrunlearn.models.loading")
-memory = lazy_module("qrunlearn.unlearn.memory")
+loading = stage("qrunlearn.models.loading")
+memory = stage("qrunlearn.unlearn.memory")
 muse = lazy_module("qrunlearn.data.muse")
-quant = lazy_module("qrunlearn.quant")
-recipe = lazy_module("qrunlearn.unlearn.recipe")
-report_module = lazy_module("qrunlearn.report")
+quant = stage("qrunlearn.quant")
+recipe = stage("qrunlearn.unlearn.recipe")
+report_module = stage("qrunlearn.report")
 stats = lazy_module("qrunlearn.data.stats")
 synth = lazy_module("qrunlearn.data.synth")
-target_module = lazy_module("qrunlearn.targets.build")
-gguf = lazy_module("qrunlearn.models.gguf")
-gptq = lazy_module("qrunlearn.quant.gptq")
-registry = lazy_module("qrunlearn.quant.registry")
+target_module = stage("qrunlearn.targets.build")
+gguf = stage("qrunlearn.models.gguf")
+gptq = stage("qrunlearn.quant.gptq")
+registry = stage("qrunlearn.quant.registry")
 
 app = typer.Typer(
     name="qrunlearn",

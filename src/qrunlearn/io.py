@@ -27,7 +27,7 @@ import torch
 
 TRACKED_PACKAGES = (
     "qrunlearn", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
-    "bitsandbytes", "hqq", "torchao", "rouge-score", "scikit-learn", "numpy",
+    "bitsandbytes", "hqq", "torchao", "scipy", "numpy",
 )
 
 

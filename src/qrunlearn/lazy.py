@@ -20,18 +20,21 @@ class LazyModule:
     access. Unlike `importlib.util.LazyLoader` it puts nothing half-loaded into `sys.modules`, so tools that scan
     `sys.modules` (inspect, warnings) cannot trigger an import in the middle of another one."""
 
-    def __init__(self, name: str):
-        self._name = name
+    def __init__(self, name: str, before: Callable[[], None] | None = None):
+        self._name, self._before = name, before
 
     def __getattr__(self, attribute: str) -> Any:
+        if self._before is not None:
+            self._before()
         return getattr(importlib.import_module(self._name), attribute)
 
     def __repr__(self) -> str:
         return f"<lazy module {self._name!r}>"
 
 
-def lazy_module(name: str) -> Any:
-    return LazyModule(name)
+def lazy_module(name: str, before: Callable[[], None] | None = None) -> Any:
+    """`before` runs ahead of the import (every access; it must be cheap once done)."""
+    return LazyModule(name, before)
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:

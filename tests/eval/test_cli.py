@@ -106,3 +106,36 @@ def test_every_eval_setting_is_an_option(tiny_model_dir, tiny_corpus_dir, tmp_pa
     capsys.readouterr()
     assert main(["eval", "--help"]) == 0
     assert "LOSS" in capsys.readouterr().out  # --mia: "Also the LOSS / zlib / Min-K ..." (capitalize() lowered it)
+
+
+def test_the_eval_command_imports_only_what_it_uses():
+    """`qrunlearn eval`'s modules load without scikit-learn and nltk (MUSE's AUC and ROUGE-L are computed here)
+    and without hqq and torchao (transformers imports them for features qrunlearn does not use): seconds of every
+    command's start (benchmarks/bench_startup.py)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom qrunlearn.cli import eval_run\neval_run.eval_folder\n"
+             "print(sorted(m for m in ('sklearn', 'nltk', 'rouge_score', 'hqq', 'torchao') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert done.stderr == ""  # and no import prints a warning
+
+
+def test_the_installed_script_quantizes_with_hqq_and_evaluates_the_folder(tiny_model_dir, tiny_corpus_dir, tmp_path):
+    """The command line loads transformers with hqq reported absent; the `hqq:` quantizer still works, through
+    the installed console script, and its folder evaluates quantized."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("hqq")
+    script = Path(sys.executable).with_name("qrunlearn")
+    quantized, out = tmp_path / "q", tmp_path / "r.json"
+    for args in (["quantize", "--model", str(tiny_model_dir), "--method", "hqq:w4g32", "--out", str(quantized)],
+                 ["eval", "--model", str(quantized), "--data", str(tiny_corpus_dir), "--out", str(out),
+                  "--metrics", "knowmem_f", "--limit", "2", "--bootstrap", "10"]):
+        done = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text())["quant_spec"] == "hqq:w4g32"

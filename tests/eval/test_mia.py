@@ -36,3 +36,23 @@ def test_privleak_formula_and_muse_news_reference():
     assert privleak(0.4772, 0.4772) == 0.0
     assert privleak(0.001, 0.4772) == pytest.approx(-99.79, abs=0.01)  # MUSE's target row: -99.8
     assert privleak(0.5, 0.25) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
+def test_auc_equals_sklearns_roc_auc(seed, ties):
+    """MUSE's own computation, `auc(*roc_curve(y, -score)[:2])`, on continuous scores and on heavily tied ones."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    forget, holdout = rng.normal(2.0, 1.0, size=333), rng.normal(2.3, 1.0, size=250)
+    if ties:
+        forget, holdout = np.round(forget, 1), np.round(holdout, 1)
+    labels = np.concatenate([np.zeros(len(forget)), np.ones(len(holdout))])
+    fpr, tpr, _ = metrics.roc_curve(labels, -np.concatenate([forget, holdout]))
+    assert abs(muse_auc(forget, holdout) - metrics.auc(fpr, tpr)) < 1e-12
+
+
+def test_auc_rejects_what_sklearn_rejects():
+    with pytest.raises(ValueError, match="NaN"):
+        muse_auc(np.array([1.0, np.nan]), np.array([2.0]))
+    with pytest.raises(ValueError, match="both splits"):
+        muse_auc(np.array([]), np.array([2.0]))

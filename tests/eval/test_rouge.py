@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from qrunlearn.eval.rouge import clean_up_tokenization, contains_stop_string, cut_at_stop_strings, rouge_l
@@ -46,3 +48,21 @@ def test_cut_takes_the_earliest_stop_whatever_the_list_order():
 
 def test_clean_up_tokenization_matches_transformers4():
     assert clean_up_tokenization("He said , it is n't so . Right ?") == "He said, it isn't so. Right?"
+
+
+def test_rouge_l_equals_the_rouge_score_package_to_the_bit():
+    """MUSE's scorer, `RougeScorer(["rougeL"], use_stemmer=False).score(reference, generation)`, on generated
+    text with case, punctuation, digits, non-ASCII letters, repeats and empty sides."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(0)
+    words = ["the", "The", "Mayor", "of", "Veldria", "42", "café", "x-ray", "it's", "", "!!", "U.S.", "naïve", "a"]
+    pairs = [("", "anything"), ("anything", ""), ("...", "!!")]
+    for _ in range(300):
+        pairs.append((" ".join(rng.choices(words, k=rng.randint(0, 40))),
+                      " ".join(rng.choices(words, k=rng.randint(0, 40)))))
+    for reference, generation in pairs:
+        expected = scorer.score(reference, generation)["rougeL"]
+        ours = rouge_l(reference, generation)
+        assert (ours.f1, ours.precision, ours.recall) == (expected.fmeasure, expected.precision, expected.recall), (
+            reference, generation)

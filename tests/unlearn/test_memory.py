@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 
 def _cfg(**changes) -> UnlearnConfig:
-    base = dict(method="npo", reg="klr", adapter="full", batch_size=2, max_length=100, dtype="float32")
+    base = dict(method="npo", reg="klr", batch_size=2, max_length=100, dtype="float32")
     return UnlearnConfig(**{**base, **changes})
 
 
@@ -91,3 +91,25 @@ def test_checkpointing_counts_the_backward_recompute_beside_the_gradients(model_
     one_block = tokens * _block_bytes_per_token(config, 4) + 3 * tokens * config.intermediate_size * 4
     assert chunked.recompute == chunked.gradients + block_inputs + one_block
     assert chunked.total > chunked.weights + chunked.optimizer + chunked.reference + chunked.gradients
+
+
+def test_each_strategy_adds_what_it_keeps(model_dir):
+    """Hand-derived for the known config (fp32, batch 2 forget + 2 retain rows of 100 positions): SURE keeps a
+    second gradient (4 bytes x PARAMS) all step and, at the step, 95% of three trainable-sized tensors (the
+    unselected rows and their two AdamW moments); QAT keeps each block linear's Q(W) (LoRA: and W0 + s B A); QUAIL
+    the reference's logits over the 2 forget rows and their fp32 difference (2 x 100 x 128 x 8 bytes)."""
+    block_linears = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    plain = estimate_memory(model_dir, _cfg(), device="cpu")
+    assert (plain.strategy_resident, plain.strategy_forward, plain.strategy_step) == (0, 0, 0)
+    sure = estimate_memory(model_dir, _cfg(strategy="sure"), device="cpu")
+    assert sure.strategy_resident == 4 * PARAMS and sure.strategy_step == int(3 * 4 * PARAMS * 0.95)
+    assert estimate_memory(model_dir, _cfg(strategy="sure:percentile=90"), device="cpu").strategy_step == int(
+        3 * 4 * PARAMS * 0.90)
+    qat = estimate_memory(model_dir, _cfg(strategy="qat:nf4"), device="cpu")
+    assert qat.strategy_forward == 4 * block_linears
+    lora_qat = estimate_memory(model_dir, _cfg(strategy="lora+qat:nf4", lora_r=4), device="cpu")
+    assert lora_qat.strategy_forward == 2 * 4 * block_linears
+    quail = estimate_memory(model_dir, _cfg(strategy="quail"), device="cpu")
+    assert quail.strategy_forward == 2 * 100 * 128 * 8
+    assert sure.total > plain.total and qat.total > plain.total and quail.total > plain.total
+    assert "strategy (kept)" in sure.describe() and "strategy (forward)" in qat.describe()

@@ -11,18 +11,28 @@ from __future__ import annotations
 from typing import TypeVar
 
 import numpy as np
-from sklearn.metrics import auc, roc_curve
 
 FloatOrArray = TypeVar("FloatOrArray", float, np.ndarray)
 
 
 def muse_auc(first: np.ndarray, second: np.ndarray) -> float:
-    """AUC of `roc_curve([0]*len(first) + [1]*len(second), -scores)` (sklearn, trapezoidal), as MUSE."""
+    """AUC of `roc_curve([0]*len(first) + [1]*len(second), -scores)` with sklearn's trapezoidal `auc`, as MUSE
+    computes it, without sklearn (whose import costs seconds): the trapezoidal ROC AUC is the Mann-Whitney
+    statistic, the share of (first, second) pairs where the second text scores lower, ties counting one half.
+    From mid-ranks: U = (sum of the first split's ranks) - n0 (n0 + 1) / 2, exact in float64 (half-integers), then
+    one division; sklearn's trapezoid sum agrees to ~1e-16 (tested against it)."""
     first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
+    if not (len(first) and len(second)):
+        raise ValueError("an AUC needs texts in both splits")
     scores = np.concatenate([first, second])
-    labels = np.concatenate([np.zeros(len(first)), np.ones(len(second))])
-    fpr, tpr, _ = roc_curve(labels, -scores)
-    return float(auc(fpr, tpr))
+    if np.isnan(scores).any():
+        raise ValueError("AUC scores contain NaN")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    mid_ranks = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct score
+    rank_sum = float(mid_ranks[inverse[:len(first)]].sum())
+    pairs_won = rank_sum - len(first) * (len(first) + 1) / 2.0
+    return pairs_won / (len(first) * len(second))
 
 
 def pair_wins(first: np.ndarray, second: np.ndarray) -> np.ndarray:
