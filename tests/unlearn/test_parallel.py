@@ -42,12 +42,15 @@ def test_fsdp_on_two_processes_matches_one_process(adapter, extra, tiny_model_di
     args = ["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--strategy", adapter,
             *COMMON, *extra]
     one, two = tmp_path / "one", tmp_path / "two"
-    # one pass per micro-batch, as under FSDP (grouping by length would change the float summation order)
-    assert main([*args, "--out", str(one), "--batch-size", "2", "--grad-accum", "2",
-                 "--pass-cost-tokens", "1000000"]) == 0
-    # two processes x 2 sequences = the same global batch; LoRA also forms its losses in chunks of 16 positions
-    _launch_two([*args, "--out", str(two), "--batch-size", "2", "--sharding", "fsdp",
-                 *(["--loss-chunk", "16"] if adapter == "lora" else [])])
+    # The same global batch of 4 sequences. Full fine-tuning: one process, 4 micro-batches of 1, against two
+    # processes, 2 micro-batches of 1 each (gradients reduce-scattered after every micro-batch, accumulated
+    # sharded). LoRA: one process, 2 x 2, against two processes, one micro-batch of 2, losses formed in chunks of 16
+    # positions. One pass per micro-batch, as under FSDP (grouping by length would change the summation order).
+    single, sharded = ((["--batch-size", "1", "--grad-accum", "4"], ["--batch-size", "1", "--grad-accum", "2"])
+                       if adapter == "full" else
+                       (["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "2", "--loss-chunk", "16"]))
+    assert main([*args, "--out", str(one), *single, "--pass-cost-tokens", "1000000"]) == 0
+    _launch_two([*args, "--out", str(two), "--sharding", "fsdp", *sharded])
 
     rec1, rec2 = (json.loads((run / "unlearn.json").read_text()) for run in (one, two))
     assert rec1["num_processes"] == 1 and rec2["num_processes"] == 2 and rec2["config"]["sharding"] == "fsdp"
@@ -61,6 +64,6 @@ def test_fsdp_on_two_processes_matches_one_process(adapter, extra, tiny_model_di
     assert sorted(w1) == sorted(w2)
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert moved > 1e-3 and diff < 1e-4 * moved, (diff, moved)  # measured: 1.5e-7 / 1.2e-2 full, 1.1e-6 / 0.14 LoRA
+    assert moved > 1e-3 and diff < 1e-4 * moved, (diff, moved)  # measured: 6.3e-7 / 1.2e-2 full, 1.1e-6 / 0.14 LoRA
     if adapter == "lora":
         assert (two / "adapter" / "adapter_model.safetensors").is_file()
