@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from peak import best_seconds  # noqa: E402  (benchmarks/peak.py, beside this script)
 
-from qrunlearn.models.attention import BLOCK, blocked_causal_attention  # noqa: E402
+from qrunlearn.models.kernels.attention import BLOCK, blocked_causal_attention  # noqa: E402
 
 # (rows, positions): one long privleak text, a batch of ~1k-token VerbMem prompts, and shorter batches.
 SHAPES = ((1, 1850), (2, 1024), (4, 512), (8, 256), (16, 128))

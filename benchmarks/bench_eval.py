@@ -43,7 +43,6 @@ from peak import matmul_peak  # noqa: E402  (benchmarks/peak.py, beside this scr
 
 from qrunlearn.data.muse import load_corpus  # noqa: E402
 from qrunlearn.eval import EvalConfig, evaluate  # noqa: E402
-from qrunlearn.eval.muse import fast_paths  # noqa: E402
 from qrunlearn.eval.flops import (  # noqa: E402
     ModelShape,
     causal_pairs,
@@ -59,6 +58,7 @@ from qrunlearn.eval.generation import (  # noqa: E402
     pad_token_id,
     shared_prefix_length,
 )
+from qrunlearn.models.kernels import kernels  # noqa: E402
 from qrunlearn.models.loading import load_causal_lm  # noqa: E402
 
 MIN_K_RATIOS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
@@ -211,7 +211,7 @@ def time_verbmem_prefill(model, tokenizer, corpus, limit, batch_size: int, confi
     ids = encode(tokenizer, [item.prompt for item in items], None, keep="last").ids
     eos = eos_token_ids(model, tokenizer)
     start = time.perf_counter()
-    with fast_paths(model, config):
+    with kernels(model, config.cpu_kernels, inference=True):
         greedy_generate(model, ids, 1, pad_token_id(tokenizer, eos), eos, batch_size)
     seconds = time.perf_counter() - start
     return seconds, sum(prefill_flops(ModelShape.of(model), len(prompt)) for prompt in ids)
@@ -236,9 +236,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--no-onednn", action="store_true", help="ours without oneDNN linears (EvalConfig)")
-    parser.add_argument("--no-blocked-attention", action="store_true",
-                        help="ours with SDPA's attention kernel instead of the blocked one (EvalConfig)")
+    parser.add_argument("--no-cpu-kernels", action="store_true",
+                        help="ours without the CPU kernels (EvalConfig.cpu_kernels: oneDNN linears, fused MLPs, "
+                             "blocked attention); benchmarks/bench_attention.py times the attention kernel alone")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     return parser.parse_args()
@@ -258,7 +258,7 @@ def _corpus_dir(data: Path | None) -> Path:
 
 def _ours(args: argparse.Namespace, **settings) -> EvalConfig:
     """Our evaluation's settings with the command line's fast-path switches."""
-    return EvalConfig(onednn_linear=not args.no_onednn, blocked_attention=not args.no_blocked_attention, **settings)
+    return EvalConfig(cpu_kernels=not args.no_cpu_kernels, **settings)
 
 
 def _side_by_side(model, tokenizer, corpus, args) -> dict:

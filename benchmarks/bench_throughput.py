@@ -46,7 +46,7 @@ def trainer_row(name: str, model, tokenizer, docs: list[str], config: TrainConfi
                 rate: float) -> str:
     n = matmul_params(model)
     flops = 6 * n * rate
-    return (f"| target trainer | {name} | {kernels(config.onednn_linear)}, {passes(config.pass_cost_tokens)} | "
+    return (f"| target trainer | {name} | {kernels(config.cpu_kernels)}, {passes(config.pass_cost_tokens)} | "
             f"{n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |")
 
 
@@ -77,7 +77,7 @@ def unlearn_row(name: str, config: UnlearnConfig, peak: float, n: int, rate: flo
     reference_share = 0.5 if config.reg == "klr" else 0.0
     flops = (6 + 2 * reference_share) * n * rate
     label = f"{config.method}+{config.reg} {config.adapter}"
-    return (f"| unlearning ({label}) | {name} | {kernels(config.onednn_linear)}, {passes(config.pass_cost_tokens)} "
+    return (f"| unlearning ({label}) | {name} | {kernels(config.cpu_kernels)}, {passes(config.pass_cost_tokens)} "
             f"| {n / 1e6:.1f}M | {rate:.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |")
 
 
@@ -91,12 +91,12 @@ def passes(cost) -> str:
 
 
 def trainer_configs(**settings) -> tuple[TrainConfig, ...]:
-    return tuple(TrainConfig(**settings, onednn_linear=onednn,
+    return tuple(TrainConfig(**settings, cpu_kernels=onednn,
                              **({} if cost == "default" else {"pass_cost_tokens": cost})) for onednn, cost in VARIANTS)
 
 
 def unlearn_configs(base: UnlearnConfig, **update) -> tuple[UnlearnConfig, ...]:
-    return tuple(base.model_copy(update={**update, "onednn_linear": onednn,
+    return tuple(base.model_copy(update={**update, "cpu_kernels": onednn,
                                          "pass_cost_tokens": None if cost == "default" else cost})
                  for onednn, cost in VARIANTS)
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from qrunlearn.models.onednn import onednn_linear
+from qrunlearn.models.kernels.onednn import onednn_linear
 
 
 def resident_bytes() -> int:

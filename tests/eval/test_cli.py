@@ -98,11 +98,11 @@ def test_every_eval_setting_is_an_option(tiny_model_dir, tiny_corpus_dir, tmp_pa
     out = tmp_path / "r.json"
     code = main(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--out", str(out),
                  "--metrics", "knowmem_f", "--limit", "2", "--bootstrap", "10", "--knowmem-prompt", "answer-space",
-                 "--no-answer-nll", "--max-new-tokens-knowmem", "8", "--no-blocked-attention"])
+                 "--no-answer-nll", "--max-new-tokens-knowmem", "8", "--no-cpu-kernels"])
     assert code == 0, capsys.readouterr().err
     config = json.loads(out.read_text())["settings"]["config"]
     assert config["knowmem_prompt"] == "answer-space" and config["answer_nll"] is False
-    assert config["max_new_tokens_knowmem"] == 8 and config["blocked_attention"] is False
+    assert config["max_new_tokens_knowmem"] == 8 and config["cpu_kernels"] is False
     capsys.readouterr()
     assert main(["eval", "--help"]) == 0
     assert "LOSS" in capsys.readouterr().out  # --mia: "Also the LOSS / zlib / Min-K ..." (capitalize() lowered it)

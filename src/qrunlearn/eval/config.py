@@ -3,9 +3,11 @@ experiment's `eval:` section alike."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qrunlearn.models.kernels import CpuKernels
 
 MetricName = Literal["verbmem_f", "knowmem_f", "knowmem_r", "privleak"]
 # "muse": MUSE's prompt, ending in "Answer: ". "answer-space": the same text with that last space moved from the
@@ -50,11 +52,14 @@ class EvalConfig(BaseModel):
                                                  "block) once")
     decode_threads: int | None = Field(1, ge=1, description="CPU threads of the single-token decoding steps (None = "
                                                             "torch's setting); see the comment above")
-    onednn_linear: bool = Field(True, description="on CPU, run float32 linear layers through oneDNN (2-2.5x MKL's "
-                                                  "speed on AMD CPUs), gated SiLU MLPs with the activation and "
-                                                  "product fused into its products; results differ in the last "
-                                                  "bits; false = PyTorch's default BLAS")
-    blocked_attention: bool = Field(True, description="on CPU, run long causal float32 passes' attention (scoring, "
-                                                      "prefill) as blocked oneDNN products (1.4-1.7x SDPA's speed "
-                                                      "from 512 tokens; results differ in the last bits; see "
-                                                      "models.attention); false = SDPA")
+    cpu_kernels: CpuKernels = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kernel_switch(cls, raw: Any) -> Any:
+        """Records written when each kernel had its own switch (`onednn_linear`, `blocked_attention`) still read."""
+        if isinstance(raw, dict) and {"onednn_linear", "blocked_attention"} & raw.keys():
+            raw = dict(raw)
+            old = [bool(raw.pop(name)) for name in ("onednn_linear", "blocked_attention") if name in raw]
+            raw.setdefault("cpu_kernels", all(old))
+        return raw

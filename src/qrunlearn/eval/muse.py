@@ -14,11 +14,10 @@ counted in `settings["truncated"]` and logged as warnings.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +53,7 @@ from qrunlearn.eval.rouge import (
     rouge_l,
 )
 from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
-from qrunlearn.models.attention import blocked_attention
-from qrunlearn.models.onednn import fused_gated_mlp, onednn_linear
+from qrunlearn.models.kernels import kernels
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -275,30 +273,11 @@ def run_privleak_scores(model, tokenizer, corpus: MuseCorpus, config: EvalConfig
     return PrivleakScores(scores=scores, truncated=encoded.n_truncated, logs=logs)
 
 
-@dataclass(frozen=True)
-class FastPaths:
-    """Which of the CPU fast paths an evaluation ran with (recorded in its settings)."""
-
-    onednn_linear: bool
-    fused_mlps: int
-    blocked_attention: bool
-
-
-@contextlib.contextmanager
-def fast_paths(model, config: EvalConfig) -> Iterator[FastPaths]:
-    """The config's CPU fast paths around an evaluation: oneDNN linears with gated MLPs fused into their products
-    (`onednn_linear`), blocked attention for long passes (`blocked_attention`). Each leaves other devices, dtypes and
-    training untouched."""
-    with onednn_linear(config.onednn_linear) as routed, fused_gated_mlp(model, config.onednn_linear) as fused, \
-            blocked_attention(model, config.blocked_attention) as blocked:
-        yield FastPaths(onednn_linear=routed, fused_mlps=fused, blocked_attention=blocked)
-
-
 def privleak_auc(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, progress: bool = False) -> float:
     """Min-40% AUC of privleak forget (label 0) vs holdout (label 1): a retrain model's reference AUC."""
     check_corpus(corpus, ("privleak",))
     setup = _setup(model, tokenizer, config)
-    with fast_paths(model, config):
+    with kernels(model, config.cpu_kernels, inference=True):
         result = run_privleak_scores(model, tokenizer, corpus, config, setup, with_extra=False,
                                      splits=("forget", "holdout"), progress=progress)
     return muse_auc(result.scores["forget"][PRIVLEAK_SCORE], result.scores["holdout"][PRIVLEAK_SCORE])
@@ -318,7 +297,7 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
     truncated: dict[str, int] = {}
     started = time.perf_counter()
     try:
-        with fast_paths(model, config) as paths:
+        with kernels(model, config.cpu_kernels, inference=True) as paths:
             for metric in config.metrics:
                 start = time.perf_counter()
                 if metric == "privleak":

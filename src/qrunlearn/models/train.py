@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from qrunlearn.models.onednn import onednn_linear
+from qrunlearn.models.kernels import kernels
 from qrunlearn.models.passes import length_groups, pass_cost_for
 
 
@@ -37,9 +37,8 @@ class TrainConfig:
     # each batch's sequences grouped by length into forward passes, each charged this many tokens of fixed cost
     # against the padding it saves (`models.passes`; None = by device). The loss is the same token mean.
     pass_cost_tokens: int | None = None
-    # float32 CPU linears through oneDNN, forward and backward (`models.onednn`): 2-2.3x PyTorch's default BLAS on
-    # AMD CPUs; results differ in the last bits
-    onednn_linear: bool = True
+    # the CPU kernels (`models.kernels.CpuKernels`: here the oneDNN linears, forward and backward)
+    cpu_kernels: bool = True
 
 
 @dataclass
@@ -156,7 +155,7 @@ def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc
         batches = epoch_batches(lengths, config.batch_size, generator, config.group_by_length)
         for index in batches:
             optimizer.zero_grad(set_to_none=True)
-            with onednn_linear(config.onednn_linear):
+            with kernels(model, config.cpu_kernels, inference=False):
                 loss = _batch_backward(model, [sequences[i] for i in index], tokenizer.pad_token_id, device,
                                        config.pass_cost_tokens)
             if config.grad_clip > 0:

@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from qrunlearn.models.kernels import CpuKernels
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, Adapter, DefaultsName, Strategy
 
 Method = Literal["ga", "npo", "simnpo"]
@@ -59,7 +60,7 @@ TINY_MAX_LENGTH = 256
 TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
     "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
-    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "onednn_linear", "pass_cost_tokens",
+    "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "cpu_kernels", "pass_cost_tokens",
 )
 
 
@@ -105,10 +106,7 @@ class UnlearnConfig(BaseModel):
                                                  "whole batch); bounds the memory of large-vocabulary logits")
     sharding: Literal["none", "fsdp"] = Field("none", description="none = one process or DDP; fsdp = FSDP2 over "
                                                                   "the processes of `accelerate launch`")
-    onednn_linear: bool = Field(True, description="on CPU, float32 linear layers (forward and backward) through "
-                                                  "oneDNN instead of PyTorch's default BLAS (2-2.3x on AMD CPUs; "
-                                                  "results differ in the last bits); no effect on GPUs, in bf16 or "
-                                                  "with gradient checkpointing")
+    cpu_kernels: CpuKernels = True
     pass_cost_tokens: Optional[int] = Field(
         None, ge=0, description="group each micro-batch's chunks by length into separate forward passes, each charged "
                                 "this many tokens of fixed cost against the padding it saves (0 = no padding at "
@@ -123,13 +121,17 @@ class UnlearnConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _strategy_fields(cls, raw: Any) -> Any:
-        """`adapter=` is the strategy's adapter (`UnlearnConfig(adapter="lora")` reads as the strategy "lora"); the
-        flat fields of records written before strategies were typed become the strategy they meant (their `lr`
-        already held SURE's factor, so it is kept as 1)."""
-        if not isinstance(raw, dict) or not ({"adapter", *_FLAT_STRATEGY_FIELDS} & raw.keys()):
+    def _older_fields(cls, raw: Any) -> Any:
+        """`adapter=` is the strategy's adapter (`UnlearnConfig(adapter="lora")` reads as the strategy "lora"). Records
+        from before still read: their flat strategy fields become the strategy they meant (their `lr` already held
+        SURE's factor, so it is kept as 1), and `onednn_linear` is `cpu_kernels`."""
+        if not isinstance(raw, dict) or not ({"adapter", "onednn_linear", *_FLAT_STRATEGY_FIELDS} & raw.keys()):
             return raw
         raw = dict(raw)
+        if "onednn_linear" in raw:  # the kernels' switch before it was one for every stage
+            raw.setdefault("cpu_kernels", raw.pop("onednn_linear"))
+        if not ({"adapter", *_FLAT_STRATEGY_FIELDS} & raw.keys()):
+            return raw
         strategy = raw.get("strategy")
         fields: dict[str, Any] = dict(strategy) if isinstance(strategy, dict) else {}
         if strategy is not None and not isinstance(strategy, dict):

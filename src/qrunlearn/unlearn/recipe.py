@@ -38,8 +38,8 @@ from qrunlearn.errors import UserError
 from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.models.identity import model_identity
+from qrunlearn.models.kernels import kernels
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
-from qrunlearn.models.onednn import onednn_linear
 from qrunlearn.models.passes import pass_cost_for
 from qrunlearn.models.train import collate
 from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
@@ -125,11 +125,10 @@ class UnlearnRecipe:
         self.out_dir, self.epoch_hook, self.show_progress, self.resume = Path(out_dir), epoch_hook, progress, resume
         self.parallel = make_parallel(config)
 
-    @property
-    def _onednn(self) -> bool:
-        """oneDNN linears (`models.onednn`), except under activation checkpointing: its recomputed forwards run in
-        the backward pass outside the routing, and must save the same tensors as the first forward did."""
-        return self.config.onednn_linear and not self.config.gradient_checkpointing
+    def _kernels(self) -> contextlib.AbstractContextManager:
+        """The CPU kernels around a training pass (`models.kernels`)."""
+        return kernels(self.model, self.config.cpu_kernels, inference=False,
+                       checkpointing=self.config.gradient_checkpointing)
 
     def run(self) -> UnlearnResult:
         finished = self.setup()
@@ -233,7 +232,7 @@ class UnlearnRecipe:
             for micro in step.micro_batches:
                 for group, weight in self._row_passes(*_share_of_process(micro, step)):
                     # under QAT the reference is the deployed original, Q(W0); the kernels are the training step's
-                    with onednn_linear(self._onednn), self._deployed_forward():
+                    with self._kernels(), self._deployed_forward():
                         stats = self._statistics(group)  # every process runs as many forwards (sharded models)
                     if stats.forget_nll is None or stats.forget_mask is None:
                         continue
@@ -261,7 +260,7 @@ class UnlearnRecipe:
         self.model.train()
         losses: list[StepLoss] = []
         for index, step in enumerate(self._schedule(epoch), start=1):
-            with onednn_linear(self._onednn):
+            with self._kernels():
                 loss = self._optimizer_step(epoch, index, step)
             if not math.isfinite(loss.loss):
                 self._recover_from_non_finite(f"non-finite loss at epoch {epoch} step {index}")

@@ -26,7 +26,7 @@ from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from qrunlearn.models.onednn import ONEDNN_LINEAR
+from qrunlearn.models.kernels.onednn import ONEDNN_LINEAR
 
 IMPLEMENTATION = "qrunlearn_blocked_sdpa"
 BLOCK = 64  # query positions per block: 128 ran 15% slower at 1,850 positions, 32 slower too (bench_attention)
@@ -101,9 +101,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return blocked_causal_attention(query, key, value, scale), None
 
 
-AttentionInterface.register(IMPLEMENTATION, attention_forward)
-# The same masks as SDPA: none for a plain causal pass, so the blocked path sees `attention_mask is None`.
-ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+_registered = False
+
+
+def _register() -> None:
+    """Add the implementation to transformers' tables, once, when a model first uses it (not at import)."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(IMPLEMENTATION, attention_forward)
+        # The same masks as SDPA: none for a plain causal pass, so the blocked path sees `attention_mask is None`.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+        _registered = True
 
 
 @contextlib.contextmanager
@@ -117,6 +125,7 @@ def blocked_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[
     if not switch:
         yield False
         return
+    _register()
     for config in configs.values():
         config._attn_implementation = IMPLEMENTATION
     try:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qrunlearn.models import attention
-from qrunlearn.models.attention import BLOCK, MIN_POSITIONS, blocked_attention, blocked_causal_attention
-from qrunlearn.models.onednn import ONEDNN_LINEAR
+from qrunlearn.models.kernels import attention
+from qrunlearn.models.kernels.attention import BLOCK, MIN_POSITIONS, blocked_attention, blocked_causal_attention
+from qrunlearn.models.kernels.onednn import ONEDNN_LINEAR
 
 pytestmark = pytest.mark.skipif(ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qrunlearn.models import onednn
-from qrunlearn.models.onednn import onednn_linear
+from qrunlearn.models.kernels import onednn
+from qrunlearn.models.kernels.onednn import onednn_linear
 
 pytestmark = pytest.mark.skipif(onednn.ONEDNN_LINEAR is None, reason="this PyTorch build has no oneDNN linear")
 
