@@ -47,7 +47,7 @@ def test_strategy_grammar():
     for bad, message in (("lora+sure", "does not combine"), ("qat", "needs the deployment spec"),
                          ("full+lora", "not both"), ("dora", "not one of"), ("qat:int8", "supports rtn"),
                          ("sure:percentile=150", "sure.percentile"), ("qat:nf4:mixx=1", "qat.mixx"),
-                         ("quail:int9", "unknown quantization spec")):
+                         ("quail:int9", "unknown quantization spec"), ("quail:int8", "the logit margin")):
         with pytest.raises(UserError, match=message):
             parse_strategy(bad)
 

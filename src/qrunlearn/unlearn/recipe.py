@@ -42,7 +42,7 @@ from qrunlearn.models.kernels import kernels
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.passes import pass_cost_for
 from qrunlearn.models.train import collate
-from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized, trainable_spec
+from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized
 from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.unlearn import objectives, quail, saliency, storage
 from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll
@@ -373,7 +373,7 @@ class UnlearnRecipe:
         if setting.margin == "weight":
             margin = quail.quail_margin(self.transformer, setting.spec)
         elif setting.margin == "logit":
-            margin = self._logit_margin(trainable_spec(setting.spec))
+            margin = self._logit_margin(setting.spec)
         else:
             margin = float(setting.margin)
         self.state.quail_margin = margin

@@ -31,7 +31,7 @@ STRATEGY_HELP = ("full | lora, then any of sure[:percentile=P][:lr_factor=F] | q
                  "qat:SPEC[:mix=X], joined with + (e.g. lora+qat:nf4)")
 
 # SURE updates 5% of rows at a multiple of the default set's learning rate: 10x in their paper's regime ("paper"); on
-# the built-in tiny model 3x, chosen by benchmarks/sweep_strategies.py (RESULTS.md, "Strategies").
+# the built-in tiny model 3x, chosen by benchmarks/sweep_strategies.py (RESULTS.md, "The fixes head to head").
 SURE_LR_FACTOR: dict[DefaultsName, float] = {"tiny": 3.0, "paper": 10.0}
 TRAINABLE_METHODS = ("rtn", "nf4", "fp4")  # what fake quantization (quant.fake) reproduces bit for bit
 NF4 = parse_spec("nf4")
@@ -71,6 +71,14 @@ class Quail(_Settings):
         description="'logit' = half the logit shift that quantizing the original model causes on the forget set; "
                     "'weight' = half the mean weight quantization step (the paper's words, taken literally); or a "
                     "number")
+
+
+    @model_validator(mode="after")
+    def _measurable_margin(self) -> "Quail":
+        if self.margin == "logit" and self.spec.method not in TRAINABLE_METHODS:
+            raise ValueError(f"the logit margin quantizes the model with {self.spec.label} in plain torch, which "
+                             f"supports rtn, nf4, fp4; give one of those or margin=weight")
+        return self
 
 
 class Qat(_Settings):
