@@ -258,6 +258,7 @@ def _swap_cut(out: Path) -> None:
     assert len(list(unlearn_dir.glob(".checkpoint.old-*"))) == 1 and (unlearn_dir / ".checkpoint.tmp").is_dir()
 
 
+@pytest.mark.slow  # a grid killed and resumed in subprocesses: 1-3 min; .ci/run runs the slow tests too
 def test_killed_at_every_stage_then_resumed_gives_the_uninterrupted_numbers(prepared, baseline, tmp_path):
     out, grid = tmp_path / "out", prepared.grid
     seconds: dict[str, float] = {}
@@ -420,6 +421,7 @@ def test_a_read_only_output_folder_is_one_line(prepared, baseline, tmp_path):
 
 
 # ---- 4. Ctrl-C ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a grid killed and resumed in subprocesses: 1-3 min; .ci/run runs the slow tests too
 def test_ctrl_c_exits_130_keeps_finished_cells_and_resume_completes(prepared, baseline, tmp_path):
     out = finished_copy(baseline.out(), tmp_path)
     shutil.rmtree(out / "cells" / CELL)

@@ -94,6 +94,7 @@ def test_cell_out_of_range_and_bad_config(grid, tmp_path, capsys):
     assert "field 'strategies.0': 'ful' is not one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three seeds' cells of the grid: ~1 min; .ci/run runs it
 def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys):
     """`seeds: [0, 1]`: every unlearning cell once per seed, ids ending in -s<seed>, one table row over both; the
     grid's data and models are reused (no training here but the unlearning)."""

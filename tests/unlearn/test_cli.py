@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from qrunlearn.cli import main
@@ -38,6 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two accelerate processes: ~40 s; .ci/run runs it
 def test_two_cpu_processes_match_one_at_the_same_global_batch(tiny_model_dir, tiny_corpus_dir, tmp_path):
     one = tmp_path / "one"
     args = ["unlearn", "--model", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--method", "npo",

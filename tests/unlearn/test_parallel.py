@@ -34,6 +34,7 @@ def _launch_two(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # two accelerate processes: ~50 s each; .ci/run runs it
 @pytest.mark.parametrize("adapter,extra", [
     ("full", ["--lr", "1e-3", "--epochs", "2"]),  # two epochs: the sharded checkpoint is written in between
     ("lora", ["--lr", "1e-2", "--epochs", "1", "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0"]),

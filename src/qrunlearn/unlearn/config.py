@@ -29,19 +29,9 @@ PAPER_BATCH: dict[Adapter, tuple[int, int]] = {"full": (4, 4), "lora": (4, 8)}
 # 512 positions x 32k vocabulary x 4 sequences = 64M fp32 logits (256 MB) at once instead of 1 GB per copy.
 PAPER_LOSS_CHUNK = 512
 
-# Built-in tiny model (PRESETS["small"], ~4.3M params, memorised forget + retain1). Chosen by measurement with
-# benchmarks/sweep_unlearn_tiny.py, scoring MUSE's KnowMem (the demo's metrics) after every epoch; target
-# KnowMem-forget / retain 86 / 81, retrain 3.6 / 64. The paper's lr 1e-5 moves nothing within a demo budget.
-#   GA+GDR full  lr 3e-4 alpha 5: e3 69.9/87.1  e4 11.6/85.7  e5 1.4/56.8   (alpha 1 collapsed retain to 0)
-#   GA+GDR LoRA  lr 3e-3 alpha 5: e2 72.7/87.1  e3 12.4/82.9  e4 0.0/43.1
-#   GA+KLR full  lr 3e-4 alpha 5: e3 52.8/85.7  e4  0.1/72.4
-#   GA+KLR LoRA  lr 3e-3 alpha 5: e2 66.6/84.3  e3  2.9/81.4  e4 0.0/18.6
-#   NPO+GDR full lr 1e-3 alpha 1: e4 22.7/85.2  e5  9.0/82.9   (lr 3e-4 barely forgot: 68/87 after 4 epochs)
-#   NPO+GDR LoRA lr 5e-3 alpha 1: e4 31.0/85.7  e5  7.1/82.9   (lr 1e-2 oscillated: 17.6/23.0 at e2)
-#   NPO+KLR full lr 1e-3 alpha 1: e4 22.7/84.3  e5 11.1/84.2
-#   NPO+KLR LoRA lr 5e-3 alpha 1: e4 26.4/85.7  e5  4.3/85.7
-# So GA stops one epoch before it starts to wreck retain (full 4, LoRA 3) and NPO runs 5. LoRA needs 5-10x the
-# full-FT lr, as in the paper.
+# Built-in tiny model (PRESETS["small"], ~4.3M params, memorised forget + retain1): chosen by measurement with
+# benchmarks/sweep_unlearn_tiny.py, KnowMem after every epoch (the sweep's table: benchmarks/RESULTS.md, "Tiny
+# defaults"). GA stops one epoch before it wrecks retain (full 4, LoRA 3), NPO runs 5; LoRA needs 5-10x full FT's lr.
 TINY_LR: dict[tuple[Method, Adapter], float] = {
     ("ga", "full"): 3e-4, ("ga", "lora"): 3e-3, ("npo", "full"): 1e-3, ("npo", "lora"): 5e-3,
     ("simnpo", "full"): 1e-3, ("simnpo", "lora"): 5e-3,  # not swept: NPO's
