@@ -5,7 +5,9 @@ precision down to the retrain's level at the least loss of quantized utility.
 
     .venv/bin/python benchmarks/sweep_strategies.py --target runs/demo/models/target \\
         --retrain runs/demo/models/retrain --data runs/demo/data --deploy nf4 \\
-        --specs '[{"method": "ga_gdr", "strategy": "sure", "lr": 3e-3}, {"method": "ga_gdr", "strategy": "qat:nf4"}]'
+        --specs '[{"method": "ga_gdr", "strategy": "sure:lr_factor=10"}, {"method": "ga_gdr", "strategy": "qat:nf4"}]'
+
+An "lr" in a spec is the base learning rate: SURE multiplies it by its lr_factor (the label prints the lr used).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main() -> None:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             unlearn(args.target, corpus, config, out, epoch_hook=hook, progress=False)
-        label = f"{method} {strategy} lr {config.lr:g}" + "".join(f" {k} {v}" for k, v in spec.items() if k != "lr")
+        label = f"{method} {strategy} lr {config.effective_lr:g}" + "".join(f" {k} {v}" for k, v in spec.items() if k != "lr")
         print(f"{label:<44} fp KnowMem-f/-r | {args.deploy}: " + "  ".join(rows)
               + f"   ({time.perf_counter() - started:.0f} s)", flush=True)
 
