@@ -71,12 +71,20 @@ def test_cli_estimate_prints_without_training(tiny_model_dir, tiny_corpus_dir, t
     assert not any(tmp_path.iterdir())
 
 
-def test_the_peak_never_holds_gradients_and_forward_activations_at_once(model_dir):
-    for config in (_cfg(), _cfg(adapter="lora", lora_r=4), _cfg(gradient_checkpointing=True, loss_chunk=10)):
-        estimate = estimate_memory(model_dir, config, device="cpu")
-        assert estimate.total == (estimate.weights + estimate.optimizer + estimate.reference
-                                  + max(estimate.gradients, estimate.activations + estimate.loss_temporaries,
-                                        estimate.recompute))
+def test_a_whole_estimate_derived_by_hand(model_dir):
+    """NPO+GDR full fine-tuning in fp32, 2 forget + 2 retain rows of 100 positions (400 tokens), no checkpointing,
+    no loss chunk, every term worked out from the architecture by hand:
+    - weights, gradients 4 x 90,432 = 361,728 bytes each; AdamW 8 x 90,432 = 723,456; no frozen reference (GDR);
+    - kept per token and block: two RMSNorms 2 x (4 x 64 + 4 x 64) = 1,024, attention 4 x (64 + 32) + 4 x 3 x 64 +
+      4 x 2 x 64 = 1,664, MLP 4 x 4 x 128 = 2,048: 4,736 bytes, so 400 x 2 x 4,736 = 3,788,800, plus the embedding
+      output and final norm 400 x 64 x (4 + 4) = 204,800: activations 3,993,600;
+    - loss: 3 fp32 copies of the 400 x 128 logits, 614,400, plus the model's own logits 204,800: 819,200;
+    - peak: weights + AdamW + the larger of the gradients and activations + loss = 5,897,984 bytes."""
+    estimate = estimate_memory(model_dir, _cfg(reg="gdr"), device="cpu")
+    assert (estimate.weights, estimate.gradients, estimate.optimizer, estimate.reference) == (
+        361_728, 361_728, 723_456, 0)
+    assert (estimate.activations, estimate.loss_temporaries, estimate.recompute) == (3_993_600, 819_200, 0)
+    assert estimate.total == 5_897_984
 
 
 def test_checkpointing_counts_the_backward_recompute_beside_the_gradients(model_dir):
