@@ -44,10 +44,7 @@ from torch import nn
 from qrunlearn.errors import UserError
 from qrunlearn.models.layers import PlainLinear, is_plain_linear, linear_weight, target_linear_names
 from qrunlearn.quant.rtn import rtn_dequantize
-from qrunlearn.quant.spec import BNB_BLOCKSIZE, QuantSpec, parse_spec
-
-TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
-TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
+from qrunlearn.quant.spec import BNB_BLOCKSIZE, QuantSpec, trainable_spec
 
 FakeQuantLayer: TypeAlias = LoraLinear | PlainLinear  # what `fake_quantized` rewires: a LoRA layer is one unit
 
@@ -58,14 +55,6 @@ _NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
              0.7229568362236023, 1.0)
 _FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-
-
-def trainable_spec(spec: QuantSpec | str) -> QuantSpec:
-    """The parsed spec when fake quantization supports it; one-line UserError otherwise."""
-    parsed = parse_spec(spec)
-    if parsed.method not in TRAINABLE_METHODS:
-        raise UserError(f"quantization-aware unlearning supports {TRAINABLE_HELP}; not {parsed.label}")
-    return parsed
 
 
 @dataclass(frozen=True)

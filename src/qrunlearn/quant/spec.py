@@ -30,6 +30,9 @@ _RTN_RE = re.compile(r"w(\d+)(?:g(\d+))?(:sym)?")
 _HQQ_RE = re.compile(r"w(\d+)g(\d+)")
 _GPTQ_RE = re.compile(r"w(\d+)(?:g(\d+))?")
 SPEC_HELP = "fp, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}g{group}, gptq:w{bits}[g{group}]"
+# What fake quantization (quant.fake) reproduces bit for bit, so what quantization-aware training can train against.
+TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
+TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
 
 
 @dataclass(frozen=True)
@@ -119,3 +122,11 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
     if method == "gptq" and (m := _GPTQ_RE.fullmatch(rest)):
         return QuantSpec("gptq", _bits(spec, m[1], GPTQ_BITS), _group(spec, m[2]), symmetric=True)
     raise UserError(f"unknown quantization spec '{spec}' (expected one of: {SPEC_HELP})")
+
+
+def trainable_spec(spec: QuantSpec | str) -> QuantSpec:
+    """The parsed spec when fake quantization supports it; one-line UserError otherwise."""
+    parsed = parse_spec(spec)
+    if parsed.method not in TRAINABLE_METHODS:
+        raise UserError(f"quantization-aware unlearning supports {TRAINABLE_HELP}; not {parsed.label}")
+    return parsed

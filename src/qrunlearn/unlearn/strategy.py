@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from qrunlearn.errors import UserError
-from qrunlearn.quant.spec import QuantSpec, parse_spec
+from qrunlearn.quant.spec import TRAINABLE_HELP, TRAINABLE_METHODS, QuantSpec, parse_spec, trainable_spec
 
 Adapter = Literal["full", "lora"]
 DefaultsName = Literal["paper", "tiny"]
@@ -33,7 +33,6 @@ STRATEGY_HELP = ("full | lora, then any of sure[:percentile=P][:lr_factor=F] | q
 # SURE updates 5% of rows at a multiple of the default set's learning rate: 10x in their paper's regime ("paper"); on
 # the built-in tiny model 3x, chosen by benchmarks/sweep_strategies.py (RESULTS.md, "The fixes head to head").
 SURE_LR_FACTOR: dict[DefaultsName, float] = {"tiny": 3.0, "paper": 10.0}
-TRAINABLE_METHODS = ("rtn", "nf4", "fp4")  # what fake quantization (quant.fake) reproduces bit for bit
 NF4 = parse_spec("nf4")
 
 
@@ -72,12 +71,11 @@ class Quail(_Settings):
                     "'weight' = half the mean weight quantization step (the paper's words, taken literally); or a "
                     "number")
 
-
     @model_validator(mode="after")
     def _measurable_margin(self) -> "Quail":
         if self.margin == "logit" and self.spec.method not in TRAINABLE_METHODS:
             raise ValueError(f"the logit margin quantizes the model with {self.spec.label} in plain torch, which "
-                             f"supports rtn, nf4, fp4; give one of those or margin=weight")
+                             f"supports {TRAINABLE_HELP}; give one of those or margin=weight")
         return self
 
 
@@ -92,10 +90,10 @@ class Qat(_Settings):
     @field_validator("spec")
     @classmethod
     def _trainable(cls, spec: QuantSpec) -> QuantSpec:
-        if spec.method not in TRAINABLE_METHODS:
-            raise ValueError(f"quantization-aware unlearning supports rtn:w{{bits}}[g{{group}}][:sym], nf4, fp4; "
-                             f"not {spec.label}")
-        return spec
+        try:
+            return trainable_spec(spec)
+        except UserError as err:
+            raise ValueError(str(err)) from None
 
 
 class Strategy(BaseModel):
