@@ -13,7 +13,7 @@ from qrunlearn.config import ExperimentConfig
 from qrunlearn.errors import UserError
 from qrunlearn.quant import parse_spec, quantize_weight
 from qrunlearn.unlearn import UnlearnConfig, unlearn
-from qrunlearn.unlearn.strategy import Strategy, parse_strategy
+from qrunlearn.unlearn.strategy import Strategy
 
 
 def _cfg(**changes) -> UnlearnConfig:
@@ -29,27 +29,27 @@ def _lowers_its_loss(result) -> bool:
 
 
 def test_strategy_grammar():
-    lora_qat = parse_strategy("lora+qat:nf4:mix=0.5")
+    lora_qat = Strategy.parse("lora+qat:nf4:mix=0.5")
     assert lora_qat.adapter == "lora" and lora_qat.qat is not None and lora_qat.qat.spec == parse_spec("nf4")
     assert lora_qat.qat.mix == 0.5 and lora_qat.sure is None and lora_qat.quail is None
-    quail = parse_strategy("quail:rtn:w4g64:weight=2:margin=weight")
+    quail = Strategy.parse("quail:rtn:w4g64:weight=2:margin=weight")
     assert quail.quail is not None and quail.quail.spec == parse_spec("rtn:w4g64")
     assert (quail.quail.weight, quail.quail.margin) == (2.0, "weight")
-    assert parse_strategy("quail").quail.spec == parse_spec("nf4")  # type: ignore[union-attr]
-    sure = parse_strategy("sure:percentile=90")
+    assert Strategy.parse("quail").quail.spec == parse_spec("nf4")  # type: ignore[union-attr]
+    sure = Strategy.parse("sure:percentile=90")
     assert sure.adapter == "full" and sure.sure is not None and sure.sure.percentile == 90.0
-    assert parse_strategy("lora+qat:rtn:w4g64").slug == "lora_qat_rtn_w4g64"
+    assert Strategy.parse("lora+qat:rtn:w4g64").slug == "lora_qat_rtn_w4g64"
     # the label is the canonical text and reads back as the same strategy; defaults are not written
     for text, label in (("full", "full"), ("lora", "lora"), ("full+sure", "sure"), ("quail:nf4", "quail"),
                         ("lora+qat:NF4:mix=1", "lora+qat:nf4"), ("sure:percentile=90", "sure:percentile=90"),
                         ("qat:rtn:w4g64+quail", "quail+qat:rtn:w4g64")):
-        assert parse_strategy(text).label == label and parse_strategy(label) == parse_strategy(text), text
+        assert Strategy.parse(text).label == label and Strategy.parse(label) == Strategy.parse(text), text
     for bad, message in (("lora+sure", "does not combine"), ("qat", "needs the deployment spec"),
                          ("full+lora", "not both"), ("dora", "not one of"), ("qat:int8", "supports rtn"),
                          ("sure:percentile=150", "sure.percentile"), ("qat:nf4:mixx=1", "qat.mixx"),
                          ("quail:int9", "unknown quantization spec"), ("quail:int8", "the logit margin")):
         with pytest.raises(UserError, match=message):
-            parse_strategy(bad)
+            Strategy.parse(bad)
 
 
 def test_sure_learning_rate_is_the_strategys_rule():
@@ -74,7 +74,7 @@ def test_records_written_before_typed_strategies_still_read():
     config = UnlearnConfig.model_validate(old)
     assert config.strategy.sure is not None and config.effective_lr == pytest.approx(9e-4)
     lora_qat = UnlearnConfig.model_validate({"adapter": "lora", "qat": "rtn:w4g64", "qat_mix": 0.5, "quail_weight": 0})
-    assert lora_qat.strategy == parse_strategy("lora+qat:rtn:w4g64:mix=0.5")
+    assert lora_qat.strategy == Strategy.parse("lora+qat:rtn:w4g64:mix=0.5")
     assert UnlearnConfig.model_validate_json(config.model_dump_json()) == config
     with pytest.raises(ValueError, match="contradicts"):
         UnlearnConfig(adapter="lora", strategy=Strategy.parse("sure"))

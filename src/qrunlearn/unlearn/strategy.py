@@ -203,8 +203,3 @@ def _parse_fields(text: str) -> dict[str, Any]:
     if {"full", "lora"} <= seen:
         raise ValueError("choose full or lora, not both")
     return fields
-
-
-def parse_strategy(text: str | Strategy) -> Strategy:
-    """`Strategy.parse`: the one place a strategy's text is read."""
-    return Strategy.parse(text)
