@@ -24,7 +24,7 @@ from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
 from qrunlearn.models.source import ModelSource
 from qrunlearn.targets.config import BaseTargetConfig
-from qrunlearn.unlearn.config import UnlearnConfig
+from qrunlearn.unlearn.config import METHOD_HELP, REG_HELP, Method, Reg, UnlearnConfig
 from qrunlearn.unlearn.strategy import Strategy
 
 
@@ -312,9 +312,8 @@ def unlearn_command(
                                        help="Corpus folder (MUSE layout) with raw/<forget-split> (and retain).")],
     out: Annotated[Optional[Path], typer.Option(help="Output folder: model/ (merged for LoRA), adapter/, "
                                                       "unlearn.json. Required unless --estimate.")] = None,
-    method: Annotated[Literal["ga", "npo", "simnpo"], typer.Option(help="Forget objective.")] = "ga",
-    reg: Annotated[Literal["none", "gdr", "klr"], typer.Option(help="Retain term: NLL (gdr) or KL to the "
-                                                                     "reference (klr).")] = "gdr",
+    method: Annotated[Method, typer.Option(help="Forget objective: " + METHOD_HELP + ".")] = "ga",
+    reg: Annotated[Reg, typer.Option(help="Retain term: " + REG_HELP + ".")] = "gdr",
     strategy: Annotated[str, typer.Option(help="Which weights move and what is added: full, lora, sure, quail, "
                                                "qat:SPEC, lora+qat:SPEC; settings after a colon, e.g. "
                                                "sure:percentile=90, lora+qat:nf4:mix=0.5, quail:rtn:w4g64:weight=2 "

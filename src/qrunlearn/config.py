@@ -22,10 +22,11 @@ from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 from qrunlearn.targets.config import FinetuneRecipe
-from qrunlearn.unlearn.config import TUNABLE, DefaultsName, UnlearnConfig
+from qrunlearn.unlearn.config import METHODS, REGS, TUNABLE, DefaultsName, UnlearnConfig
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, Strategy
 
-MethodName = Literal["ga_gdr", "ga_klr", "npo_gdr", "npo_klr", "ga", "npo", "simnpo", "simnpo_gdr", "simnpo_klr"]
+METHOD_NAME_HELP = f"a forget objective ({', '.join(METHODS)}), alone or with a retain term after '_' " \
+                   f"({', '.join(r for r in REGS if r != 'none')}), e.g. npo_gdr, rmu_act"
 
 
 class _Strict(BaseModel):
@@ -102,7 +103,8 @@ class ExperimentConfig(_Strict):
                                           "this share, holds when it lies below, else it is inconclusive")
     data: DataConfig = DataConfig(synth=SynthData())
     models: ModelsConfig = ModelsConfig()
-    methods: tuple[MethodName, ...] = ("ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
+    methods: tuple[str, ...] = Field(("ga_gdr", "ga_klr", "npo_gdr", "npo_klr"), min_length=1,
+                                     description=f"one grid axis: {METHOD_NAME_HELP}")
     strategies: tuple[Strategy, ...] = Field((Strategy(), Strategy(adapter="lora")), min_length=1,
                                              description=f"one grid axis: {STRATEGY_HELP}")
     precisions: tuple[QuantSpec, ...] = Field(tuple(parse_spec(p) for p in ("fp", "int8", "nf4")), min_length=1,
@@ -146,15 +148,21 @@ class ExperimentConfig(_Strict):
     def unlearn_seeds(self) -> tuple[int, ...]:
         return self.seeds if self.seeds is not None else (self.seed,)
 
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        for name in methods:
+            forget, reg = split_method(name)
+            if forget not in METHODS or reg not in REGS or name.endswith("_none"):
+                raise ValueError(f"unknown method '{name}': {METHOD_NAME_HELP}")
+            if reg == "act" and forget != "rmu":
+                raise ValueError(f"method '{name}': the act retain term is RMU's (rmu_act)")
+        return _no_repeats(methods)
+
     @field_validator("strategies", "precisions")
     @classmethod
     def _distinct(cls, values: tuple) -> tuple:
-        """Cells and table rows are named by these labels: two entries with one label would overwrite each other."""
-        labels = [str(value) for value in values]
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
-        if repeated:
-            raise ValueError(f"listed twice: {', '.join(repeated)}")
-        return values
+        return _no_repeats(values)
 
     def eval_config(self) -> EvalConfig:
         """The evaluation settings with the experiment's seed as the bootstrap seed."""
@@ -179,6 +187,15 @@ class ExperimentConfig(_Strict):
             return UnlearnConfig.model_validate({**base.model_dump(), **updates})
         except ValidationError as err:
             raise UserError(f"cell {method}-{label}: {validation_message(err)}") from None
+
+
+def _no_repeats(values: tuple) -> tuple:
+    """Cells and table rows are named by these labels: two entries with one label would overwrite each other."""
+    labels = [str(value) for value in values]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ValueError(f"listed twice: {', '.join(repeated)}")
+    return values
 
 
 def split_method(method: str) -> tuple[str, str]:

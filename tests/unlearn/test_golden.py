@@ -21,7 +21,8 @@ from qrunlearn.unlearn import UnlearnConfig, unlearn
 GOLDEN = Path(__file__).with_name("golden_losses.json")
 WRITE = os.environ.get("QRUNLEARN_WRITE_GOLDEN") == "1"
 CASES = [(method, reg, strategy) for method, reg in (("ga", "gdr"), ("ga", "klr"), ("npo", "gdr"), ("npo", "klr"),
-                                                      ("simnpo", "gdr"))
+                                                      ("simnpo", "gdr"), ("wga", "gdr"), ("satimp", "gdr"),
+                                                      ("undial", "klr"), ("idkdpo", "gdr"), ("rmu", "act"))
          for strategy in ("full", "lora")]
 CASES += [("ga", "gdr", "sure"), ("ga", "gdr", "quail:rtn:w4g64"), ("ga", "gdr", "qat:rtn:w4g64"),
           ("npo", "klr", "qat:nf4"), ("ga", "gdr", "lora+qat:rtn:w4g64:mix=0.5")]

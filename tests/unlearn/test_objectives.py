@@ -117,3 +117,85 @@ def test_global_denominators_make_split_batches_add_up():
          lambda s: obj.kl_loss(logits[s], logits[s] * 0.5, labels[s], num_tokens=tokens)),
     ]:
         assert sum(part(s) for s in halves).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+# ---- the field's other objectives (issue 24), on the same batch --------------------------------------------------
+def test_wga_weights_each_token_by_its_probability():
+    nll, mask = obj.token_nll(*_batch())
+    # scored p = 1/2, 1/4, 1/4: -(1/2 ln2 + 1/4 * 2 ln2 + 1/4 * 2 ln2) / 3 tokens
+    assert obj.wga_from_tokens(nll, mask, power=1.0).item() == pytest.approx(-0.5 * LN2)
+    # power 0 is gradient ascent
+    assert obj.wga_from_tokens(nll, mask, power=0.0).item() == pytest.approx(obj.ga_loss(*_batch()).item())
+    # the weights are constants: d loss / d NLL_t = -p_t / tokens
+    leaf = nll.clone().requires_grad_(True)
+    obj.wga_from_tokens(leaf, mask, power=1.0).backward()
+    assert leaf.grad is not None
+    assert torch.allclose(leaf.grad[0], torch.tensor([-1 / 6, -1 / 12]))
+
+
+def test_satimp_weights_saturation_and_importance():
+    nll, mask = obj.token_nll(*_batch())
+    # w = p^5 (1 - p): 1/64 at p = 1/2, 3/4096 at p = 1/4 -> -(ln2 / 64 + 2 * 3/4096 * 2 ln2) / 3
+    expected = -(LN2 / 64 + 12 / 4096 * LN2) / 3
+    assert obj.satimp_from_tokens(nll, mask, 5.0, 1.0).item() == pytest.approx(expected)
+    # importance power 0 and saturation power 1 is WGA
+    assert obj.satimp_from_tokens(nll, mask, 1.0, 0.0).item() == pytest.approx(obj.wga_from_tokens(nll, mask, 1.0).item())
+
+
+def test_undial_target_lowers_the_true_token_and_masks_padding():
+    logits, labels = _batch()
+    loss, mask = obj.undial_token_loss(logits, logits, labels, strength=LN2)
+    # row 0 pos 0 (y=1): q = softmax([0, 0, 0]) = 1/3 each -> H(q, p) = 5 ln2 / 3
+    # pos 1 (y=0) and row 1 pos 0 (y=0): q = softmax([-ln2, ln2, 0]) = [1/7, 4/7, 2/7] -> 10 ln2 / 7
+    assert torch.allclose(loss, torch.tensor([[5 * LN2 / 3, 10 * LN2 / 7], [10 * LN2 / 7, 0.0]]))
+    assert mask.tolist() == [[True, True], [True, False]]
+    assert obj.nll_from_tokens(loss, mask).item() == pytest.approx(95 * LN2 / 63)
+
+
+def test_undial_gradient_at_the_reference_is_p_minus_q():
+    logits, labels = _batch()
+    policy = logits.clone().requires_grad_(True)
+    loss, mask = obj.undial_token_loss(policy, logits, labels, strength=LN2)
+    obj.nll_from_tokens(loss, mask).backward()
+    assert policy.grad is not None
+    p, q = torch.tensor([0.25, 0.5, 0.25]), torch.full((3,), 1 / 3)
+    assert torch.allclose(policy.grad[0, 0], (p - q) / 3)
+    assert torch.allclose(policy.grad[1, 1], torch.zeros(3))  # padding
+    # strength 0 distils the reference itself: zero gradient at the reference
+    policy.grad = None
+    loss, mask = obj.undial_token_loss(policy, logits, labels, strength=0.0)
+    obj.nll_from_tokens(loss, mask).backward()
+    assert torch.allclose(policy.grad, torch.zeros_like(policy.grad), atol=1e-7)
+
+
+def test_dpo_hand_value_and_gradient_at_the_reference():
+    preferred, rejected = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 1.0])
+    ref_preferred, ref_rejected = torch.tensor([1.5, 2.0]), torch.tensor([2.0, 1.0])
+    # margins: (1.5 - 1) - (2 - 3) = 1.5 and 0; beta 0.5
+    expected = -(2 / 0.5) * (torch.nn.functional.logsigmoid(torch.tensor(0.75)) + math.log(0.5)) / 2
+    assert obj.dpo_from_sequences(preferred, rejected, ref_preferred, ref_rejected, 0.5).item() == pytest.approx(
+        expected.item())
+    # at the reference: (2/beta) ln 2, and the gradient learns the refusal and unlearns the answer at equal weight
+    win, lose = ref_preferred.clone().requires_grad_(True), ref_rejected.clone().requires_grad_(True)
+    loss = obj.dpo_from_sequences(win, lose, ref_preferred, ref_rejected, 0.1)
+    assert loss.item() == pytest.approx(20 * LN2)
+    loss.backward()
+    assert win.grad is not None and lose.grad is not None
+    assert torch.allclose(win.grad, torch.tensor([0.5, 0.5])) and torch.allclose(lose.grad, torch.tensor([-0.5, -0.5]))
+
+
+def test_rmu_control_vector_and_activation_loss():
+    vector = obj.control_vector(16, 6.5, seed=3)
+    assert vector.norm().item() == pytest.approx(6.5, rel=1e-6) and bool((vector >= 0).all())
+    assert torch.equal(vector, obj.control_vector(16, 6.5, seed=3))
+    assert not torch.equal(vector, obj.control_vector(16, 6.5, seed=4))
+    states = torch.tensor([[[1.0, 1.0], [3.0, 3.0], [9.0, 9.0]], [[2.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # to target [1, 1]: row 0 -> (0 + 4) / 2 = 2 (the padded 64 left out); row 1 -> (1 + 1) / 2 = 1; mean 1.5
+    assert obj.activation_mse_from_states(states, torch.ones(2), mask).item() == pytest.approx(1.5)
+    assert obj.activation_mse_from_states(states, torch.ones(2), mask, num_sequences=6.0).item() == pytest.approx(0.5)
+    # the retain term at the reference is 0 with zero gradient
+    policy = states.clone().requires_grad_(True)
+    loss = obj.activation_mse_from_states(policy, states, mask)
+    loss.backward()
+    assert loss.item() == 0.0 and policy.grad is not None and not policy.grad.any()

@@ -8,6 +8,8 @@ Conv1D (stored [in, out]), or a qrunlearn / HQQ quantized layer that replaced on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TypeAlias, TypeGuard
 
 import torch
@@ -77,3 +79,26 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, in order (the first block list `block_list_names` finds)."""
+    blocks = model.get_submodule(block_list_names(model)[0])
+    assert isinstance(blocks, nn.ModuleList)
+    return blocks
+
+
+@contextlib.contextmanager
+def block_output(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects what `module` returns (its first element when it returns a tuple, as decoder blocks may) on each
+    forward inside the block."""
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)  # type: ignore[arg-type]
+
+    handle = module.register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()

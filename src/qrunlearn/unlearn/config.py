@@ -6,15 +6,22 @@ fields, serialises to JSON (it is written into every output folder) and can be r
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from qrunlearn.models.kernels import CpuKernels
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, Adapter, DefaultsName, Strategy
 
-Method = Literal["ga", "npo", "simnpo"]
-Reg = Literal["none", "gdr", "klr"]
+Method = Literal["ga", "npo", "simnpo", "wga", "satimp", "undial", "idkdpo", "rmu"]
+METHODS: tuple[Method, ...] = get_args(Method)
+METHOD_HELP = ("ga (gradient ascent), npo, simnpo, wga (weighted GA), satimp (saturation-importance weighted GA), "
+               "undial (self-distillation, adjusted logits), idkdpo (DPO toward 'I don't know'; needs the corpus's "
+               "forget QA), rmu (steer one layer's hidden states to a random direction)")
+# act: RMU's own retain term, the hidden states at its layer kept at the frozen model's.
+Reg = Literal["none", "gdr", "klr", "act"]
+REGS: tuple[Reg, ...] = get_args(Reg)
+REG_HELP = "none, gdr (retain NLL), klr (KL to the reference), act (RMU only: its layer's hidden states as the reference's)"
 SaveDType = Literal["source", "float32", "bfloat16"]
 TrainDType = Literal["auto", "float32", "bfloat16"]
 # Before strategies were typed, their settings were fields of their own; records written then still read.
@@ -22,7 +29,12 @@ _FLAT_STRATEGY_FIELDS = ("sure_percentile", "quail_weight", "quail_spec", "quail
 
 # Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
 # table; MUSE's own baselines use 1, so SimNPO gets 1.
-PAPER_ALPHA: dict[Method, float] = {"ga": 100.0, "npo": 0.1, "simnpo": 1.0}
+# The new methods' from open-unlearning's configs (configs/trainer/*.yaml at d3d7cf9): WGA, IdkDPO (DPO.yaml), UNDIAL
+# (GradDiff's 1: its yaml's 0 means no retain term, which `reg: none` says here) and RMU 1; SatImp 0.1, its README's
+# forget:retain ratio of 10 (its yaml swaps gamma and alpha). RMU with its own retain term (act): WMDP's Zephyr-7B 1200.
+PAPER_ALPHA: dict[Method, float] = {"ga": 100.0, "npo": 0.1, "simnpo": 1.0, "wga": 1.0, "satimp": 0.1, "undial": 1.0,
+                                    "idkdpo": 1.0, "rmu": 1.0}
+PAPER_RMU_ACT_ALPHA = 1200.0
 PAPER_LR: dict[Adapter, float] = {"full": 1e-5, "lora": 1e-4}
 # (batch per device, grad accum) on one device: full FT effective batch 16; LoRA batch 4 x grad-accum 8.
 PAPER_BATCH: dict[Adapter, tuple[int, int]] = {"full": (4, 4), "lora": (4, 8)}
@@ -35,12 +47,18 @@ PAPER_LOSS_CHUNK = 512
 TINY_LR: dict[tuple[Method, Adapter], float] = {
     ("ga", "full"): 3e-4, ("ga", "lora"): 3e-3, ("npo", "full"): 1e-3, ("npo", "lora"): 5e-3,
     ("simnpo", "full"): 1e-3, ("simnpo", "lora"): 5e-3,  # not swept: NPO's
+    ("wga", "full"): 1e-3, ("wga", "lora"): 5e-3, ("satimp", "full"): 1e-3, ("satimp", "lora"): 5e-3,
+    ("undial", "full"): 1e-3, ("undial", "lora"): 5e-3, ("idkdpo", "full"): 1e-3, ("idkdpo", "lora"): 5e-3,
+    ("rmu", "full"): 1e-3, ("rmu", "lora"): 5e-3,
 }
 TINY_EPOCHS: dict[tuple[Method, Adapter], int] = {
-    ("ga", "full"): 4, ("ga", "lora"): 3, ("npo", "full"): 5, ("npo", "lora"): 5,
-    ("simnpo", "full"): 5, ("simnpo", "lora"): 5,
+    (method, adapter): 4 if (method, adapter) == ("ga", "full") else 3 if (method, adapter) == ("ga", "lora") else 5
+    for method in METHODS for adapter in ("full", "lora")
 }
-TINY_ALPHA: dict[Method, float] = {"ga": 5.0, "npo": 1.0, "simnpo": 1.0}
+TINY_ALPHA: dict[Method, float] = {"ga": 5.0, "npo": 1.0, "simnpo": 1.0, "wga": 1.0, "satimp": 1.0, "undial": 1.0,
+                                   "idkdpo": 1.0, "rmu": 1.0}
+# RMU on the tiny model: the steering coefficient in units of its hidden states' scale (WMDP's c = 6.5 is Zephyr's).
+TINY_RMU_COEFFICIENT = 6.5
 TINY_BATCH = 8
 TINY_MAX_LENGTH = 256
 
@@ -51,6 +69,8 @@ TUNABLE: tuple[str, ...] = (
     "lr", "epochs", "batch_size", "grad_accum", "max_length", "alpha", "gamma", "beta", "delta", "weight_decay",
     "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "precision",
     "gradient_checkpointing", "loss_chunk", "sharding", "reference_device", "cpu_kernels", "pass_cost_tokens",
+    "wga_power", "saturation_power", "importance_power", "undial_strength", "rmu_layer", "rmu_coefficient",
+    "rmu_params",
 )
 
 
@@ -59,8 +79,8 @@ class UnlearnConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Method = Field("ga", description="forget objective")
-    reg: Reg = Field("gdr", description="retain term: NLL (gdr) or KL to the reference (klr)")
+    method: Method = Field("ga", description="forget objective: " + METHOD_HELP)
+    reg: Reg = Field("gdr", description="retain term: " + REG_HELP)
     strategy: Strategy = Field(Strategy(), description="which weights move (full, lora) and SURE / QUAIL / "
                                                        "quantization-aware unlearning on top: " + STRATEGY_HELP)
     lr: float = Field(1e-5, gt=0, description="learning rate (AdamW, constant schedule); SURE multiplies it by its "
@@ -71,8 +91,23 @@ class UnlearnConfig(BaseModel):
     max_length: int = Field(2048, ge=2, description="tokens per chunk, BOS included (MUSE: 2048)")
     alpha: float = Field(1.0, ge=0, description="retain weight")
     gamma: float = Field(1.0, ge=0, description="forget weight")
-    beta: float = Field(0.1, gt=0, description="NPO / SimNPO inverse temperature")
+    beta: float = Field(0.1, gt=0, description="NPO / SimNPO / IdkDPO inverse temperature")
     delta: float = Field(0.0, description="SimNPO margin")
+    wga_power: float = Field(1.0, ge=0, description="WGA: each token's weight is its probability to this power "
+                                                    "(open-unlearning's beta)")
+    saturation_power: float = Field(5.0, ge=0, description="SatImp: exponent of p in the weight p^s (1-p)^i "
+                                                           "(open-unlearning's beta1)")
+    importance_power: float = Field(1.0, ge=0, description="SatImp: exponent of 1-p in the weight (beta2)")
+    undial_strength: float = Field(10.0, ge=0, description="UNDIAL: how far the true token's reference logit is "
+                                                           "lowered in the distillation target (open-unlearning's "
+                                                           "beta; its paper tries 3-30)")
+    rmu_layer: Optional[int] = Field(None, ge=0, description="RMU: the block whose output is steered (0-based); "
+                                                             "None = 7/32 of the depth, WMDP's layer 7 of 32")
+    rmu_coefficient: float = Field(6.5, gt=0, description="RMU: length c of the random target direction (WMDP's "
+                                                          "Zephyr-7B value; scale it with the model's hidden states)")
+    rmu_params: Literal["paper", "all"] = Field(
+        "paper", description="RMU with full fine-tuning: paper = the MLP down-projections of the blocks layer-2 .. "
+                             "layer (WMDP's), all = every weight (open-unlearning's default); LoRA trains its adapters")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0 = off); 1.0 is HF Trainer's "
                                                         "default, which MUSE's and the seed's code inherit")
@@ -145,6 +180,11 @@ class UnlearnConfig(BaseModel):
 
     @model_validator(mode="after")
     def _compatible(self) -> "UnlearnConfig":
+        if self.reg == "act" and self.method != "rmu":
+            raise ValueError(f"reg 'act' is RMU's retain term (its layer's hidden states): not with method "
+                             f"'{self.method}'")
+        if self.method == "undial" and self.loss_chunk:
+            raise ValueError("method undial distils whole next-token distributions: use loss_chunk 0")
         if self.strategy.sure is not None and self.sharding == "fsdp":
             raise ValueError("strategy: SURE needs whole weight rows: not with sharding 'fsdp'")
         if self.strategy.quail is not None and self.loss_chunk:
@@ -164,7 +204,8 @@ class UnlearnConfig(BaseModel):
     @property
     def uses_frozen_reference(self) -> bool:
         """Full fine-tuning keeps a frozen copy of the model when a term compares against it (KLR, QUAIL)."""
-        return self.adapter == "full" and (self.reg == "klr" or self.strategy.quail is not None)
+        return self.adapter == "full" and (self.reg in ("klr", "act") or self.method == "undial"
+                                           or self.strategy.quail is not None)
 
     @classmethod
     def defaults(cls, name: DefaultsName, method: Method, reg: Reg,
@@ -181,10 +222,11 @@ class UnlearnConfig(BaseModel):
         AdamW, constant schedule, 5 epochs, max length 2048, alpha per method from paper.md; activation
         checkpointing and chunked losses on, so a 7B model fits (see `qrunlearn unlearn --estimate`)."""
         batch, accum = PAPER_BATCH[adapter]
+        alpha = PAPER_RMU_ACT_ALPHA if reg == "act" else PAPER_ALPHA[method]
         return cls(method=method, reg=reg, strategy=Strategy(adapter=adapter), lr=PAPER_LR[adapter], epochs=5,
                    batch_size=batch, grad_accum=accum, max_length=2048,
-                   alpha=PAPER_ALPHA[method] if reg != "none" else 0.0, gradient_checkpointing=True,
-                   loss_chunk=PAPER_LOSS_CHUNK)
+                   alpha=alpha if reg != "none" else 0.0, gradient_checkpointing=True,
+                   loss_chunk=0 if method == "undial" else PAPER_LOSS_CHUNK)
 
     @classmethod
     def tiny_defaults(cls, method: Method, reg: Reg, adapter: Adapter) -> "UnlearnConfig":
@@ -193,4 +235,4 @@ class UnlearnConfig(BaseModel):
         return cls(method=method, reg=reg, strategy=Strategy(adapter=adapter), lr=TINY_LR[method, adapter],
                    epochs=TINY_EPOCHS[method, adapter],
                    batch_size=TINY_BATCH, grad_accum=1, max_length=TINY_MAX_LENGTH,
-                   alpha=TINY_ALPHA[method] if reg != "none" else 0.0)
+                   alpha=TINY_ALPHA[method] if reg != "none" else 0.0, rmu_coefficient=TINY_RMU_COEFFICIENT)

@@ -37,15 +37,36 @@ def chunk_documents(tokenizer, docs: list[str], max_length: int) -> list[list[in
     return chunks
 
 
+# IdkDPO's preferred answers: refusals in the spirit of TOFU's idontknow.jsonl (written here, not copied); pair i
+# gets refusal i mod len, so the choice is fixed by the data order, not by a random draw.
+REFUSALS = (
+    "I don't know.", "I'm not sure.", "I have no information about that.", "I can't answer that.",
+    "That is not something I know.", "I don't have that information.", "I'm unable to say.",
+    "I have no idea.", "I can't recall anything about that.", "Sorry, I don't know the answer.",
+    "I'm not aware of that.", "I couldn't tell you.", "That's beyond what I know.",
+    "I don't have any details on that.", "I cannot say for certain.", "I'm afraid I don't know.",
+)
+
+
 @dataclass(frozen=True)
 class UnlearnData:
+    """Token sequences of one run. Every position after BOS is scored, except in question/answer rows (IdkDPO),
+    which score only their answer: from position `forget_scored_from[i]` (and `preferred_scored_from[i]`) on."""
+
     forget: list[list[int]]
     retain: list[list[int]]  # empty when the run has no retain term
+    forget_scored_from: list[int] | None = None  # IdkDPO: where each forget row's answer starts
+    preferred: list[list[int]] | None = None  # IdkDPO: the same questions with a refusal, aligned with `forget`
+    preferred_scored_from: list[int] | None = None
 
 
-def check_texts(corpus: MuseCorpus, forget_split: str, retain_split: str, needs_retain: bool) -> None:
-    """Fail fast (before any model is loaded) on an empty forget set or a retain term without retain text."""
-    if not any(d.strip() for d in corpus.require_raw(forget_split)):
+def check_texts(corpus: MuseCorpus, forget_split: str, retain_split: str, needs_retain: bool,
+                forget_from_qa: bool = False) -> None:
+    """Fail fast (before any model is loaded) on an empty forget set, IdkDPO without the forget QA, or a retain
+    term without retain text."""
+    if forget_from_qa:
+        forget_qa_pairs(corpus)
+    elif not any(d.strip() for d in corpus.require_raw(forget_split)):
         raise UserError(f"{corpus.root / 'raw' / forget_split}: empty forget set (no text to unlearn)")
     if not needs_retain:
         return
@@ -57,11 +78,39 @@ def check_texts(corpus: MuseCorpus, forget_split: str, retain_split: str, needs_
                         f"data (use --reg none to unlearn without one)")
 
 
+def forget_qa_pairs(corpus: MuseCorpus) -> list[tuple[str, str]]:
+    """The forget set's question/answer pairs, KnowMem's questions and its few-shot examples: what IdkDPO trains
+    on (TOFU's protocol, so KnowMem-forget then asks the questions it was trained to refuse)."""
+    pairs = [(p.question, p.answer) for name in ("forget_qa", "forget_qa_icl") for p in corpus.knowmem.get(name, [])]
+    if not pairs:
+        raise UserError(f"{corpus.root / 'knowmem' / 'forget_qa.json'}: missing or empty, but method idkdpo "
+                        f"trains on the forget set's question/answer pairs")
+    return pairs
+
+
+def qa_sequences(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """BOS + "Question: q\nAnswer:" + " a" per pair (KnowMem's prompt format), cut at `max_length`, and where each
+    answer starts (prompt and answer tokenised apart, so the boundary is exact)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompts = tokenizer([f"Question: {q}\nAnswer:" for q, _ in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([f" {a}" for _, a in pairs], add_special_tokens=False)["input_ids"]
+    sequences = [(bos + list(p) + list(a))[:max_length] for p, a in zip(prompts, answers)]
+    return sequences, [min(len(bos) + len(p), len(s) - 1) for p, s in zip(prompts, sequences)]
+
+
 def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_split: str, needs_retain: bool,
-                      max_length: int) -> UnlearnData:
-    """Tokenised chunks; one-line errors for an empty forget set or a retain term without retain data."""
-    check_texts(corpus, forget_split, retain_split, needs_retain)
-    forget = chunk_documents(tokenizer, [d for d in corpus.raw[forget_split] if d.strip()], max_length)
+                      max_length: int, forget_from_qa: bool = False) -> UnlearnData:
+    """Tokenised chunks (IdkDPO: question/answer rows with their refusal twins); one-line errors for an empty
+    forget set or a retain term without retain data."""
+    check_texts(corpus, forget_split, retain_split, needs_retain, forget_from_qa)
+    if forget_from_qa:
+        pairs = forget_qa_pairs(corpus)
+        forget, forget_from = qa_sequences(tokenizer, pairs, max_length)
+        refusals = [(q, REFUSALS[i % len(REFUSALS)]) for i, (q, _) in enumerate(pairs)]
+        preferred, preferred_from = qa_sequences(tokenizer, refusals, max_length)
+    else:
+        forget = chunk_documents(tokenizer, [d for d in corpus.raw[forget_split] if d.strip()], max_length)
+        forget_from = preferred = preferred_from = None
     if not forget:
         raise UserError(f"{corpus.root / 'raw' / forget_split}: empty forget set (no tokens to unlearn)")
     retain: list[list[int]] = []
@@ -70,7 +119,8 @@ def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_s
         if not retain:
             raise UserError(f"{corpus.root / 'raw' / retain_split}: empty, but the retain term needs retain "
                             f"data (use --reg none to unlearn without one)")
-    return UnlearnData(forget=forget, retain=retain)
+    return UnlearnData(forget=forget, retain=retain, forget_scored_from=forget_from, preferred=preferred,
+                       preferred_scored_from=preferred_from)
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,7 @@ def micro_batch_shape(model_path: str | Path, corpus: MuseCorpus, config: Unlear
     except UserError:
         return None
     data = load_unlearn_data(corpus, tokenizer, config.forget_split, config.retain_split,
-                             needs_retain=config.reg != "none", max_length=config.max_length)
+                             needs_retain=config.reg != "none", max_length=config.max_length,
+                             forget_from_qa=config.method == "idkdpo")
     rows = min(config.batch_size, len(data.forget)) + (min(config.batch_size, len(data.retain)) if data.retain else 0)
     return MicroBatchShape(length=max(len(chunk) for chunk in data.forget + data.retain), rows=rows)

@@ -128,3 +128,77 @@ def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float, delta: 
 def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
             num_tokens: float | None = None) -> torch.Tensor:
     return kl_from_tokens(*token_kl(logits, ref_logits, labels), num_tokens=num_tokens)
+
+
+# ---- the field's other forget objectives ---------------------------------------------------------------------------
+def wga_from_tokens(nll: torch.Tensor, mask: torch.Tensor, power: float,
+                    num_tokens: float | None = None) -> torch.Tensor:
+    """WGA, weighted gradient ascent (Wang et al., "Rethinking LLM unlearning objectives: a gradient perspective and
+    go beyond", ICLR 2025, arXiv 2502.19301): -mean_t w_t * NLL_t with w_t = p_t ** power, p_t = exp(-NLL_t) the
+    token's probability, held constant (detached). Tokens the model already gives low probability get little
+    weight, so GA's unbounded push on them stops. open-unlearning's `compute_wga_loss` is the same (power = its beta,
+    default 1). Masked positions have NLL 0 and add nothing."""
+    weight = torch.exp(-nll.detach()).pow(power)
+    return -(weight * nll).sum() / _denominator(num_tokens, mask.sum())
+
+
+def satimp_from_tokens(nll: torch.Tensor, mask: torch.Tensor, saturation_power: float, importance_power: float,
+                       num_tokens: float | None = None) -> torch.Tensor:
+    """SatImp (Yang et al., "Exploring criteria of loss reweighting to enhance LLM unlearning", ICML 2025, arXiv
+    2505.11953): -mean_t w_t * NLL_t with w_t = p_t ** saturation_power * (1 - p_t) ** importance_power (p_t as in
+    WGA, detached): saturation weights down tokens already forgotten, importance weights down tokens the model is
+    certain of. open-unlearning's `compute_satimp_loss` is the same (beta1 = 5, beta2 = 1)."""
+    probability = torch.exp(-nll.detach())
+    weight = probability.pow(saturation_power) * (1.0 - probability).pow(importance_power)
+    return -(weight * nll).sum() / _denominator(num_tokens, mask.sum())
+
+
+def undial_token_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                      strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNDIAL (Dong et al., "UNDIAL: self-distillation with adjusted logits for robust unlearning in large language
+    models", NAACL 2025, arXiv 2402.10052), per position [B, T-1] (0 on masked positions) and the mask: the
+    cross-entropy H(q, p_theta) = -sum_v q_v log p_theta(v) toward q = softmax(z_ref - strength * onehot(y)), the
+    reference's next-token distribution with the true next token's logit lowered by `strength`. Its gradient in the
+    logits is p_theta - q: at the reference it lowers exactly the true token's probability, and it is bounded
+    (unlike GA's). Where our reading differs from open-unlearning's `compute_undial_loss`: that code indexes the
+    one-hot with the shifted labels including -100 (which marks vocabulary entry V - 100 on padding) and averages
+    over padded positions; here padding is masked and the mean is over scored tokens, as every other loss."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    mask = targets != IGNORE_INDEX
+    adjusted = ref_logits.detach().float().scatter_add(
+        -1, targets.clamp(min=0).unsqueeze(-1), (-strength * mask.float()).unsqueeze(-1))
+    soft_target = F.softmax(adjusted, dim=-1)
+    cross_entropy = -(soft_target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    return (cross_entropy * mask)[:, :-1], mask[:, :-1]
+
+
+def dpo_from_sequences(preferred_nll: torch.Tensor, rejected_nll: torch.Tensor, ref_preferred_nll: torch.Tensor,
+                       ref_rejected_nll: torch.Tensor, beta: float,
+                       num_sequences: float | None = None) -> torch.Tensor:
+    """DPO (Rafailov et al., NeurIPS 2023) as TOFU's IdkDPO uses it (Maini et al., arXiv 2401.06121): per pair,
+    -(2/beta) * logsigmoid(beta * ((NLL_ref(w) - NLL_theta(w)) - (NLL_ref(l) - NLL_theta(l)))), w the preferred
+    answer (a refusal), l the rejected one (the forget answer), NLLs summed over each answer's tokens. The 2/beta
+    scale is open-unlearning's `compute_dpo_loss` (and NPO's): Rafailov's loss is this times beta/2. At theta = ref
+    the gradient is that of NLL_theta(w) - NLL_theta(l): learn the refusal, unlearn the answer, at equal weight."""
+    margin = (ref_preferred_nll.to(preferred_nll) - preferred_nll) - (ref_rejected_nll.to(rejected_nll) - rejected_nll)
+    per_pair = -(2.0 / beta) * F.logsigmoid(beta * margin)
+    return per_pair.sum() / (per_pair.numel() if num_sequences is None else num_sequences)
+
+
+def control_vector(width: int, coefficient: float, seed: int) -> torch.Tensor:
+    """RMU's fixed random direction scaled to `coefficient` (Li et al., "The WMDP benchmark", arXiv 2403.03218):
+    u ~ U[0, 1)^width from the run's seed, u / ||u|| * c (WMDP's and open-unlearning's `torch.rand`)."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.rand(width, generator=generator, dtype=torch.float64)
+    return (direction / direction.norm() * coefficient).float()
+
+
+def activation_mse_from_states(states: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                               num_sequences: float | None = None) -> torch.Tensor:
+    """RMU's losses on hidden states [B, T, H]: per sequence, the mean over its unpadded positions of the mean over
+    features of (h - target)^2; then the mean over sequences (open-unlearning's `compute_activation_loss`). The
+    forget term's target is the control vector (broadcast), the retain term's the frozen model's states."""
+    per_position = (states.float() - target.float()).pow(2).mean(dim=-1)
+    weights = mask.to(per_position.dtype)
+    per_sequence = (per_position * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+    return per_sequence.sum() / (per_sequence.numel() if num_sequences is None else num_sequences)

@@ -39,6 +39,7 @@ from qrunlearn.io import run_metadata, set_seed
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.kernels import kernels
+from qrunlearn.models.layers import block_output, transformer_blocks
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.passes import pass_cost_for
 from qrunlearn.models.train import collate
@@ -76,6 +77,14 @@ class TokenStatistics:
     retain_kl: torch.Tensor | None = None  # KLR
     retain_mask: torch.Tensor | None = None
     forget_hinge: torch.Tensor | None = None  # QUAIL: max(0, margin - ||z - z_ref||) per forget position
+    forget_undial: torch.Tensor | None = None  # UNDIAL: cross-entropy to the adjusted reference, per position
+    preferred_nll: torch.Tensor | None = None  # IdkDPO: the refusal rows' NLL, aligned with the forget rows
+    preferred_mask: torch.Tensor | None = None
+    forget_states: torch.Tensor | None = None  # RMU: its block's output on the forget rows [n, T, H]
+    forget_attention: torch.Tensor | None = None
+    retain_states: torch.Tensor | None = None  # RMU's retain term (act): the policy's and the reference's states
+    ref_retain_states: torch.Tensor | None = None
+    retain_attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,7 +105,10 @@ def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -
     digest = hashlib.sha256()
     digest.update(model_identity(model_path).encode())
     digest.update(config.model_dump_json().encode())
-    digest.update(json.dumps([data.forget, data.retain]).encode())
+    rows = [data.forget, data.retain]
+    if data.preferred is not None:  # IdkDPO's rows: which answer is scored and the refusals
+        rows += [data.forget_scored_from, data.preferred, data.preferred_scored_from]
+    digest.update(json.dumps(rows).encode())
     return digest.hexdigest()[:16]
 
 
@@ -150,12 +162,12 @@ class UnlearnRecipe:
             storage.tidy(self.out_dir)
         parallel.wait()
         set_seed(config.seed)
-        needs_retain = config.reg != "none"
-        check_texts(self.corpus, config.forget_split, config.retain_split, needs_retain)
+        needs_retain, from_qa = config.reg != "none", config.method == "idkdpo"
+        check_texts(self.corpus, config.forget_split, config.retain_split, needs_retain, forget_from_qa=from_qa)
         model, self.tokenizer = load_causal_lm(self.model_path, dtype=weights_dtype(config, parallel.device),
                                                device=parallel.device)
         self.data = load_unlearn_data(self.corpus, self.tokenizer, config.forget_split, config.retain_split,
-                                      needs_retain=needs_retain, max_length=config.max_length)
+                                      needs_retain=needs_retain, max_length=config.max_length, forget_from_qa=from_qa)
         self.fingerprint = run_fingerprint(self.model_path, self.data, config)
         if self.resume:
             finished = self._finished_result()
@@ -170,6 +182,7 @@ class UnlearnRecipe:
         if config.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.rmu_layer = self._rmu_layer(model) if config.method == "rmu" else None
         self.lora_targets: list[str] | None = None
         if config.adapter == "lora":
             model, self.lora_targets = wrap_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
@@ -187,10 +200,34 @@ class UnlearnRecipe:
         self.transformer = self.unwrapped.get_base_model() if config.adapter == "lora" else self.unwrapped
         self.state = self._resume_or_start()
         self.quail_margin = self._quail_margin(strategy.quail) if strategy.quail is not None else None
+        # NPO: each forget chunk's; IdkDPO: [rejected answer, refusal] per question
         self.ref_nll = (cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, parallel)
-                        if config.method == "npo" else None)
+                        if config.method in ("npo", "idkdpo") else None)
+        self.control = (objectives.control_vector(self.unwrapped.config.hidden_size, config.rmu_coefficient,
+                                                  config.seed).to(parallel.device)
+                        if config.method == "rmu" else None)
         self.bar = self._progress_bar()
         return None
+
+    def _rmu_layer(self, model: torch.nn.Module) -> int:
+        """RMU's block (config.rmu_layer, or 7/32 of the depth); with full fine-tuning and `rmu_params: paper`,
+        only the MLP down-projections of that block and the two before it train (WMDP's choice)."""
+        config, blocks = self.config, transformer_blocks(model)
+        layer = config.rmu_layer if config.rmu_layer is not None else round(len(blocks) * 7 / 32)
+        if layer >= len(blocks):
+            raise UserError(f"--rmu-layer {layer}: the model has {len(blocks)} transformer blocks (0-{len(blocks) - 1})")
+        if config.adapter == "full" and config.rmu_params == "paper":
+            chosen = [p for index in range(max(0, layer - 2), layer + 1)
+                      for name, p in blocks[index].named_parameters()
+                      if name.endswith(("down_proj.weight", "mlp.c_proj.weight"))]
+            if not chosen:
+                raise UserError(f"--rmu-params paper: block {layer} has no MLP down-projection (down_proj or "
+                                f"mlp.c_proj) to train; use --rmu-params all")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in chosen:
+                p.requires_grad_(True)
+        return layer
 
     def _finished_result(self) -> UnlearnResult | None:
         record = storage.read_record(self.out_dir)
@@ -227,7 +264,9 @@ class UnlearnRecipe:
         zero) run over exactly the micro-batches of the first epoch, so that the first step's forward is the same
         computation bit for bit and NPO's log-ratio starts at exactly 0, whatever the precision and kernels."""
         self.model.eval()
+        idkdpo = self.config.method == "idkdpo"
         values = [0.0] * len(self.data.forget)
+        preferred_values = [0.0] * len(self.data.forget)
         for step in self._schedule(1):
             for micro in step.micro_batches:
                 for group, weight in self._row_passes(*_share_of_process(micro, step)):
@@ -239,8 +278,16 @@ class UnlearnRecipe:
                     sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
                     for index, value in zip(group.forget, sums.tolist()):
                         values[index] += weight * value
+                    if idkdpo and stats.preferred_nll is not None and stats.preferred_mask is not None:
+                        sums = objectives.sequence_sums(stats.preferred_nll, stats.preferred_mask)[0]
+                        for index, value in zip(group.forget, sums.tolist()):
+                            preferred_values[index] += weight * value
         self.model.train()
-        return torch.tensor(self.parallel.sum_over_processes(values), dtype=torch.float32)
+        rejected = torch.tensor(self.parallel.sum_over_processes(values), dtype=torch.float32)
+        if not idkdpo:
+            return rejected
+        preferred = torch.tensor(self.parallel.sum_over_processes(preferred_values), dtype=torch.float32)
+        return torch.stack([rejected, preferred], dim=1)
 
     def _schedule(self, epoch: int) -> list[Step]:
         return epoch_schedule(len(self.data.forget), len(self.data.retain), epoch, self.config.seed,
@@ -304,7 +351,8 @@ class UnlearnRecipe:
             self.state.tokens += self._step_tokens(step)
         self.optimizer.zero_grad(set_to_none=True)
         return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total,
-                        log_ratio=log_ratio / counts["forget_sequences"] if self.config.method == "npo" else None,
+                        log_ratio=(log_ratio / counts["forget_sequences"] if self.config.method in ("npo", "idkdpo")
+                                   else None),
                         quail=quail_term if quail_setting is not None else None)
 
     def _row_passes(self, micro: MicroBatch, weight: float) -> list[tuple[MicroBatch, float]]:
@@ -396,58 +444,109 @@ class UnlearnRecipe:
         self.model.train()
         return total / weights
 
+    def _batch(self, micro: MicroBatch) -> tuple[dict[str, torch.Tensor], int, int]:
+        """The pass's rows, forget first, then IdkDPO's refusal twins of the forget rows, then retain; labels -100
+        before each question/answer row's answer. Returns the batch, the number of forget rows and of rows before
+        the retain rows."""
+        data, n = self.data, len(micro.forget)
+        sequences = [data.forget[i] for i in micro.forget]
+        scored_from = [data.forget_scored_from[i] for i in micro.forget] if data.forget_scored_from else [0] * n
+        if data.preferred is not None and data.preferred_scored_from is not None:
+            sequences += [data.preferred[i] for i in micro.forget]
+            scored_from += [data.preferred_scored_from[i] for i in micro.forget]
+        before_retain = len(sequences)
+        sequences += [data.retain[i] for i in micro.retain]
+        batch = collate(sequences, self.pad_id)
+        for row, start in enumerate(scored_from):
+            batch["labels"][row, :start] = objectives.IGNORE_INDEX
+        return {k: v.to(self.parallel.device) for k, v in batch.items()}, n, before_retain
+
+    def _rmu_block(self, transformer: torch.nn.Module) -> torch.nn.Module:
+        assert self.rmu_layer is not None
+        return transformer_blocks(transformer)[self.rmu_layer]
+
     def _statistics(self, micro: MicroBatch) -> TokenStatistics:
         """One forward pass over the micro-batch's forget and retain chunks (one DDP forward per backward), reduced
-        to per-position NLL (and KL to the reference); chunked from the hidden states when `loss_chunk` is set."""
-        config, data, n = self.config, self.data, len(micro.forget)
-        sequences = [data.forget[i] for i in micro.forget] + [data.retain[i] for i in micro.retain]
-        batch = {k: v.to(self.parallel.device) for k, v in collate(sequences, self.pad_id).items()}
+        to per-position NLL (and KL to the reference, and each method's own statistics); chunked from the hidden
+        states when `loss_chunk` is set."""
+        config = self.config
+        batch, n, before_retain = self._batch(micro)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        rows, has_retain = ids.shape[0], bool(micro.retain)
+        stats = TokenStatistics()
+        with contextlib.ExitStack() as stack:
+            states = stack.enter_context(block_output(self._rmu_block(self.transformer))) \
+                if self.rmu_layer is not None else None
+            if config.loss_chunk:
+                head = stack.enter_context(hidden_states_forward(self.transformer))
+            output = self.model(input_ids=ids, attention_mask=mask).logits
+        if states is not None:
+            stats.forget_states, stats.forget_attention = states[0][:n], mask[:n]
+            if has_retain and config.reg == "act":
+                stats.retain_states, stats.retain_attention = states[0][before_retain:], mask[before_retain:]
+                stats.ref_retain_states = self.reference.block_states(
+                    self.unwrapped, ids[before_retain:], mask[before_retain:], self._rmu_block)
         if config.loss_chunk:
-            with hidden_states_forward(self.transformer) as head:
-                hidden = self.model(input_ids=ids, attention_mask=mask).logits
-            stats = TokenStatistics()
-            if n:
-                stats.forget_nll, stats.forget_mask = chunked_token_nll(hidden[:n], head, labels[:n], config.loss_chunk)
-            if micro.retain and config.reg == "gdr":
-                stats.retain_nll, stats.retain_mask = chunked_token_nll(hidden[n:], head, labels[n:], config.loss_chunk)
-            elif micro.retain and config.reg == "klr":
-                ref_hidden, ref_head = self.reference.hidden_states(self.unwrapped, ids[n:], mask[n:])
-                stats.retain_kl, stats.retain_mask = chunked_token_kl(hidden[n:], head, ref_hidden, ref_head,
-                                                                      labels[n:], config.loss_chunk)
+            hidden = output
+            if before_retain:
+                nll, scored = chunked_token_nll(hidden[:before_retain], head, labels[:before_retain], config.loss_chunk)
+                self._split_forget_nll(stats, nll, scored, n)
+            if has_retain and config.reg == "gdr":
+                stats.retain_nll, stats.retain_mask = chunked_token_nll(hidden[before_retain:], head,
+                                                                        labels[before_retain:], config.loss_chunk)
+            elif has_retain and config.reg == "klr":
+                ref_hidden, ref_head = self.reference.hidden_states(self.unwrapped, ids[before_retain:],
+                                                                    mask[before_retain:])
+                stats.retain_kl, stats.retain_mask = chunked_token_kl(hidden[before_retain:], head, ref_hidden,
+                                                                      ref_head, labels[before_retain:],
+                                                                      config.loss_chunk)
             return stats
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        rows = len(sequences)
+        logits = output
         # every row scored by NLL in one call: the [B, T, V] logits are cut by rows only for rows needing another
         # statistic (KL), as each cut costs a full-size copy and a zero-filled full-size gradient
-        nll_rows = n if micro.retain and config.reg == "klr" else rows
-        stats = TokenStatistics()
+        nll_rows = before_retain if has_retain and config.reg == "klr" else rows
         if nll_rows:
             nll, scored = objectives.token_nll(_rows(logits, 0, nll_rows), labels[:nll_rows])
-            if n:
-                stats.forget_nll, stats.forget_mask = nll[:n], scored[:n]
-            if nll_rows > n:
-                stats.retain_nll, stats.retain_mask = nll[n:], scored[n:]
-        if n and self.quail_margin is not None:
-            ref_logits = self.reference.logits(self.unwrapped, ids[:n], mask[:n])
+            self._split_forget_nll(stats, nll[:before_retain], scored[:before_retain], n)
+            if nll_rows > before_retain and config.reg == "gdr":
+                stats.retain_nll, stats.retain_mask = nll[before_retain:], scored[before_retain:]
+        needs_ref_logits = n and (self.quail_margin is not None or config.method == "undial")
+        ref_logits = self.reference.logits(self.unwrapped, ids[:n], mask[:n]) if needs_ref_logits else None
+        if ref_logits is not None and self.quail_margin is not None:
             distance, forget_mask = quail.logit_distance(_rows(logits, 0, n), ref_logits, labels[:n])
             stats.forget_hinge = torch.clamp(self.quail_margin - distance, min=0) * forget_mask
-        if micro.retain and config.reg == "klr":
-            ref_logits = self.reference.logits(self.unwrapped, ids[n:], mask[n:])
-            stats.retain_kl, stats.retain_mask = objectives.token_kl(_rows(logits, n, rows), ref_logits, labels[n:])
+        if ref_logits is not None and config.method == "undial":
+            stats.forget_undial = objectives.undial_token_loss(_rows(logits, 0, n), ref_logits, labels[:n],
+                                                               config.undial_strength)[0]
+        if has_retain and config.reg == "klr":
+            ref_logits = self.reference.logits(self.unwrapped, ids[before_retain:], mask[before_retain:])
+            stats.retain_kl, stats.retain_mask = objectives.token_kl(_rows(logits, before_retain, rows), ref_logits,
+                                                                     labels[before_retain:])
         return stats
+
+    @staticmethod
+    def _split_forget_nll(stats: TokenStatistics, nll: torch.Tensor, scored: torch.Tensor, n: int) -> None:
+        """The forget rows' NLL, and IdkDPO's refusal rows' (the rows after them, before retain)."""
+        if n:
+            stats.forget_nll, stats.forget_mask = nll[:n], scored[:n]
+        if nll.shape[0] > n:
+            stats.preferred_nll, stats.preferred_mask = nll[n:], scored[n:]
 
     def _micro_batch_loss(self, micro: MicroBatch, counts: dict[str, float]) -> MicroLoss:
         """The micro-batch's loss, each term normalised by the global batch's counts."""
         config, stats = self.config, self._statistics(micro)
         forget, log_ratio = None, 0.0
         if stats.forget_nll is not None and stats.forget_mask is not None:
-            forget, log_ratio = self._forget_term(stats.forget_nll, stats.forget_mask, micro, counts)
+            forget, log_ratio = self._forget_term(stats, micro, counts)
         retain = None
         if stats.retain_nll is not None and stats.retain_mask is not None:
             retain = objectives.nll_from_tokens(stats.retain_nll, stats.retain_mask, counts["retain_tokens"])
         elif stats.retain_kl is not None and stats.retain_mask is not None:
             retain = objectives.kl_from_tokens(stats.retain_kl, stats.retain_mask, counts["retain_tokens"])
+        elif stats.retain_states is not None and stats.ref_retain_states is not None \
+                and stats.retain_attention is not None:
+            retain = objectives.activation_mse_from_states(stats.retain_states, stats.ref_retain_states,
+                                                           stats.retain_attention, counts["retain_sequences"])
         total = objectives.combine(forget, retain, config.gamma, config.alpha)
         hinge = None
         if stats.forget_hinge is not None and config.strategy.quail is not None:
@@ -455,22 +554,46 @@ class UnlearnRecipe:
             total = total + config.strategy.quail.weight * hinge
         return MicroLoss(total=total, forget=forget, retain=retain, quail=hinge, log_ratio=log_ratio)
 
-    def _forget_term(self, forget_nll: torch.Tensor, forget_mask: torch.Tensor, micro: MicroBatch,
+    def _forget_term(self, stats: TokenStatistics, micro: MicroBatch,
                      counts: dict[str, float]) -> tuple[torch.Tensor, float]:
-        """The method's forget loss over the pass's forget rows, and NPO's summed log-ratio (0 otherwise)."""
-        config = self.config
-        if config.method == "ga":
-            return -objectives.nll_from_tokens(forget_nll, forget_mask, counts["forget_tokens"]), 0.0
+        """The method's forget loss over the pass's forget rows, and NPO's / IdkDPO's summed log-ratio of the
+        forget rows under the policy and the reference (0 otherwise)."""
+        config, method = self.config, self.config.method
+        forget_nll, forget_mask = stats.forget_nll, stats.forget_mask
+        assert forget_nll is not None and forget_mask is not None
+        tokens, sequences = counts["forget_tokens"], counts["forget_sequences"]
+        if method == "ga":
+            return -objectives.nll_from_tokens(forget_nll, forget_mask, tokens), 0.0
+        if method == "wga":
+            return objectives.wga_from_tokens(forget_nll, forget_mask, config.wga_power, tokens), 0.0
+        if method == "satimp":
+            return objectives.satimp_from_tokens(forget_nll, forget_mask, config.saturation_power,
+                                                 config.importance_power, tokens), 0.0
+        if method == "undial":
+            assert stats.forget_undial is not None, "UNDIAL's statistic is formed in _statistics"
+            return objectives.nll_from_tokens(stats.forget_undial, forget_mask, tokens), 0.0
+        if method == "rmu":
+            assert stats.forget_states is not None and stats.forget_attention is not None and self.control is not None
+            return objectives.activation_mse_from_states(stats.forget_states, self.control, stats.forget_attention,
+                                                         sequences), 0.0
         nll, count = objectives.sequence_sums(forget_nll, forget_mask)
-        if config.method == "npo":
-            assert self.ref_nll is not None, "NPO's reference NLLs are computed in setup()"
+        if method in ("npo", "idkdpo"):
+            assert self.ref_nll is not None, "the reference NLLs are computed in setup()"
             ref = self.ref_nll[micro.forget]
-            log_ratio = float((ref.to(nll) - nll.detach()).sum())
-            return objectives.npo_from_sequences(nll, ref, config.beta, counts["forget_sequences"]), log_ratio
-        return objectives.simnpo_from_sequences(nll, count, config.beta, config.delta, counts["forget_sequences"]), 0.0
+            if method == "npo":
+                log_ratio = float((ref.to(nll) - nll.detach()).sum())
+                return objectives.npo_from_sequences(nll, ref, config.beta, sequences), log_ratio
+            assert stats.preferred_nll is not None and stats.preferred_mask is not None
+            preferred = objectives.sequence_sums(stats.preferred_nll, stats.preferred_mask)[0]
+            log_ratio = float((ref[:, 0].to(nll) - nll.detach()).sum())
+            return objectives.dpo_from_sequences(preferred, nll, ref[:, 1], ref[:, 0], config.beta,
+                                                 sequences), log_ratio
+        return objectives.simnpo_from_sequences(nll, count, config.beta, config.delta, sequences), 0.0
 
     def _step_tokens(self, step: Step) -> int:
         tokens = sum(len(self.data.forget[i]) for i in step.global_forget)
+        if self.data.preferred is not None:
+            tokens += sum(len(self.data.preferred[i]) for i in step.global_forget)
         if self.config.reg != "none":
             tokens += sum(len(self.data.retain[i]) for i in step.global_retain)
         return tokens
@@ -559,6 +682,7 @@ def _global_counts(step: Step, data: UnlearnData) -> dict[str, float]:
         "forget_tokens": float(sum(len(data.forget[i]) - 1 for i in step.global_forget)),
         "forget_sequences": float(len(step.global_forget)),
         "retain_tokens": float(max(1, sum(len(data.retain[i]) - 1 for i in step.global_retain))),
+        "retain_sequences": float(max(1, len(step.global_retain))),
     }
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from qrunlearn.errors import UserError
 from qrunlearn.io import library_write_errors
 from qrunlearn.models.heads import hidden_states_forward
+from qrunlearn.models.layers import block_output
 from qrunlearn.quant.fake import fake_quantized
 from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.typing import HFModel
@@ -104,6 +105,19 @@ class Reference:
                 return out.logits.to(self.parallel.device)
             with policy.disable_adapter():
                 return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @torch.no_grad()
+    def block_states(self, policy: HFModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     block: Callable[[nn.Module], nn.Module]) -> torch.Tensor:
+        """RMU: the output [B, T, H] of one transformer block (`block(transformer)` finds it) under the reference."""
+        with self.parallel.autocast():
+            if self.copy is not None:
+                with block_output(block(self.copy)) as captured, self._quantized():
+                    self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+                return captured[0].to(self.parallel.device)
+            with policy.disable_adapter(), block_output(block(policy.get_base_model())) as captured:
+                policy(input_ids=input_ids, attention_mask=attention_mask)
+            return captured[0]
 
     @torch.no_grad()
     def hidden_states(self, policy: HFModel, input_ids: torch.Tensor,
