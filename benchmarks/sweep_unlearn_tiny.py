@@ -47,7 +47,8 @@ def main() -> None:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             unlearn(args.target, corpus, config, out, epoch_hook=hook, progress=False)
-        label = f"{config.method}+{config.reg} {config.adapter} lr {config.lr:g} alpha {config.alpha:g}"
+        label = f"{config.method}+{config.reg} {config.adapter} lr {config.lr:g} alpha {config.alpha:g}" + "".join(
+            f" {key} {value}" for key, value in spec.items() if key not in ("lr", "alpha", "epochs"))
         print(f"{label:<36} " + "  ".join(rows) + f"   ({time.perf_counter() - started:.0f} s)", flush=True)
 
 

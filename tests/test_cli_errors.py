@@ -100,6 +100,10 @@ CASES = [
             "{badstrategy}: field 'strategies.1.qat.spec': quantization-aware unlearning supports"),
     BadCall("run-repeated-precision", ("run", "{repeated}", "--list-cells"), "listed twice: nf4"),
     BadCall("run-missing-config", ("run", "{tmp}/absent.yaml"), "{tmp}/absent.yaml"),
+    BadCall("run-unknown-method", ("run", "{badmethod}", "--list-cells"), "unknown method 'dpo_gdr'"),
+    BadCall("run-act-without-rmu", ("run", "{actmethod}", "--list-cells"), "the act retain term is RMU's"),
+    BadCall("unlearn-act-without-rmu", ("unlearn", "{unlearn}", "--method", "npo", "--reg", "act"),
+            "reg 'act' is RMU's retain term"),
     BadCall("run-empty-seeds", ("run", "{emptyseeds}", "--list-cells"), "field 'seeds'"),
     BadCall("run-seeds-not-integers", ("run", "{floatseeds}", "--list-cells"), "field 'seeds"),
     BadCall("run-threshold-outside-0-1", ("run", "{badthreshold}", "--list-cells"), "field 'reversion_threshold'"),
@@ -127,12 +131,15 @@ def _bad_inputs(root: Path, corpus: Path) -> dict[str, str]:
     (root / "empty_seeds.yaml").write_text(json.dumps({"seeds": []}))
     (root / "float_seeds.yaml").write_text(json.dumps({"seeds": [0, 1.5]}))
     (root / "bad_threshold.yaml").write_text(json.dumps({"reversion_threshold": 1.5}))
+    (root / "bad_method.yaml").write_text(json.dumps({"methods": ["npo_gdr", "dpo_gdr"]}))
+    (root / "act_method.yaml").write_text(json.dumps({"methods": ["npo_act"]}))
     paths = {"tmp": root, "corpus": corpus, "emptyseeds": root / "empty_seeds.yaml",
              "floatseeds": root / "float_seeds.yaml", "badthreshold": root / "bad_threshold.yaml",
              "badjson": root / "badjson", "notmodel": root / "notmodel",
              "badconfig": root / "badconfig", "badyaml": root / "bad.yaml", "unknownkey": root / "unknown_key.yaml",
              "badprecision": root / "bad_precision.yaml", "badstrategy": root / "bad_strategy.yaml",
-             "repeated": root / "repeated.yaml"}
+             "repeated": root / "repeated.yaml", "badmethod": root / "bad_method.yaml",
+             "actmethod": root / "act_method.yaml"}
     return {name: str(path) for name, path in paths.items()}
 
 

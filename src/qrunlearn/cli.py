@@ -329,7 +329,8 @@ def unlearn_command(
                                                        "(0: this launch's).")] = 0,
     **settings: Any,
 ) -> None:
-    """Unlearn a forget set: GA / NPO / SimNPO with a GDR / KLR retain term, full FT or LoRA (merged).
+    """Unlearn a forget set: GA / NPO / SimNPO / WGA / SatImp / UNDIAL / IdkDPO / RMU with a GDR / KLR retain term
+    (RMU: its own, act), full FT or LoRA (merged), and SURE / QUAIL / quantization-aware strategies on top.
 
     Runs through accelerate: `accelerate launch --num_processes N -m qrunlearn unlearn ...` trains with DDP
     (or the FSDP / DeepSpeed setup of your accelerate config); --batch-size is per process. On CPUs:

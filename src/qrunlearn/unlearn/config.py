@@ -21,7 +21,8 @@ METHOD_HELP = ("ga (gradient ascent), npo, simnpo, wga (weighted GA), satimp (sa
 # act: RMU's own retain term, the hidden states at its layer kept at the frozen model's.
 Reg = Literal["none", "gdr", "klr", "act"]
 REGS: tuple[Reg, ...] = get_args(Reg)
-REG_HELP = "none, gdr (retain NLL), klr (KL to the reference), act (RMU only: its layer's hidden states as the reference's)"
+REG_HELP = ("none, gdr (retain NLL), klr (KL to the reference), act (RMU only: its layer's hidden states as the "
+            "reference's)")
 SaveDType = Literal["source", "float32", "bfloat16"]
 TrainDType = Literal["auto", "float32", "bfloat16"]
 # Before strategies were typed, their settings were fields of their own; records written then still read.
@@ -47,9 +48,11 @@ PAPER_LOSS_CHUNK = 512
 TINY_LR: dict[tuple[Method, Adapter], float] = {
     ("ga", "full"): 3e-4, ("ga", "lora"): 3e-3, ("npo", "full"): 1e-3, ("npo", "lora"): 5e-3,
     ("simnpo", "full"): 1e-3, ("simnpo", "lora"): 5e-3,  # not swept: NPO's
-    ("wga", "full"): 1e-3, ("wga", "lora"): 5e-3, ("satimp", "full"): 1e-3, ("satimp", "lora"): 5e-3,
-    ("undial", "full"): 1e-3, ("undial", "lora"): 5e-3, ("idkdpo", "full"): 1e-3, ("idkdpo", "lora"): 5e-3,
-    ("rmu", "full"): 1e-3, ("rmu", "lora"): 5e-3,
+    # issue 24's methods, by the same sweep (KnowMem-f / KnowMem-r after 5 epochs, target ~90 / ~88, retrain 3.6 /
+    # 61.4): the lr whose forgetting is deepest with KnowMem-r >= 75 (RESULTS.md, "The field's other methods")
+    ("wga", "full"): 1e-3, ("wga", "lora"): 5e-3, ("satimp", "full"): 3e-3, ("satimp", "lora"): 1.5e-2,
+    ("undial", "full"): 3e-3, ("undial", "lora"): 5e-3, ("idkdpo", "full"): 3e-3, ("idkdpo", "lora"): 1e-2,
+    ("rmu", "full"): 3e-3, ("rmu", "lora"): 3e-3,
 }
 TINY_EPOCHS: dict[tuple[Method, Adapter], int] = {
     (method, adapter): 4 if (method, adapter) == ("ga", "full") else 3 if (method, adapter) == ("ga", "lora") else 5
@@ -57,8 +60,9 @@ TINY_EPOCHS: dict[tuple[Method, Adapter], int] = {
 }
 TINY_ALPHA: dict[Method, float] = {"ga": 5.0, "npo": 1.0, "simnpo": 1.0, "wga": 1.0, "satimp": 1.0, "undial": 1.0,
                                    "idkdpo": 1.0, "rmu": 1.0}
-# RMU on the tiny model: the steering coefficient in units of its hidden states' scale (WMDP's c = 6.5 is Zephyr's).
-TINY_RMU_COEFFICIENT = 6.5
+# RMU on the tiny model (mean hidden-state norm 15.9 at its layer 1): c = 20 forgot to KnowMem-f 7.2 (full) / 1.4
+# (LoRA) at KnowMem-r 84-86; WMDP's 6.5 left 33.9 (full); 60 wrecked retain (46, LoRA 0).
+TINY_RMU_COEFFICIENT = 20.0
 TINY_BATCH = 8
 TINY_MAX_LENGTH = 256
 

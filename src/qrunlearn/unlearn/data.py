@@ -103,6 +103,9 @@ def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_s
     """Tokenised chunks (IdkDPO: question/answer rows with their refusal twins); one-line errors for an empty
     forget set or a retain term without retain data."""
     check_texts(corpus, forget_split, retain_split, needs_retain, forget_from_qa)
+    forget_from: list[int] | None = None
+    preferred: list[list[int]] | None = None
+    preferred_from: list[int] | None = None
     if forget_from_qa:
         pairs = forget_qa_pairs(corpus)
         forget, forget_from = qa_sequences(tokenizer, pairs, max_length)
@@ -110,7 +113,6 @@ def load_unlearn_data(corpus: MuseCorpus, tokenizer, forget_split: str, retain_s
         preferred, preferred_from = qa_sequences(tokenizer, refusals, max_length)
     else:
         forget = chunk_documents(tokenizer, [d for d in corpus.raw[forget_split] if d.strip()], max_length)
-        forget_from = preferred = preferred_from = None
     if not forget:
         raise UserError(f"{corpus.root / 'raw' / forget_split}: empty forget set (no tokens to unlearn)")
     retain: list[list[int]] = []

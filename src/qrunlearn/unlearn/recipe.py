@@ -1,4 +1,5 @@
-"""The unlearning recipe: GA / NPO / SimNPO with a GDR / KLR retain term, full fine-tuning or LoRA, through
+"""The unlearning recipe: GA / NPO / SimNPO / WGA / SatImp / UNDIAL / IdkDPO / RMU with a GDR / KLR retain term (RMU:
+its own, `act`), full fine-tuning or LoRA, through
 accelerate (`accelerate launch --num_processes N -m qrunlearn unlearn ...` runs DDP; FSDP / DeepSpeed configs pass
 through to `Accelerator()`).
 
@@ -105,7 +106,7 @@ def run_fingerprint(model_path: str, data: UnlearnData, config: UnlearnConfig) -
     digest = hashlib.sha256()
     digest.update(model_identity(model_path).encode())
     digest.update(config.model_dump_json().encode())
-    rows = [data.forget, data.retain]
+    rows: list[object] = [data.forget, data.retain]
     if data.preferred is not None:  # IdkDPO's rows: which answer is scored and the refusals
         rows += [data.forget_scored_from, data.preferred, data.preferred_scored_from]
     digest.update(json.dumps(rows).encode())
@@ -215,7 +216,8 @@ class UnlearnRecipe:
         config, blocks = self.config, transformer_blocks(model)
         layer = config.rmu_layer if config.rmu_layer is not None else round(len(blocks) * 7 / 32)
         if layer >= len(blocks):
-            raise UserError(f"--rmu-layer {layer}: the model has {len(blocks)} transformer blocks (0-{len(blocks) - 1})")
+            raise UserError(f"--rmu-layer {layer}: the model has {len(blocks)} transformer blocks "
+                            f"(0-{len(blocks) - 1})")
         if config.adapter == "full" and config.rmu_params == "paper":
             chosen = [p for index in range(max(0, layer - 2), layer + 1)
                       for name, p in blocks[index].named_parameters()
