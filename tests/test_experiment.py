@@ -110,6 +110,15 @@ def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys)
     assert main(["run", str(path), "--out", str(out), "--list-cells"]) == 0
     assert capsys.readouterr().out.split() == ["0", "references", "1", "ga_gdr-lora-s0", "2", "ga_gdr-lora-s1"]
     assert main(["run", str(path), "--out", str(out), "--cell", "2", "--no-progress"]) == 0
+    # before the grid is done: no report, unless a partial one of the cells finished so far
+    assert main(["report", str(out), "--config", str(path)]) == 2
+    assert main(["run", str(path), "--out", str(out), "--cell", "0", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--config", str(path), "--partial"]) == 0
+    assert "partial: 1 of 2 unlearning cells" in capsys.readouterr().out
+    partial = json.loads((out / "partial" / "results.json").read_text())
+    assert [r["seeds"] for r in partial["rows"] if r["group"] == "ga_gdr-lora"] == [[1], [1]]
+    assert not (out / "results.json").exists()
     second = out / "cells" / "ga_gdr-lora-s1" / "result.json"
     before = second.stat().st_mtime_ns
     assert main(["run", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0

@@ -467,12 +467,23 @@ def run(
 def report(
     out: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="An experiment output folder.")],
     config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: built-in).")] = None,
+    partial: Annotated[bool, typer.Option("--partial", help="Report the cells finished so far (the references cell "
+                                                            "must be) into OUT/partial/, while a long grid runs; "
+                                                            "its rows pool only the seeds finished.")] = False,
 ) -> None:
     """Rebuild table.md, table.csv, plots and report.md from an experiment folder's finished cells."""
     experiment_config = load_config(config)
     finished = experiment.Experiment(experiment_config, out)
-    report_module.build_report(out, experiment_config, finished.references(), finished.unlearn_results())
-    typer.echo((out / "table.md").read_text())
+    if not partial:
+        report_module.build_report(out, experiment_config, finished.references(), finished.unlearn_results())
+        typer.echo((out / "table.md").read_text())
+        return
+    cells = finished.finished_unlearn_results()
+    if not cells:
+        raise UserError(f"{out}: no unlearning cell is finished yet")
+    report_module.build_report(out / "partial", experiment_config, finished.references(), cells)
+    typer.echo((out / "partial" / "table.md").read_text())
+    typer.echo(f"partial: {len(cells)} of {len(finished.cells) - 1} unlearning cells ({out / 'partial'})")
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------

@@ -174,6 +174,10 @@ class Experiment:
             raise UserError(f"{self.cell_dir(self.cells[0])}: the references cell is not finished")
         return result
 
+    def finished_unlearn_results(self) -> list[UnlearnCellResult]:
+        """The unlearning cells finished so far, in cell order (a partial report's)."""
+        return [r for r in (self.load_cell(cell) for cell in self.cells[1:]) if isinstance(r, UnlearnCellResult)]
+
     def unlearn_results(self) -> list[UnlearnCellResult]:
         results = [self.load_cell(cell) for cell in self.cells[1:]]
         missing = [cell.id for cell, result in zip(self.cells[1:], results) if result is None]

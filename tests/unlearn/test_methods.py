@@ -115,3 +115,16 @@ def test_bad_method_input_is_one_line(memorised_model_dir, tiny_corpus_dir, tiny
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--rmu-layer 9" in err
     assert load_corpus(no_qa).knowmem == {}
+
+
+STRATEGY_CASES = [("wga", "klr", "sure"), ("satimp", "gdr", "quail:rtn:w4g64"), ("undial", "gdr", "qat:nf4"),
+                  ("idkdpo", "klr", "lora+qat:rtn:w4g64"), ("rmu", "act", "sure"), ("rmu", "gdr", "lora+qat:nf4")]
+
+
+@pytest.mark.parametrize("method,reg,strategy", STRATEGY_CASES, ids=[f"{m}_{r}-{s}" for m, r, s in STRATEGY_CASES])
+def test_each_method_runs_under_the_strategies(method, reg, strategy, memorised_model_dir, tiny_corpus, tmp_path):
+    config = _config(method, reg, "lora" if strategy.startswith("lora") else "full", epochs=1, strategy=strategy)
+    result = unlearn(memorised_model_dir, tiny_corpus, config, tmp_path / "run", progress=False)
+    assert result.losses and all(torch.isfinite(torch.tensor([s.loss, s.forget, s.retain])).all()
+                                 for s in result.losses)
+    assert result.losses[-1].forget != result.losses[0].forget  # it trained
