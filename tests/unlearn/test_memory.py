@@ -121,3 +121,19 @@ def test_each_strategy_adds_what_it_keeps(model_dir):
     assert quail.strategy_forward == 2 * 100 * 128 * 8
     assert sure.total > plain.total and qat.total > plain.total and quail.total > plain.total
     assert "strategy (kept)" in sure.describe() and "strategy (forward)" in qat.describe()
+
+
+def test_each_method_adds_what_it_holds(model_dir):
+    """Hand-derived for the known config (fp32, batch 2 of 100 positions): UNDIAL holds the reference's logits on the 2
+    forget rows and three fp32 tensors of their size (adjusted logits, soft target, log-softmax): 2 x 100 x 128 x
+    (4 + 12); RMU's act term the reference's block states on the 2 retain rows (2 x 100 x 64 x 4); IdkDPO's refusal
+    twins make 6 rows, not 4; the other methods add nothing."""
+    gdr = estimate_memory(model_dir, _cfg(method="ga", reg="gdr"), device="cpu")
+    assert gdr.method_forward == 0 and gdr.tokens_per_micro_batch == 4 * 100
+    undial = estimate_memory(model_dir, _cfg(method="undial", reg="gdr", loss_chunk=0), device="cpu")
+    assert undial.method_forward == 2 * 100 * 128 * 16
+    assert undial.total == gdr.total + undial.method_forward + undial.reference  # and its frozen copy
+    rmu = estimate_memory(model_dir, _cfg(method="rmu", reg="act"), device="cpu")
+    assert rmu.method_forward == 2 * 100 * 64 * 4
+    assert estimate_memory(model_dir, _cfg(method="idkdpo", reg="gdr"), device="cpu").tokens_per_micro_batch == 600
+    assert "method (forward)" in undial.describe()

@@ -66,6 +66,7 @@ class MemoryEstimate(BaseModel):
     strategy_resident: int = 0  # SURE's forget-gradient copy, alive through the whole step
     strategy_forward: int = 0  # QAT's Q(W), QUAIL's reference logits: beside the activations
     strategy_step: int = 0  # SURE's clones of unselected rows and moments: beside the gradients, at the step
+    method_forward: int = 0  # UNDIAL's reference logits and targets, RMU's reference block states: beside the activations
     tokens_per_micro_batch: int
     processes: int
 
@@ -77,7 +78,8 @@ class MemoryEstimate(BaseModel):
         backward pass's recompute peak counts."""
         return (self.weights + self.optimizer + self.reference + self.strategy_resident
                 + max(self.gradients + self.strategy_step,
-                      self.activations + self.loss_temporaries + self.strategy_forward, self.recompute))
+                      self.activations + self.loss_temporaries + self.strategy_forward + self.method_forward,
+                      self.recompute))
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
@@ -86,7 +88,8 @@ class MemoryEstimate(BaseModel):
                     [("backward recompute", self.recompute)] if self.recompute else []) + [
                     (f"strategy ({part})", value) for part, value in (
                         ("kept", self.strategy_resident), ("forward", self.strategy_forward),
-                        ("step", self.strategy_step)) if value]
+                        ("step", self.strategy_step)) if value] + (
+                    [("method (forward)", self.method_forward)] if self.method_forward else [])
         lines = [f"per process ({self.processes} process{'es' if self.processes > 1 else ''}; "
                  f"{self.parameters / 1e6:.1f}M parameters, {self.trainable_parameters / 1e6:.2f}M trainable; "
                  f"{self.tokens_per_micro_batch} tokens per micro-batch):"]
@@ -174,7 +177,8 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
         reference = 0  # on the host, not on the training device
 
     length = sequence_length or config.max_length
-    rows = rows or config.batch_size * (2 if config.reg != "none" else 1)
+    # IdkDPO's forget rows come with their refusal twins
+    rows = rows or config.batch_size * ((2 if config.method == "idkdpo" else 1) + (1 if config.reg != "none" else 0))
     tokens = rows * length
     layers = model_config.num_hidden_layers
     per_block = _block_bytes_per_token(model_config, element)
@@ -201,8 +205,21 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     return MemoryEstimate(parameters=params, trainable_parameters=trainable, weights=weights, gradients=gradients,
                           optimizer=optimizer, reference=reference, activations=activations,
                           loss_temporaries=loss, recompute=recompute, strategy_resident=resident,
-                          strategy_forward=forward, strategy_step=step, tokens_per_micro_batch=tokens,
-                          processes=processes)
+                          strategy_forward=forward, strategy_step=step,
+                          method_forward=method_terms(model, config, element, rows, length),
+                          tokens_per_micro_batch=tokens, processes=processes)
+
+
+def method_terms(model: PreTrainedModel, config: UnlearnConfig, element: int, rows: int, length: int) -> int:
+    """Bytes a forget objective holds beside the activations: UNDIAL the reference's forget-row logits (compute
+    dtype) and, in fp32, the adjusted logits, their softmax target and the policy's log-softmax; RMU with its `act`
+    term the reference's block states on the retain rows. `rows`: the micro-batch's forget + retain rows."""
+    retain_rows = rows // 2 if config.reg != "none" else 0
+    if config.method == "undial":
+        return (rows - retain_rows) * length * int(model.config.vocab_size) * (element + 3 * 4)
+    if config.method == "rmu" and config.reg == "act":
+        return retain_rows * length * int(model.config.hidden_size) * element
+    return 0
 
 
 def strategy_terms(model: PreTrainedModel, config: UnlearnConfig, gradients: int, element: int, rows: int,
@@ -244,5 +261,6 @@ def micro_batch_shape(model_path: str | Path, corpus: MuseCorpus, config: Unlear
     data = load_unlearn_data(corpus, tokenizer, config.forget_split, config.retain_split,
                              needs_retain=config.reg != "none", max_length=config.max_length,
                              forget_from_qa=config.method == "idkdpo")
-    rows = min(config.batch_size, len(data.forget)) + (min(config.batch_size, len(data.retain)) if data.retain else 0)
+    forget_rows = min(config.batch_size, len(data.forget)) * (2 if data.preferred is not None else 1)
+    rows = forget_rows + (min(config.batch_size, len(data.retain)) if data.retain else 0)
     return MicroBatchShape(length=max(len(chunk) for chunk in data.forget + data.retain), rows=rows)
