@@ -66,7 +66,7 @@ class MemoryEstimate(BaseModel):
     strategy_resident: int = 0  # SURE's forget-gradient copy, alive through the whole step
     strategy_forward: int = 0  # QAT's Q(W), QUAIL's reference logits: beside the activations
     strategy_step: int = 0  # SURE's clones of unselected rows and moments: beside the gradients, at the step
-    method_forward: int = 0  # UNDIAL's reference logits and targets, RMU's reference block states: beside the activations
+    method_forward: int = 0  # UNDIAL's reference logits and targets, RMU's reference states: beside the activations
     tokens_per_micro_batch: int
     processes: int
 
