@@ -28,7 +28,7 @@ from qrunlearn.unlearn.config import METHOD_HELP, REG_HELP, Method, Reg, Unlearn
 from qrunlearn.unlearn.strategy import Strategy
 
 
-def skip_transformers_hqq_cache() -> None:
+def skip_transformers_optional_quantizers() -> None:
     """Load transformers' model code with hqq and torchao reported absent. transformers imports hqq for a quantized
     KV cache and torchao for torchao-quantized checkpoints, neither of which qrunlearn uses, and their imports pull
     in torch._dynamo and inductor: ~4.5 s of a command's start on 2 busy cores (`benchmarks/bench_startup.py`).
@@ -50,8 +50,8 @@ def skip_transformers_hqq_cache() -> None:
 
 
 def stage(name: str) -> Any:
-    """A stage that loads models, imported on first use after `skip_transformers_hqq_cache`."""
-    return lazy_module(name, before=skip_transformers_hqq_cache)
+    """A stage that loads models, imported on first use after `skip_transformers_optional_quantizers`."""
+    return lazy_module(name, before=skip_transformers_optional_quantizers)
 
 
 # The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after

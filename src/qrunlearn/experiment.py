@@ -37,7 +37,7 @@ from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
 from qrunlearn.eval.gradient import answer_nll_gradient
 from qrunlearn.eval.mia import privleak
 from qrunlearn.eval.muse import forget_answer_tokens
-from qrunlearn.io import atomic_write_json, run_metadata, set_seed
+from qrunlearn.io import atomic_write_json, run_metadata, set_seed, slug
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.quant import (
     FULL_PRECISION,
@@ -344,7 +344,7 @@ class Experiment:
         records: dict[str, SurvivalRecord] = {}
         for spec in quantized:
             report = survival_report(base, unlearned, spec)
-            png = self.out / "plots" / f"survival_{cell.id}_{_slug(spec.label)}.png"
+            png = self.out / "plots" / f"survival_{cell.id}_{slug(spec.label)}.png"
             plot_survival(report, png)
             records[spec.label] = SurvivalRecord(
                 **report.model_dump(), plot=str(png.relative_to(self.out)),
@@ -372,10 +372,6 @@ def _fill_privleak(record: EvalRecord, retrain_auc: float | None) -> None:
     auc = record.metrics.privleak_auc
     if retrain_auc and auc is not None and record.metrics.privleak is None:
         record.metrics.privleak = privleak(auc, retrain_auc)
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in text)
 
 
 def check_output_folder(out: Path, resume: bool, force: bool) -> None:

@@ -247,3 +247,8 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def slug(label: str) -> str:
+    """A label as a file-name part: 'lora+qat:nf4' -> 'lora_qat_nf4', 'rtn:w4g64' -> 'rtn_w4g64'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")

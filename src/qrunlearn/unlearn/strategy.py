@@ -16,12 +16,12 @@ only where they differ from their defaults), and cell ids are built from it.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from qrunlearn.errors import UserError
+from qrunlearn.io import slug
 from qrunlearn.quant.spec import TRAINABLE_HELP, TRAINABLE_METHODS, QuantSpec, parse_spec, trainable_spec
 
 Adapter = Literal["full", "lora"]
@@ -169,10 +169,6 @@ class Strategy(BaseModel):
         if self.sure is None:
             return base_lr
         return base_lr * (self.sure.lr_factor if self.sure.lr_factor is not None else SURE_LR_FACTOR["paper"])
-
-
-def slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
 
 
 def _parse_fields(text: str) -> dict[str, Any]:
