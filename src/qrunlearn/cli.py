@@ -364,8 +364,8 @@ def unlearn_command(
 def quantize(
     model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors), a folder qrunlearn "
                                              "wrote around one (unlearn --out, a run cell), or a .gguf file.")],
-    method: Annotated[str, typer.Option(help="Spec: fp, rtn:w4g64 / rtn:w8 (per-channel) / rtn:w4g64:sym, nf4, "
-                                             "fp4, int8, hqq:w4g64, gptq:w4g128 (bits 2-8; hqq 2/3/4/8).")],
+    method: Annotated[str, typer.Option(help="Spec: fp, bf16, rtn:w4g64 / rtn:w8 (per-channel) / rtn:w4g64:sym, "
+                                             "nf4, fp4, int8, hqq:w4g64, gptq:w4g128 (bits 2-8; hqq 2/3/4/8).")],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     data: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False,

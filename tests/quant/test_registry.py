@@ -10,7 +10,7 @@ from qrunlearn.quant.registry import SPEC_FILE
 
 def test_available_methods_lists_every_method():
     methods = available_methods()
-    assert set(methods) == {"fp", "rtn", "nf4", "fp4", "int8", "hqq", "gptq"}
+    assert set(methods) == {"fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq"}
     assert methods["fp"] and methods["rtn"]
 
 
@@ -35,7 +35,7 @@ def test_gpt2_conv1d_layers_are_quantized():
     assert 0 < (got - ref).abs().max() < 0.05  # 8-bit: changed, but barely
 
 
-@pytest.mark.parametrize("spec", ["rtn:w4g64", "nf4", "int8", "fp"])
+@pytest.mark.parametrize("spec", ["rtn:w4g64", "nf4", "int8", "bf16", "fp"])
 def test_save_then_load_gives_the_same_codes_and_logits(tiny_model_dir, tmp_path, spec):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "q"

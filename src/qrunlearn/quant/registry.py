@@ -2,6 +2,7 @@
 
 | method         | backend module | stores codes | serialises      | needs              |
 | fp             | (no-op)        | -            | fp weights      | -                  |
+| bf16           | quant/bf16.py  | bf16 weights | fp weights+spec | torch              |
 | rtn            | quant/rtn.py   | int8 buffers | fp weights+spec | torch              |
 | nf4, fp4, int8 | quant/bnb.py   | bnb layers   | HF bnb folder   | bitsandbytes       |
 | hqq            | quant/hqq.py   | HQQLinear    | fp weights+spec | hqq                |
@@ -40,6 +41,7 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
+    "bf16": Backend(("bf16",), "bf16", None, serialises=False, per_weight=True),
     "rtn": Backend(("rtn",), "rtn", None, serialises=False, per_weight=True),
     "bnb": Backend(("nf4", "fp4", "int8"), "bnb", "bitsandbytes", serialises=True, per_weight=True),
     "hqq": Backend(("hqq",), "hqq", "hqq", serialises=False, per_weight=True),
@@ -92,7 +94,7 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec | str) -> QuantizedWei
 
 def _stored_codes(module: nn.Module) -> torch.Tensor | None:
     """Codes a quantized module stores, whichever backend made it (None for a full-precision module)."""
-    for name in ("rtn", "bnb", "hqq", "gptq"):
+    for name in BACKENDS:
         backend = BACKENDS[name]
         if backend.package is not None and importlib.util.find_spec(backend.package) is None:
             continue

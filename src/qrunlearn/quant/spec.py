@@ -2,6 +2,7 @@
 
 Grammar (one regular expression per method, chosen by the text before the first ':'):
     fp | none                      full precision (no-op), so precision lists like ["fp", "int8", "nf4"] are uniform
+    bf16                           the block linears' weights cast to bfloat16 (computed in fp32)
     rtn:w{bits}[g{group}][:sym]    round-to-nearest, bits 2..8; per-channel without g; asymmetric unless :sym
     nf4 | fp4                      bitsandbytes 4-bit, block size 64, double quantization off
     int8                           bitsandbytes LLM.int8 (row-wise absmax, outlier threshold 6.0)
@@ -19,7 +20,7 @@ from pydantic_core import core_schema
 
 from qrunlearn.errors import UserError
 
-Method = Literal["fp", "rtn", "nf4", "fp4", "int8", "hqq", "gptq"]
+Method = Literal["fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq"]
 
 BNB_BLOCKSIZE = 64  # the paper's bitsandbytes setting (block 64, no double quantization)
 RTN_BITS = range(2, 9)
@@ -29,7 +30,7 @@ GPTQ_BITS = range(2, 9)
 _RTN_RE = re.compile(r"w(\d+)(?:g(\d+))?(:sym)?")
 _HQQ_RE = re.compile(r"w(\d+)g(\d+)")
 _GPTQ_RE = re.compile(r"w(\d+)(?:g(\d+))?")
-SPEC_HELP = "fp, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}g{group}, gptq:w{bits}[g{group}]"
+SPEC_HELP = "fp, bf16, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}g{group}, gptq:w{bits}[g{group}]"
 # What fake quantization (quant.fake) reproduces bit for bit, so what quantization-aware training can train against.
 TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
 TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
@@ -47,7 +48,7 @@ class QuantSpec:
 
     @property
     def label(self) -> str:
-        if self.method in ("fp", "nf4", "fp4", "int8"):
+        if self.method in ("fp", "bf16", "nf4", "fp4", "int8"):
             return self.method
         group = f"g{self.group_size}" if self.group_size is not None else ""
         sym = ":sym" if self.method == "rtn" and self.symmetric else ""
@@ -113,6 +114,8 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
         return QuantSpec(method="fp")
     if method in ("nf4", "fp4") and not rest:
         return QuantSpec(method="nf4" if method == "nf4" else "fp4", bits=4, group_size=BNB_BLOCKSIZE, symmetric=True)
+    if method == "bf16" and not rest:
+        return QuantSpec(method="bf16", bits=16, group_size=None, symmetric=True)
     if method == "int8" and not rest:
         return QuantSpec(method="int8", bits=8, group_size=None, symmetric=True)
     if method == "rtn" and (m := _RTN_RE.fullmatch(rest)):
