@@ -108,6 +108,9 @@ CASES = [
     BadCall("run-seeds-not-integers", ("run", "{floatseeds}", "--list-cells"), "field 'seeds"),
     BadCall("run-threshold-outside-0-1", ("run", "{badthreshold}", "--list-cells"), "field 'reversion_threshold'"),
     BadCall("run-cell-not-a-number", ("run", "--cell", "abc"), "--cell"),
+    # audit
+    BadCall("audit-target-not-a-model", ("audit", "--target", "{notmodel}", "--unlearned", "{notmodel}", "--data",
+                                         "{corpus}", "--out", "{tmp}/audit"), "--target"),
     # report
     BadCall("report-missing-folder", ("report", "{tmp}/absent"), "{tmp}/absent"),
     BadCall("report-not-an-experiment", ("report", "{tmp}"), "{tmp}"),
@@ -178,7 +181,7 @@ def outcomes(tmp_path_factory, tiny_corpus_dir) -> dict[str, Outcome]:
 def test_the_matrix_covers_every_subcommand():
     commands = {" ".join(case.args[:2]) if case.args[0] == "data" else case.args[0] for case in CASES}
     assert commands == {"data check", "data synth", "data fetch", "target", "eval", "unlearn", "quantize",
-                        "survival", "run", "report"}
+                        "survival", "run", "report", "audit"}
     assert len(CASES) >= 20 and len({case.id for case in CASES}) == len(CASES)
 
 

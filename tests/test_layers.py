@@ -2,7 +2,7 @@
 here (and quoted in the README): a module may import its own stage and any stage to its left.
 
     foundation (errors, io, lazy, typing, plotting) < data < models < quant < unlearn < eval < targets
-        < config < results < report < experiment < cli (__main__)
+        < config < results < report < audit, experiment < cli (__main__)
 
 Every import counts: module level, inside functions, and the module paths handed to `lazy_module` /
 `lazy_exports` as strings."""
@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "qrunlearn"
 LAYERS: list[set[str]] = [
     {"errors", "io", "lazy", "typing", "plotting", "__init__"},
     {"data"}, {"models"}, {"quant"}, {"unlearn"}, {"eval"}, {"targets"},
-    {"config"}, {"results"}, {"report"}, {"experiment"}, {"cli", "__main__"},
+    {"config"}, {"results"}, {"report"}, {"audit", "experiment"}, {"cli", "__main__"},
 ]
 MODULE_PATH = re.compile(r"qrunlearn(\.\w+)+")
 

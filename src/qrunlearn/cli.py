@@ -57,6 +57,7 @@ def stage(name: str) -> Any:
 # The stages load on first use (see qrunlearn.lazy): `--help` and usage errors answer at once instead of after
 # ~5 s of importing torch, transformers and peft; the data commands never import transformers.
 experiment = stage("qrunlearn.experiment")
+audit_module = stage("qrunlearn.audit")
 eval_run = stage("qrunlearn.eval.run")
 hub = lazy_module("qrunlearn.data.hub")
 io = lazy_module("qrunlearn.io")
@@ -484,6 +485,61 @@ def report(
     report_module.build_report(out / "partial", experiment_config, finished.references(), cells)
     typer.echo((out / "partial" / "table.md").read_text())
     typer.echo(f"partial: {len(cells)} of {len(finished.cells) - 1} unlearning cells ({out / 'partial'})")
+
+
+# ---- audit ----------------------------------------------------------------------------------------------------
+@app.command("audit")
+@settings_options(EvalConfig, EVAL_OPTIONS)
+def audit(
+    target: Annotated[Path, typer.Option(help="The model before unlearning (a model folder).")],
+    unlearned: Annotated[list[Path], typer.Option(help="An unlearned model folder; repeat for several.")],
+    data: CorpusDir,
+    out: Annotated[Path, typer.Option(help="Output folder: audit.json, audit.md, audit.html, evals/ (the cache).")],
+    retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder (PrivLeak's reference and the "
+                                                         "retrain gap).")] = None,
+    retrain_auc: Annotated[Optional[str], typer.Option(help="PrivLeak's reference AUC without --retrain: a number, "
+                                                            "or news / books.")] = None,
+    formats: Annotated[str, typer.Option(help="Comma-separated formats to ship in (quantization specs: fp, bf16, int8, "
+                                              "nf4, fp4, rtn:w4g64, hqq:w4g64 ...); fp is always the anchor.")
+                       ] = "fp,bf16,int8,nf4,rtn:w4g64",
+    max_reversion: Annotated[float, typer.Option(help="The share of the forgetting a format may give back: it keeps "
+                                                      "when the reversion's whole 95% interval is at or below "
+                                                      "this.")] = 0.1,
+    gate_metric: Annotated[str, typer.Option(help="The forgetting metric the gate reads: knowmem_f, verbmem_f, "
+                                                  "knowmem_f_answer_nll, nll_privleak_forget, privleak_auc.")
+                           ] = "knowmem_f",
+    inconclusive: Annotated[Literal["fail", "pass"], typer.Option(help="What an interval straddling "
+                                                                        "--max-reversion counts as.")] = "fail",
+    metrics: Annotated[str, typer.Option(help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,"
+                                              "privleak.")] = "verbmem_f,knowmem_f,knowmem_r,privleak",
+    progress: Annotated[bool, typer.Option(help="Print each evaluation as it starts.")] = True,
+    **settings: Any,
+) -> int:
+    """Will an unlearned model stay unlearned where it ships? Every model at every format with MUSE's metrics, the
+    precision-matched reversion with its 95% interval (as `qrunlearn run`'s table), the utility cost, and a gate:
+    exit 0 when every format keeps the forgetting within --max-reversion, 1 when one does not (named), 2 on bad
+    input. The target's evaluations are cached in OUT/evals and shared across models and audits."""
+    check_models(target=target, retrain=retrain)
+    for model in unlearned:
+        check_models(unlearned=model)
+    specs = []
+    for text in (part.strip() for part in formats.split(",") if part.strip()):
+        try:
+            specs.append(quant.parse_spec(text))
+        except UserError as err:
+            raise UserError(f"--formats: {err}") from None
+    names = tuple(name.strip() for name in metrics.split(",") if name.strip())
+    eval_config = build_settings(EvalConfig, {"metrics": names}, settings)
+    config = audit_module.AuditConfig(
+        target=str(target), unlearned=tuple(str(m) for m in unlearned), retrain=str(retrain) if retrain else None,
+        retrain_auc=audit_module.retrain_auc_value(retrain_auc), data=str(data), formats=tuple(specs),
+        max_reversion=max_reversion, gate_metric=gate_metric, inconclusive=inconclusive, eval=eval_config,
+        seed=eval_config.seed)
+    result = audit_module.run_audit(config, out, report=typer.echo if progress else (lambda _message: None))
+    typer.echo((out / "audit.md").read_text())
+    typer.echo(f"wrote {out / 'audit.json'}, audit.md, audit.html ({result.evaluations} evaluations run, "
+               f"{result.cached} from the cache, {result.wall_seconds:.0f} s)")
+    return 0 if result.passed else 1
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------
