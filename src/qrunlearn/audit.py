@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qrunlearn.data.muse import MuseCorpus, load_corpus
 from qrunlearn.errors import UserError
-from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
+from qrunlearn.eval import EvalConfig, evaluate
 from qrunlearn.eval.effect import FORGETTING_METRICS, METRIC, Estimate, PrecisionEffect, has_items, precision_effect
 from qrunlearn.eval.mia import privleak
 from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, package_versions, slug
@@ -400,16 +400,3 @@ def _html_table(markdown: str) -> str:
     head = "".join(f"<th>{c}</th>" for c in cells[0])
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def retrain_auc_value(text: str | None) -> float | None:
-    """`--retrain-auc`: a number in (0, 1] or a preset name (news, books)."""
-    if text is None:
-        return None
-    if text in RETRAIN_AUC_PRESETS:
-        return RETRAIN_AUC_PRESETS[text]
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"--retrain-auc: '{text}' is neither a number nor a preset "
-                        f"({', '.join(RETRAIN_AUC_PRESETS)})") from None

@@ -123,6 +123,17 @@ def settings_options(record: type[BaseModel], names: tuple[str, ...],
 
 # A corpus folder must exist: checked while parsing, so a typo is answered before the stage's imports.
 CorpusDir = Annotated[Path, typer.Option(exists=True, file_okay=False, help="Corpus folder in MUSE's layout.")]
+RetrainDir = Annotated[Optional[Path], typer.Option("--retrain", help="Retrain model folder: its privleak AUC is "
+                                                                      "PrivLeak's reference.")]
+RetrainAuc = Annotated[Optional[str], typer.Option("--retrain-auc", help="Reference AUC instead of --retrain: a "
+                                                                         "number, or news (0.4772) / books (0.5393).")]
+MetricNames = Annotated[str, typer.Option("--metrics", help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,"
+                                                            "privleak.")]
+ALL_METRICS = "verbmem_f,knowmem_f,knowmem_r,privleak"
+
+
+def metric_names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def check_models(**options: str | Path | None) -> None:
@@ -278,20 +289,16 @@ def eval_cmd(
                                              ".gguf file.")],
     data: CorpusDir,
     out: Annotated[Path, typer.Option(help="Results JSON; per-item logs go beside it as <stem>.items.jsonl.")],
-    retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder: its privleak AUC is PrivLeak's "
-                                                         "reference.")] = None,
-    retrain_auc: Annotated[Optional[str], typer.Option(help="Reference AUC instead of --retrain: a number, or news "
-                                                            "(0.4772) / books (0.5393).")] = None,
-    metrics: Annotated[str, typer.Option(help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,"
-                                              "privleak.")] = "verbmem_f,knowmem_f,knowmem_r,privleak",
+    retrain: RetrainDir = None,
+    retrain_auc: RetrainAuc = None,
+    metrics: MetricNames = ALL_METRICS,
     dtype: Annotated[Literal["auto", "float32", "bfloat16", "float16"],
                      typer.Option(help="Weights dtype (auto: fp32 CPU, bf16 CUDA).")] = "auto",
     **settings: Any,
 ) -> None:
     """MUSE evaluation: VerbMem, KnowMem (forget, retain), PrivLeak, plus MIA AUCs, batched. A folder written by
     `qrunlearn quantize` is evaluated quantized."""
-    names = tuple(name.strip() for name in metrics.split(",") if name.strip())
-    config = build_settings(EvalConfig, {"metrics": names}, settings)
+    config = build_settings(EvalConfig, {"metrics": metric_names(metrics)}, settings)
     check_models(model=model, retrain=retrain)
     result = eval_run.eval_folder(model, data, out, config, retrain_path=retrain, retrain_auc=retrain_auc,
                                   dtype=dtype)
@@ -495,10 +502,8 @@ def audit(
     unlearned: Annotated[list[Path], typer.Option(help="An unlearned model folder; repeat for several.")],
     data: CorpusDir,
     out: Annotated[Path, typer.Option(help="Output folder: audit.json, audit.md, audit.html, evals/ (the cache).")],
-    retrain: Annotated[Optional[Path], typer.Option(help="Retrain model folder (PrivLeak's reference and the "
-                                                         "retrain gap).")] = None,
-    retrain_auc: Annotated[Optional[str], typer.Option(help="PrivLeak's reference AUC without --retrain: a number, "
-                                                            "or news / books.")] = None,
+    retrain: RetrainDir = None,
+    retrain_auc: RetrainAuc = None,
     formats: Annotated[str, typer.Option(help="Comma-separated formats to ship in (quantization specs: fp, bf16, int8, "
                                               "nf4, fp4, rtn:w4g64, hqq:w4g64 ...); fp is always the anchor.")
                        ] = "fp,bf16,int8,nf4,rtn:w4g64",
@@ -510,8 +515,7 @@ def audit(
                            ] = "knowmem_f",
     inconclusive: Annotated[Literal["fail", "pass"], typer.Option(help="What an interval straddling "
                                                                         "--max-reversion counts as.")] = "fail",
-    metrics: Annotated[str, typer.Option(help="Comma-separated subset of verbmem_f,knowmem_f,knowmem_r,"
-                                              "privleak.")] = "verbmem_f,knowmem_f,knowmem_r,privleak",
+    metrics: MetricNames = ALL_METRICS,
     progress: Annotated[bool, typer.Option(help="Print each evaluation as it starts.")] = True,
     **settings: Any,
 ) -> int:
@@ -528,11 +532,11 @@ def audit(
             specs.append(quant.parse_spec(text))
         except UserError as err:
             raise UserError(f"--formats: {err}") from None
-    names = tuple(name.strip() for name in metrics.split(",") if name.strip())
-    eval_config = build_settings(EvalConfig, {"metrics": names}, settings)
+    eval_config = build_settings(EvalConfig, {"metrics": metric_names(metrics)}, settings)
     config = audit_module.AuditConfig(
         target=str(target), unlearned=tuple(str(m) for m in unlearned), retrain=str(retrain) if retrain else None,
-        retrain_auc=audit_module.retrain_auc_value(retrain_auc), data=str(data), formats=tuple(specs),
+        retrain_auc=eval_run.parse_retrain_auc(retrain_auc) if retrain_auc is not None else None, data=str(data),
+        formats=tuple(specs),
         max_reversion=max_reversion, gate_metric=gate_metric, inconclusive=inconclusive, eval=eval_config,
         seed=eval_config.seed)
     result = audit_module.run_audit(config, out, report=typer.echo if progress else (lambda _message: None))
