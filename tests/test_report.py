@@ -21,6 +21,7 @@ from qrunlearn.report import (
     strategy_findings,
     table_csv,
     table_markdown,
+    transfer_lines,
 )
 from qrunlearn.results import (
     EvalRecord,
@@ -161,6 +162,11 @@ def test_a_quantization_aware_row_is_judged_where_it_is_deployed():
     assert int8.effects.knowmem_f.reversion is not None
     assert int8.effects.knowmem_f.reversion.value == pytest.approx(0.5)  # 20 of nf4's 40 points kept at int8
     assert "(not deployed)" in table_markdown(rows)
+    # the report's transfer paragraph: the QAT cell at the quantizers it was not trained for, with the verdict
+    lines = transfer_lines(rows, [Strategy.parse("full"), Strategy.parse("qat:nf4")])
+    assert len(lines) == 1 and lines[0].startswith("- qat:nf4 (anchored at nf4, where it is deployed)")
+    assert "ga_gdr at int8 0.50 [" in lines[0] and lines[0].endswith("(reverted)")
+    assert "at fp" not in lines[0]  # the fp model is never deployed
 
 
 def test_rows_without_items_have_no_interval_and_no_verdict():
