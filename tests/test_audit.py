@@ -123,12 +123,16 @@ def test_a_real_audit_reuses_its_cached_evaluations(tiny_model_dir, tiny_corpus_
     unlearned = _copy_model(tiny_model_dir, tmp_path / "unlearned", 1.001)
     args = ["audit", "--target", str(tiny_model_dir), "--unlearned", str(unlearned), "--data", str(tiny_corpus_dir),
             "--out", str(tmp_path / "out"), "--formats", "fp,bf16", "--limit", "4", "--bootstrap", "50",
-            "--batch-size", "8", "--no-progress"]
+            "--batch-size", "8", "--relearn", "2", "--relearn-lr", "1e-3", "--no-progress"]
     assert main(args) == 1
     first = json.loads((tmp_path / "out" / "audit.json").read_text())
-    assert first["evaluations"] == 4 and "no measurable KnowMem-forget forgetting" in first["failures"][0]
+    # 4 at the formats, 2 on the probed questions (target and the model before relearning; after is not cached)
+    assert first["evaluations"] == 6 and "no measurable KnowMem-forget forgetting" in first["failures"][0]
+    probe = first["relearning"][0]
+    assert probe["by_subject"] and probe["steps"] == 2 and probe["probed_questions"] > 0
+    assert "## Relearning: 2 steps" in (tmp_path / "out" / "audit.md").read_text()
     assert main(args) == 1
     second = json.loads((tmp_path / "out" / "audit.json").read_text())
-    assert second["evaluations"] == 0 and second["cached"] == 4
+    assert second["evaluations"] == 0 and second["cached"] == 6
     assert [r["metrics"] for r in second["rows"]] == [r["metrics"] for r in first["rows"]]
     assert AuditConfig.model_validate(second["config"]).formats[0].label == "fp"

@@ -38,6 +38,7 @@ from qrunlearn.errors import UserError
 from qrunlearn.eval import EvalConfig, evaluate
 from qrunlearn.eval.effect import FORGETTING_METRICS, METRIC, Estimate, PrecisionEffect, has_items, precision_effect
 from qrunlearn.eval.mia import privleak
+from qrunlearn.eval.relearn import probe_corpus, relearn, relearning_split
 from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, package_versions, slug
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.loading import load_causal_lm
@@ -66,6 +67,9 @@ class AuditConfig(BaseModel):
     inconclusive: Literal["fail", "pass"] = "fail"
     eval: EvalConfig = EvalConfig()
     seed: int = 0
+    relearn_steps: int = Field(0, ge=0, description="the relearning probe's optimizer steps (0: no probe)")
+    relearn_lr: float = Field(1e-5, gt=0.0)
+    relearn_batch_size: int = Field(4, ge=1)
 
     @field_validator("formats")
     @classmethod
@@ -102,9 +106,24 @@ class AuditRow(BaseModel):
     reason: str = ""
 
 
+class RelearnRecord(BaseModel):
+    """One model relearned on half the forget subjects, probed on the other half (`eval.relearn`)."""
+
+    model: str
+    label: str = ""
+    steps: int
+    by_subject: bool
+    probed_questions: int
+    probed_subjects: list[str]
+    before: Metrics  # on the probed questions
+    after: Metrics
+    recovery: dict[str, PrecisionEffect]  # per forgetting metric: the share of the forgetting relearning gave back
+
+
 class AuditResult(BaseModel):
     config: AuditConfig
     rows: list[AuditRow]
+    relearning: list[RelearnRecord] = Field(default_factory=list)
     passed: bool
     failures: list[str]
     evaluations: int  # evaluations run by this audit (the rest came from the cache)
@@ -127,11 +146,12 @@ class Evaluator:
     """Evaluates models at formats, each (model content, format, corpus, settings) once, kept in `cache`."""
 
     def __init__(self, corpus: MuseCorpus, data: Path, settings: EvalConfig, cache: Path,
-                 report: Callable[[str], None]):
+                 report: Callable[[str], None], variant: str = ""):
         self.corpus, self.settings, self.cache, self.report = corpus, settings, cache, report
-        self.context = json.dumps({"corpus": _corpus_key(data), "eval": settings.model_dump(mode="json")},
-                                  sort_keys=True)
+        self.context = json.dumps({"corpus": _corpus_key(data), "eval": settings.model_dump(mode="json"),
+                                   "variant": variant}, sort_keys=True)
         self.run = self.cached = 0
+        self.counted: Evaluator = self
 
     def _path(self, model: str, spec: QuantSpec) -> Path:
         key = hashlib.sha256(f"{model_identity(model)}|{spec.label}|{self.context}".encode()).hexdigest()[:20]
@@ -140,22 +160,31 @@ class Evaluator:
     def __call__(self, model: str, spec: QuantSpec, retrain_auc: float | None) -> EvalRecord:
         path = self._path(model, spec)
         if path.is_file():
-            self.cached += 1
+            self.counted.cached += 1
             record = EvalRecord.model_validate_json(path.read_text())
         else:
             self.report(f"evaluating {model} at {spec.label}")
             loaded, tokenizer = load_causal_lm(model) if spec.is_noop else load_quantized(model, spec)
-            started = time.perf_counter()
-            result = evaluate(loaded, tokenizer, self.corpus, self.settings, progress=False)
-            record = EvalRecord.of(result, time.perf_counter() - started)
+            record = self.evaluate_loaded(loaded, tokenizer)
             del loaded
             gc.collect()
             atomic_write_json(path, record)
-            self.run += 1
+            self.counted.run += 1
         auc = record.metrics.privleak_auc
         if retrain_auc is not None and auc is not None:  # PrivLeak depends on the reference, not on the model
             record.metrics.privleak = privleak(auc, retrain_auc)
         return record
+
+
+    def count_into(self, other: "Evaluator") -> None:
+        """Count this evaluator's evaluations in `other`'s totals (the relearning probe's in the audit's)."""
+        self.counted = other
+
+    def evaluate_loaded(self, model, tokenizer) -> EvalRecord:
+        """A model in memory (a relearned one), not cached."""
+        started = time.perf_counter()
+        result = evaluate(model, tokenizer, self.corpus, self.settings, progress=False)
+        return EvalRecord.of(result, time.perf_counter() - started)
 
 
 # ---- the gate -------------------------------------------------------------------------------------------------
@@ -261,11 +290,49 @@ def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = pr
     labels = short_names(list(config.unlearned))
     for row in rows:
         row.label = labels.get(row.model, row.model)
-    result = AuditResult(config=config, rows=rows, passed=not failures, failures=failures, evaluations=evaluator.run,
+    relearning = _relearning(config, corpus, evaluator, report) if config.relearn_steps else []  # counts its own
+    for record in relearning:
+        record.label = labels.get(record.model, record.model)
+    result = AuditResult(config=config, rows=rows, relearning=relearning, passed=not failures, failures=failures,
+                         evaluations=evaluator.run,
                          cached=evaluator.cached, wall_seconds=time.perf_counter() - started,
                          versions=package_versions(), git_commit=git_commit())
     write_outputs(result, out)
     return result
+
+
+def _relearning(config: AuditConfig, corpus: MuseCorpus, evaluator: Evaluator,
+                report: Callable[[str], None]) -> list[RelearnRecord]:
+    """Each unlearned model (and the retrain model, the baseline) relearned on half the forget subjects, its
+    recovery measured on the other half's questions against the target."""
+    split = relearning_split(corpus, config.seed)
+    variant = json.dumps({"probe": [[q.question, q.answer] for q in split.probe_questions]})
+    probe = Evaluator(probe_corpus(corpus, split), Path(config.data),
+                      config.eval.model_copy(update={"metrics": ("knowmem_f",)}), evaluator.cache, report, variant)
+    probe.count_into(evaluator)
+    target = probe(config.target, FULL_PRECISION, None)
+    records = []
+    for model in [*config.unlearned, *([config.retrain] if config.retrain else [])]:
+        before = probe(model, FULL_PRECISION, None)
+        report(f"relearning {model} for {config.relearn_steps} steps on {len(split.relearn_documents)} documents")
+        loaded, tokenizer = load_causal_lm(model)
+        relearn(loaded, tokenizer, split, config.relearn_steps, config.relearn_lr, config.relearn_batch_size,
+                seed=config.seed)
+        after = probe.evaluate_loaded(loaded, tokenizer)
+        del loaded
+        gc.collect()
+        recovery = {}
+        for metric in FORGETTING_METRICS:
+            if all(has_items(metric, r.items) for r in (target, before, after)):
+                recovery[metric.name] = precision_effect(
+                    metric, target.items, [after.items],  # type: ignore[arg-type, list-item]
+                    target.items, [before.items],  # type: ignore[list-item]
+                    resamples=config.eval.bootstrap, seed=config.seed)
+        records.append(RelearnRecord(model="retrain" if model == config.retrain else model,
+                                     steps=config.relearn_steps, by_subject=split.by_subject,
+                                     probed_questions=len(split.probe_questions), probed_subjects=split.probe_subjects,
+                                     before=before.metrics, after=after.metrics, recovery=recovery))
+    return records
 
 
 def short_names(paths: list[str]) -> dict[str, str]:
@@ -325,6 +392,27 @@ def table_markdown(result: AuditResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def relearning_markdown(result: AuditResult) -> str:
+    if not result.relearning:
+        return ""
+    first = result.relearning[0]
+    how = (f"relearned on the forget documents about half the subjects, probed on the other "
+           f"{len(first.probed_subjects)} subjects' {first.probed_questions} questions" if first.by_subject else
+           f"relearned on half the forget documents (the corpus names no subjects: not disjoint), probed on all "
+           f"{first.probed_questions} questions")
+    lines = [f"## Relearning: {first.steps} steps at lr {result.config.relearn_lr:g}, {how}", "",
+             "| model | KnowMem-forget before | after | recovery KnowMem-forget | recovery answer NLL |",
+             "|---|---|---|---|---|"]
+    for record in result.relearning:
+        know, nll = record.recovery.get("knowmem_f"), record.recovery.get("knowmem_f_answer_nll")
+        lines.append(f"| {record.label or record.model} | {_num(record.before.knowmem_f)} | "
+                     f"{_num(record.after.knowmem_f)} | {_cell(know.reversion if know else None)} | "
+                     f"{_cell(nll.reversion if nll else None)} |")
+    note = ("Recovery: the share of each model's forgetting of the probed questions (against the target) that "
+            "relearning gave back; the retrain model, relearned the same way, is the baseline.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -382,7 +470,9 @@ def write_outputs(result: AuditResult, out: Path) -> None:
                f"{result.config.inconclusive}).", ""]
     summary += [f"- {failure}" for failure in result.failures] + ([""] if result.failures else [])
     atomic_write_json(out / "audit.json", result)
-    atomic_write_text(out / "audit.md", "\n".join(summary) + "\n" + table)
+    relearning = relearning_markdown(result)
+    body = "\n".join(summary) + "\n" + table + ("\n" + relearning if relearning else "")
+    atomic_write_text(out / "audit.md", body)
     images = "".join(f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
                      for png in _plots(result))
     rows_html = "".join("<li>" + html.escape(f) + "</li>" for f in result.failures)
@@ -390,8 +480,16 @@ def write_outputs(result: AuditResult, out: Path) -> None:
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
             "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:48%;margin:1em 1%}</style></head><body>"
             f"<h1>Audit: {verdict}</h1><p>{html.escape(summary[2])}</p><ul>{rows_html}</ul>"
-            f"{_html_table(table)}{images}</body></html>")
+            f"{_html_table(table)}{_html_relearning(relearning)}{images}</body></html>")
     atomic_write_bytes(out / "audit.html", page.encode())
+
+
+def _html_relearning(markdown: str) -> str:
+    if not markdown:
+        return ""
+    title, _, rest = markdown.partition("\n\n")
+    table, _, note = rest.partition("\n\n")
+    return f"<h2>{html.escape(title.lstrip('# '))}</h2>{_html_table(table)}<p>{html.escape(note.strip())}</p>"
 
 
 def _html_table(markdown: str) -> str:

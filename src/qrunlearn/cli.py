@@ -516,6 +516,11 @@ def audit(
     inconclusive: Annotated[Literal["fail", "pass"], typer.Option(help="What an interval straddling "
                                                                         "--max-reversion counts as.")] = "fail",
     metrics: MetricNames = ALL_METRICS,
+    relearn: Annotated[int, typer.Option(min=0, help="The relearning probe: fine-tune each model (and the retrain "
+                                                     "model, the baseline) for this many steps on the forget "
+                                                     "documents about half the subjects, then ask the other half's "
+                                                     "questions (0: no probe).")] = 0,
+    relearn_lr: Annotated[float, typer.Option(help="The relearning probe's lr (AdamW, constant).")] = 1e-5,
     progress: Annotated[bool, typer.Option(help="Print each evaluation as it starts.")] = True,
     **settings: Any,
 ) -> int:
@@ -538,7 +543,7 @@ def audit(
         retrain_auc=eval_run.parse_retrain_auc(retrain_auc) if retrain_auc is not None else None, data=str(data),
         formats=tuple(specs),
         max_reversion=max_reversion, gate_metric=gate_metric, inconclusive=inconclusive, eval=eval_config,
-        seed=eval_config.seed)
+        seed=eval_config.seed, relearn_steps=relearn, relearn_lr=relearn_lr)
     result = audit_module.run_audit(config, out, report=typer.echo if progress else (lambda _message: None))
     typer.echo((out / "audit.md").read_text())
     typer.echo(f"wrote {out / 'audit.json'}, audit.md, audit.html ({result.evaluations} evaluations run, "

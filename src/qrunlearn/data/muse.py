@@ -41,6 +41,9 @@ EXTRA_DIRS = ("scal", "sust")
 class QAPair:
     question: str
     answer: str
+    # whom the question is about, where the corpus says (optional "subject" key; the built-in corpus gives it): the
+    # relearning probe splits the forget set by subject
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,13 @@ def _parse_records(path: Path, value: Any, keys: tuple[str, str]) -> list[tuple[
 
 
 def parse_qa(path: Path, value: Any) -> list[QAPair]:
-    return [QAPair(q, a) for q, a in _parse_records(path, value, ("question", "answer"))]
+    pairs = []
+    for index, (question, answer) in enumerate(_parse_records(path, value, ("question", "answer"))):
+        subject = value[index].get("subject")
+        if subject is not None and not (isinstance(subject, str) and subject.strip()):
+            raise DataError(path, "expected a non-empty string", index=index, field="subject")
+        pairs.append(QAPair(question, answer, subject))
+    return pairs
 
 
 def parse_verbmem(path: Path, value: Any) -> list[VerbMemItem]:
@@ -285,7 +294,8 @@ def write_corpus(corpus: MuseCorpus, root: Path | str) -> Path:
     if corpus.verbmem is not None:
         dump("verbmem/forget.json", [{"prompt": v.prompt, "gt": v.gt} for v in corpus.verbmem])
     for name, pairs in corpus.knowmem.items():
-        dump(f"knowmem/{name}.json", [{"question": p.question, "answer": p.answer} for p in pairs])
+        dump(f"knowmem/{name}.json", [{"question": p.question, "answer": p.answer}
+                                      | ({"subject": p.subject} if p.subject is not None else {}) for p in pairs])
     for split, texts in corpus.privleak.items():
         dump(f"privleak/{split}.json", texts)
     for name, docs in corpus.extra.items():

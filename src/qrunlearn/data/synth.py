@@ -82,11 +82,11 @@ class Person:
 
     def qa(self) -> list[QAPair]:
         return [
-            QAPair(f"In which city does {self.name} live?", self.city),
-            QAPair(f"Which organisation does {self.name} work for?", self.organisation),
-            QAPair(f"What is the profession of {self.name}?", self.profession),
-            QAPair(f"In which year did {self.name} join {self.organisation}?", str(self.year)),
-            QAPair(f"How many awards has {self.name} won?", str(self.awards)),
+            QAPair(f"In which city does {self.name} live?", self.city, self.name),
+            QAPair(f"Which organisation does {self.name} work for?", self.organisation, self.name),
+            QAPair(f"What is the profession of {self.name}?", self.profession, self.name),
+            QAPair(f"In which year did {self.name} join {self.organisation}?", str(self.year), self.name),
+            QAPair(f"How many awards has {self.name} won?", str(self.awards), self.name),
         ]
 
 
