@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qrunlearn.cli import main
 from qrunlearn.unlearn import UnlearnConfig
 from qrunlearn.unlearn.lora import wrap_lora
-from qrunlearn.unlearn.memory import _block_and_root_parameters, _block_bytes_per_token, estimate_memory, meta_model
+from qrunlearn.unlearn.memory import _block_and_root_parameters, estimate_memory, meta_model
 
 # vocabulary 128, hidden 64, MLP 128, 2 blocks, 4 query / 2 key-value heads (key/value width 32), untied head
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -89,15 +89,17 @@ def test_a_whole_estimate_derived_by_hand(model_dir):
 
 def test_checkpointing_counts_the_backward_recompute_beside_the_gradients(model_dir):
     """With checkpointing and a chunked loss the backward pass's recompute is the peak (measured on the tiny model:
-    RESULTS.md): all gradients, the kept block inputs, one block's activations and the MLP's gradient temporaries."""
+    RESULTS.md): all gradients, the kept block inputs, one block's activations and the MLP's gradient temporaries.
+    By hand for the known config (fp32, 2 forget + 2 retain rows x 100 positions = 400 tokens):
+    gradients 4 x 90,432 parameters = 361,728; block inputs 400 x 2 blocks x 64 x 4 = 204,800; one block's
+    activations 400 x 4,736 bytes per token (norms 2 x (4 x 64 + 4 x 64) = 1,024, attention 4 x (64 + 32) + 4 x 3 x
+    64 + 4 x 2 x 64 = 1,664, MLP 4 x 4 x 128 = 2,048) = 1,894,400, and the MLP's gradient temporaries 3 x 400 x 128 x 4
+    = 614,400: 3,075,328 bytes."""
     plain = estimate_memory(model_dir, _cfg(), device="cpu")
     chunked = estimate_memory(model_dir, _cfg(gradient_checkpointing=True, loss_chunk=10), device="cpu")
     assert plain.recompute == 0
-    config = meta_model(model_dir).config
-    tokens = chunked.tokens_per_micro_batch
-    block_inputs = tokens * config.num_hidden_layers * config.hidden_size * 4
-    one_block = tokens * _block_bytes_per_token(config, 4) + 3 * tokens * config.intermediate_size * 4
-    assert chunked.recompute == chunked.gradients + block_inputs + one_block
+    assert PARAMS == 90_432 and chunked.tokens_per_micro_batch == 400
+    assert chunked.recompute == 361_728 + 204_800 + 1_894_400 + 614_400
     assert chunked.total > chunked.weights + chunked.optimizer + chunked.reference + chunked.gradients
 
 
