@@ -104,7 +104,14 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tiny_model_dir, tiny_
     config = json.loads((other / "config.json").read_text())
     config["vocab_size"] += 1
     (other / "config.json").write_text(json.dumps(config))
+    from qrunlearn.models.tiny import train_tokenizer
+
+    retokenised = tmp_path / "retokenised"  # same architecture and vocabulary size, another tokenizer
+    shutil.copytree(tiny_model_dir, retokenised)
+    size = len(json.loads((tiny_model_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    train_tokenizer([doc[::-1] for doc in load_corpus(tiny_corpus_dir).raw["retain2"]] * 3, size, retokenised)
     cases = [(["--unlearned", str(other)], "vocab_size"), (["--formats", "fp,rtn:w4g7"], "group size"),
+             (["--unlearned", str(retokenised)], "its tokenizer differs from the target's"),
              (["--formats", "fp,gptq:w4g128"], "GPTQ needs calibration"), (["--formats", "fp,q9"], "--formats"),
              (["--max-reversion", "1.5"], "max_reversion")]
     for extra, name in cases:

@@ -41,7 +41,7 @@ from qrunlearn.eval.mia import privleak
 from qrunlearn.eval.relearn import probe_corpus, relearn, relearning_split
 from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, package_versions, slug
 from qrunlearn.models.identity import model_identity
-from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.models.loading import load_causal_lm, load_tokenizer
 from qrunlearn.plotting import pyplot
 from qrunlearn.quant.registry import load_quantized, require_backend
 from qrunlearn.quant.spec import FULL_PRECISION, QuantSpec, parse_spec
@@ -214,6 +214,7 @@ def _check_compatible(target: str, others: list[str]) -> None:
         return {key: config.get(key) for key in ("architectures", "vocab_size", "hidden_size", "num_hidden_layers")}
 
     wanted = signature(target)
+    vocabulary = load_tokenizer(target).get_vocab()
     for model in others:
         found = signature(model)
         differing = [key for key in wanted if wanted[key] != found[key]]
@@ -221,6 +222,11 @@ def _check_compatible(target: str, others: list[str]) -> None:
             key = differing[0]
             raise UserError(f"{model}: its {key} ({found[key]}) differs from the target's ({wanted[key]}); an "
                             f"audit compares models of one architecture and tokenizer")
+        other = load_tokenizer(model).get_vocab()
+        if other != vocabulary:
+            moved = sum(vocabulary.get(token) != index for token, index in other.items())
+            raise UserError(f"{model}: its tokenizer differs from the target's ({moved} of {len(other)} tokens map to "
+                            f"other ids); an audit compares models of one tokenizer")
 
 
 def _check_formats(target: str, formats: tuple[QuantSpec, ...]) -> None:
