@@ -33,16 +33,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from qrunlearn.config import no_repeats
 from qrunlearn.data.muse import MuseCorpus, load_corpus
 from qrunlearn.errors import UserError
 from qrunlearn.eval import EvalConfig, evaluate
 from qrunlearn.eval.effect import FORGETTING_METRICS, METRIC, Estimate, PrecisionEffect, has_items, precision_effect
-from qrunlearn.eval.mia import privleak
 from qrunlearn.eval.relearn import probe_corpus, relearn, relearning_split
 from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, package_versions, slug
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.loading import load_causal_lm, load_tokenizer
-from qrunlearn.plotting import pyplot
+from qrunlearn.plotting import figure_png, pyplot
 from qrunlearn.quant.registry import load_quantized, require_backend
 from qrunlearn.quant.spec import FULL_PRECISION, QuantSpec, parse_spec
 from qrunlearn.results import EvalRecord, Metrics
@@ -74,10 +74,7 @@ class AuditConfig(BaseModel):
     @field_validator("formats")
     @classmethod
     def _fp_first_and_distinct(cls, formats: tuple[QuantSpec, ...]) -> tuple[QuantSpec, ...]:
-        labels = [f.label for f in formats]
-        repeated = sorted({label for label in labels if labels.count(label) > 1})
-        if repeated:
-            raise ValueError(f"listed twice: {', '.join(repeated)}")
+        no_repeats(formats)
         for spec in formats:
             if spec.method == "gptq":
                 raise ValueError(f"{spec.label}: GPTQ needs calibration data and its own environment; quantize with "
@@ -151,7 +148,6 @@ class Evaluator:
         self.context = json.dumps({"corpus": _corpus_key(data), "eval": settings.model_dump(mode="json"),
                                    "variant": variant}, sort_keys=True)
         self.run = self.cached = 0
-        self.counted: Evaluator = self
 
     def _path(self, model: str, spec: QuantSpec) -> Path:
         key = hashlib.sha256(f"{model_identity(model)}|{spec.label}|{self.context}".encode()).hexdigest()[:20]
@@ -160,7 +156,7 @@ class Evaluator:
     def __call__(self, model: str, spec: QuantSpec, retrain_auc: float | None) -> EvalRecord:
         path = self._path(model, spec)
         if path.is_file():
-            self.counted.cached += 1
+            self.cached += 1
             record = EvalRecord.model_validate_json(path.read_text())
         else:
             self.report(f"evaluating {model} at {spec.label}")
@@ -169,16 +165,8 @@ class Evaluator:
             del loaded
             gc.collect()
             atomic_write_json(path, record)
-            self.counted.run += 1
-        auc = record.metrics.privleak_auc
-        if retrain_auc is not None and auc is not None:  # PrivLeak depends on the reference, not on the model
-            record.metrics.privleak = privleak(auc, retrain_auc)
-        return record
-
-
-    def count_into(self, other: "Evaluator") -> None:
-        """Count this evaluator's evaluations in `other`'s totals (the relearning probe's in the audit's)."""
-        self.counted = other
+            self.run += 1
+        return record.fill_privleak(retrain_auc)
 
     def evaluate_loaded(self, model, tokenizer) -> EvalRecord:
         """A model in memory (a relearned one), not cached."""
@@ -253,17 +241,19 @@ def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = pr
     if config.retrain is not None:
         retrain_evals[FULL_PRECISION.label] = evaluator(config.retrain, FULL_PRECISION, retrain_auc)
         retrain_auc = retrain_auc or retrain_evals[FULL_PRECISION.label].metrics.privleak_auc
+        retrain_evals[FULL_PRECISION.label].fill_privleak(retrain_auc)
     target_evals = {f.label: evaluator(config.target, f, retrain_auc) for f in config.formats}
     if config.retrain is not None:
-        retrain_evals = {f.label: evaluator(config.retrain, f, retrain_auc) for f in config.formats}
+        retrain_evals = {f.label: retrain_evals.get(f.label) or evaluator(config.retrain, f, retrain_auc)
+                         for f in config.formats}
     references = (("target", target_evals), ("retrain", retrain_evals))
     rows = [AuditRow(model=name, format=label, metrics=record.metrics)
             for name, evals in references for label, record in evals.items()]
     failures: list[str] = []
     headline = METRIC[config.gate_metric]
+    anchor = FULL_PRECISION.label
     for model in config.unlearned:
         evals = {f.label: evaluator(model, f, retrain_auc) for f in config.formats}
-        anchor = FULL_PRECISION.label
         fp_effect: Estimate | None = None
         for spec in config.formats:
             label = spec.label
@@ -296,26 +286,25 @@ def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = pr
     labels = short_names(list(config.unlearned))
     for row in rows:
         row.label = labels.get(row.model, row.model)
-    relearning = _relearning(config, corpus, evaluator, report) if config.relearn_steps else []  # counts its own
+    relearning, probe = _relearning(config, corpus, evaluator, report) if config.relearn_steps else ([], None)
     for record in relearning:
         record.label = labels.get(record.model, record.model)
     result = AuditResult(config=config, rows=rows, relearning=relearning, passed=not failures, failures=failures,
-                         evaluations=evaluator.run,
-                         cached=evaluator.cached, wall_seconds=time.perf_counter() - started,
+                         evaluations=evaluator.run + (probe.run if probe else 0),
+                         cached=evaluator.cached + (probe.cached if probe else 0), wall_seconds=time.perf_counter() - started,
                          versions=package_versions(), git_commit=git_commit())
     write_outputs(result, out)
     return result
 
 
 def _relearning(config: AuditConfig, corpus: MuseCorpus, evaluator: Evaluator,
-                report: Callable[[str], None]) -> list[RelearnRecord]:
+                report: Callable[[str], None]) -> tuple[list[RelearnRecord], Evaluator]:
     """Each unlearned model (and the retrain model, the baseline) relearned on half the forget subjects, its
     recovery measured on the other half's questions against the target."""
     split = relearning_split(corpus, config.seed)
     variant = json.dumps({"probe": [[q.question, q.answer] for q in split.probe_questions]})
     probe = Evaluator(probe_corpus(corpus, split), Path(config.data),
                       config.eval.model_copy(update={"metrics": ("knowmem_f",)}), evaluator.cache, report, variant)
-    probe.count_into(evaluator)
     target = probe(config.target, FULL_PRECISION, None)
     records = []
     for model in [*config.unlearned, *([config.retrain] if config.retrain else [])]:
@@ -338,7 +327,7 @@ def _relearning(config: AuditConfig, corpus: MuseCorpus, evaluator: Evaluator,
                                      steps=config.relearn_steps, by_subject=split.by_subject,
                                      probed_questions=len(split.probe_questions), probed_subjects=split.probe_subjects,
                                      before=before.metrics, after=after.metrics, recovery=recovery))
-    return records
+    return records, probe
 
 
 def short_names(paths: list[str]) -> dict[str, str]:
@@ -425,8 +414,6 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def _plots(result: AuditResult) -> list[bytes]:
     """Forget vs utility per format, and the gate metric's reversion with its interval per (model, format)."""
-    import io
-
     plt = pyplot()
     images = []
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -440,11 +427,7 @@ def _plots(result: AuditResult) -> list[bytes]:
     ax.set_xlabel("Utility (KnowMem-retain)")
     ax.set_ylabel("KnowMem-forget")
     ax.set_title("forget vs utility, per format")
-    for fig_ in (fig,):
-        buffer = io.BytesIO()
-        fig_.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig_)
-        images.append(buffer.getvalue())
+    images.append(figure_png(fig, dpi=100))
     fig, ax = plt.subplots(figsize=(6, 4))
     metric = result.config.gate_metric
     shown = [r for r in result.rows if r.gate not in (None, "anchor") and metric in r.effects
@@ -460,10 +443,7 @@ def _plots(result: AuditResult) -> list[bytes]:
     ax.set_xticks(range(len(shown)), [f"{r.label or r.model}@{r.format}" for r in shown], rotation=45, ha="right",
                   fontsize=7)
     ax.set_ylabel(f"reversion ({METRIC[metric].label}), 95% interval")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    images.append(buffer.getvalue())
+    images.append(figure_png(fig, dpi=100))
     return images
 
 

@@ -157,12 +157,12 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"unknown method '{name}': {METHOD_NAME_HELP}")
             if reg == "act" and forget != "rmu":
                 raise ValueError(f"method '{name}': the act retain term is RMU's (rmu_act)")
-        return _no_repeats(methods)
+        return no_repeats(methods)
 
     @field_validator("strategies", "precisions")
     @classmethod
     def _distinct(cls, values: tuple) -> tuple:
-        return _no_repeats(values)
+        return no_repeats(values)
 
     def eval_config(self) -> EvalConfig:
         """The evaluation settings with the experiment's seed as the bootstrap seed."""
@@ -189,7 +189,7 @@ class ExperimentConfig(_Strict):
             raise UserError(f"cell {method}-{label}: {validation_message(err)}") from None
 
 
-def _no_repeats(values: tuple) -> tuple:
+def no_repeats(values: tuple) -> tuple:
     """Cells and table rows are named by these labels: two entries with one label would overwrite each other."""
     labels = [str(value) for value in values]
     repeated = sorted({label for label in labels if labels.count(label) > 1})

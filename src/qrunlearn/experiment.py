@@ -35,7 +35,6 @@ from qrunlearn.data.synth import SynthConfig, generate_corpus
 from qrunlearn.errors import UserError
 from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
 from qrunlearn.eval.gradient import answer_nll_gradient
-from qrunlearn.eval.mia import privleak
 from qrunlearn.eval.muse import forget_answer_tokens
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed, slug
 from qrunlearn.models.loading import load_causal_lm
@@ -274,7 +273,7 @@ class Experiment:
         if retrain is not None:
             retrain_evals = self._evaluate_everywhere("retrain", retrain, tick, done=retrain_evals)
         for record in (*target_evals.values(), *retrain_evals.values()):
-            _fill_privleak(record, reference.auc)
+            record.fill_privleak(reference.auc)
         return ReferenceCellResult(cell=self.cells[0].id, target=target, retrain=retrain,
                                    retrain_reference=reference, target_evals=target_evals,
                                    retrain_evals=retrain_evals)
@@ -365,13 +364,6 @@ class _CellTicker:
         if 0 < self.started < self.units:
             self.advance()
         self.started += 1
-
-
-def _fill_privleak(record: EvalRecord, retrain_auc: float | None) -> None:
-    """Reference rows are evaluated before the retrain AUC is known; fill PrivLeak in afterwards."""
-    auc = record.metrics.privleak_auc
-    if retrain_auc and auc is not None and record.metrics.privleak is None:
-        record.metrics.privleak = privleak(auc, retrain_auc)
 
 
 def check_output_folder(out: Path, resume: bool, force: bool) -> None:

@@ -21,9 +21,14 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path | str, dpi: int = 110) -> Path:
-    """Write `fig` as a PNG atomically and close it."""
+def figure_png(fig: Any, dpi: int = 110) -> bytes:
+    """`fig` as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_figure(fig: Any, path: Path | str, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG atomically and close it."""
+    return atomic_write_bytes(path, figure_png(fig, dpi))

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qrunlearn.config import ExperimentConfig
 from qrunlearn.eval.effect import Estimate, PrecisionEffect, Verdict
 from qrunlearn.eval.items import ItemScores, item_scores
+from qrunlearn.eval.mia import privleak
 from qrunlearn.eval.muse import PRIVLEAK_SCORE, EvalResult
 from qrunlearn.quant.survival import FirstOrder, SurvivalOverall, SurvivalReport
 from qrunlearn.unlearn.config import UnlearnConfig
@@ -52,6 +53,14 @@ class EvalRecord(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     settings: dict[str, Any] = Field(default_factory=dict)
     wall_seconds: float = 0.0
+
+    def fill_privleak(self, retrain_auc: float | None) -> "EvalRecord":
+        """PrivLeak from this record's AUC and the retrain model's, where it is missing: it depends on the reference,
+        which is often known only after the record (the retrain model's own evaluation, a cached one)."""
+        auc = self.metrics.privleak_auc
+        if retrain_auc and auc is not None and self.metrics.privleak is None:
+            self.metrics.privleak = privleak(auc, retrain_auc)
+        return self
 
     @classmethod
     def of(cls, result: EvalResult, wall_seconds: float) -> "EvalRecord":
