@@ -291,7 +291,8 @@ def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = pr
         record.label = labels.get(record.model, record.model)
     result = AuditResult(config=config, rows=rows, relearning=relearning, passed=not failures, failures=failures,
                          evaluations=evaluator.run + (probe.run if probe else 0),
-                         cached=evaluator.cached + (probe.cached if probe else 0), wall_seconds=time.perf_counter() - started,
+                         cached=evaluator.cached + (probe.cached if probe else 0),
+                         wall_seconds=time.perf_counter() - started,
                          versions=package_versions(), git_commit=git_commit())
     write_outputs(result, out)
     return result
