@@ -206,6 +206,11 @@ class UnlearnConfig(BaseModel):
         return self.strategy.lr(self.lr)
 
     @property
+    def uses_reference_nll(self) -> bool:
+        """NPO and IdkDPO compare each forget sequence's NLL with the model's before unlearning (computed once)."""
+        return self.method in ("npo", "idkdpo")
+
+    @property
     def uses_frozen_reference(self) -> bool:
         """Full fine-tuning keeps a frozen copy of the model when a term compares against it (KLR, QUAIL)."""
         return self.adapter == "full" and (self.reg in ("klr", "act") or self.method == "undial"

@@ -203,7 +203,7 @@ class UnlearnRecipe:
         self.quail_margin = self._quail_margin(strategy.quail) if strategy.quail is not None else None
         # NPO: each forget chunk's; IdkDPO: [rejected answer, refusal] per question
         self.ref_nll = (cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, parallel)
-                        if config.method in ("npo", "idkdpo") else None)
+                        if config.uses_reference_nll else None)
         self.control = (objectives.control_vector(self.unwrapped.config.hidden_size, config.rmu_coefficient,
                                                   config.seed).to(parallel.device)
                         if config.method == "rmu" else None)
@@ -267,8 +267,7 @@ class UnlearnRecipe:
         computation bit for bit and NPO's log-ratio starts at exactly 0, whatever the precision and kernels."""
         self.model.eval()
         idkdpo = self.config.method == "idkdpo"
-        values = [0.0] * len(self.data.forget)
-        preferred_values = [0.0] * len(self.data.forget)
+        columns = [[0.0] * len(self.data.forget) for _ in range(2 if idkdpo else 1)]  # IdkDPO: and the refusals
         for step in self._schedule(1):
             for micro in step.micro_batches:
                 for group, weight in self._row_passes(*_share_of_process(micro, step)):
@@ -277,19 +276,14 @@ class UnlearnRecipe:
                         stats = self._statistics(group)  # every process runs as many forwards (sharded models)
                     if stats.forget_nll is None or stats.forget_mask is None:
                         continue
-                    sums = objectives.sequence_sums(stats.forget_nll, stats.forget_mask)[0]
-                    for index, value in zip(group.forget, sums.tolist()):
-                        values[index] += weight * value
-                    if idkdpo and stats.preferred_nll is not None and stats.preferred_mask is not None:
-                        sums = objectives.sequence_sums(stats.preferred_nll, stats.preferred_mask)[0]
-                        for index, value in zip(group.forget, sums.tolist()):
-                            preferred_values[index] += weight * value
+                    rows = [(stats.forget_nll, stats.forget_mask), (stats.preferred_nll, stats.preferred_mask)]
+                    for column, (nll, mask) in zip(columns, rows):
+                        assert nll is not None and mask is not None
+                        for index, value in zip(group.forget, objectives.sequence_sums(nll, mask)[0].tolist()):
+                            column[index] += weight * value
         self.model.train()
-        rejected = torch.tensor(self.parallel.sum_over_processes(values), dtype=torch.float32)
-        if not idkdpo:
-            return rejected
-        preferred = torch.tensor(self.parallel.sum_over_processes(preferred_values), dtype=torch.float32)
-        return torch.stack([rejected, preferred], dim=1)
+        sums = [torch.tensor(self.parallel.sum_over_processes(c), dtype=torch.float32) for c in columns]
+        return sums[0] if len(sums) == 1 else torch.stack(sums, dim=1)
 
     def _schedule(self, epoch: int) -> list[Step]:
         return epoch_schedule(len(self.data.forget), len(self.data.retain), epoch, self.config.seed,
@@ -353,8 +347,7 @@ class UnlearnRecipe:
             self.state.tokens += self._step_tokens(step)
         self.optimizer.zero_grad(set_to_none=True)
         return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total,
-                        log_ratio=(log_ratio / counts["forget_sequences"] if self.config.method in ("npo", "idkdpo")
-                                   else None),
+                        log_ratio=log_ratio / counts["forget_sequences"] if self.config.uses_reference_nll else None,
                         quail=quail_term if quail_setting is not None else None)
 
     def _row_passes(self, micro: MicroBatch, weight: float) -> list[tuple[MicroBatch, float]]:
@@ -579,7 +572,7 @@ class UnlearnRecipe:
             return objectives.activation_mse_from_states(stats.forget_states, self.control, stats.forget_attention,
                                                          sequences), 0.0
         nll, count = objectives.sequence_sums(forget_nll, forget_mask)
-        if method in ("npo", "idkdpo"):
+        if config.uses_reference_nll:
             assert self.ref_nll is not None, "the reference NLLs are computed in setup()"
             ref = self.ref_nll[micro.forget]
             if method == "npo":
