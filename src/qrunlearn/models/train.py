@@ -153,14 +153,13 @@ def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc
     device = next(model.parameters()).device
     result = TrainResult()
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, dynamic_ncols=True)
-    steps = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
         started = time.perf_counter()
         # summed on the device: reading each step's loss would synchronise a GPU every step
         loss_sum = torch.zeros((), device=device)
         batches = epoch_batches(lengths, config.batch_size, generator, config.group_by_length)
-        batches = batches[:total_steps - steps]
+        batches = batches[:total_steps - result.steps]
         for index in batches:
             optimizer.zero_grad(set_to_none=True)
             with kernels(model, config.cpu_kernels, inference=False):
@@ -172,8 +171,7 @@ def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc
             scheduler.step()
             loss_sum += loss.detach()
             result.tokens += sum(lengths[i] for i in index)
-            steps += 1
-            result.steps = steps
+            result.steps += 1
             bar.update(1)
         result.epoch_losses.append(float(loss_sum) / len(batches))
         result.seconds += time.perf_counter() - started
@@ -181,7 +179,7 @@ def train_causal_lm(model, tokenizer, docs: list[str], config: TrainConfig, desc
         if after_epoch is not None and after_epoch(epoch, result):
             result.stopped_early = epoch < config.epochs
             break
-        if steps >= total_steps:
+        if result.steps >= total_steps:
             break
     bar.close()
     model.eval()

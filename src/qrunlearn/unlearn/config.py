@@ -206,6 +206,12 @@ class UnlearnConfig(BaseModel):
         return self.strategy.lr(self.lr)
 
     @property
+    def trains_on_forget_qa(self) -> bool:
+        """IdkDPO's forget rows are the corpus's forget question/answer pairs (each with a refusal twin), not the
+        raw forget documents."""
+        return self.method == "idkdpo"
+
+    @property
     def uses_reference_nll(self) -> bool:
         """NPO and IdkDPO compare each forget sequence's NLL with the model's before unlearning (computed once)."""
         return self.method in ("npo", "idkdpo")

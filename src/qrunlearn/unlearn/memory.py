@@ -178,7 +178,7 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
 
     length = sequence_length or config.max_length
     # IdkDPO's forget rows come with their refusal twins
-    rows = rows or config.batch_size * ((2 if config.method == "idkdpo" else 1) + (1 if config.reg != "none" else 0))
+    rows = rows or config.batch_size * ((2 if config.trains_on_forget_qa else 1) + (1 if config.reg != "none" else 0))
     tokens = rows * length
     layers = model_config.num_hidden_layers
     per_block = _block_bytes_per_token(model_config, element)
@@ -260,7 +260,7 @@ def micro_batch_shape(model_path: str | Path, corpus: MuseCorpus, config: Unlear
         return None
     data = load_unlearn_data(corpus, tokenizer, config.forget_split, config.retain_split,
                              needs_retain=config.reg != "none", max_length=config.max_length,
-                             forget_from_qa=config.method == "idkdpo")
+                             forget_from_qa=config.trains_on_forget_qa)
     forget_rows = min(config.batch_size, len(data.forget)) * (2 if data.preferred is not None else 1)
     rows = forget_rows + (min(config.batch_size, len(data.retain)) if data.retain else 0)
     return MicroBatchShape(length=max(len(chunk) for chunk in data.forget + data.retain), rows=rows)

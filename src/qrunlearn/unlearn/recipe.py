@@ -163,7 +163,7 @@ class UnlearnRecipe:
             storage.tidy(self.out_dir)
         parallel.wait()
         set_seed(config.seed)
-        needs_retain, from_qa = config.reg != "none", config.method == "idkdpo"
+        needs_retain, from_qa = config.reg != "none", config.trains_on_forget_qa
         check_texts(self.corpus, config.forget_split, config.retain_split, needs_retain, forget_from_qa=from_qa)
         model, self.tokenizer = load_causal_lm(self.model_path, dtype=weights_dtype(config, parallel.device),
                                                device=parallel.device)
@@ -266,8 +266,8 @@ class UnlearnRecipe:
         zero) run over exactly the micro-batches of the first epoch, so that the first step's forward is the same
         computation bit for bit and NPO's log-ratio starts at exactly 0, whatever the precision and kernels."""
         self.model.eval()
-        idkdpo = self.config.method == "idkdpo"
-        columns = [[0.0] * len(self.data.forget) for _ in range(2 if idkdpo else 1)]  # IdkDPO: and the refusals
+        refusals = self.config.trains_on_forget_qa  # IdkDPO: a second column, the refusals' NLLs
+        columns = [[0.0] * len(self.data.forget) for _ in range(2 if refusals else 1)]
         for step in self._schedule(1):
             for micro in step.micro_batches:
                 for group, weight in self._row_passes(*_share_of_process(micro, step)):
