@@ -15,7 +15,7 @@ TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9
 LOCK_EXTRAS := --extra quant --extra test --extra lint
 
-.PHONY: demo test test-all install lint lock clean bench gptq-venv smollm2
+.PHONY: demo test test-all install lint lock clean bench gptq-venv llamacpp smollm2
 
 $(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,16 @@ gptq-venv:
 	test -x .venv-gptq/bin/python || $(PYTHON) -m venv .venv-gptq
 	.venv-gptq/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
 	.venv-gptq/bin/python -m pip install --quiet -c constraints.txt -e '.[gptq]'
+
+# llama.cpp for the gguf:TYPE formats (quantized and run by llama.cpp itself): llama-cpp-python is a source package,
+# so this builds its vendored llama.cpp for this CPU (~30 min on 2 cores, once: uv keeps the built wheel). Never part
+# of the default install; its tests skip without it. OpenMP off: llama.cpp's spinning OpenMP workers would compete
+# with torch's own pool in the same process.
+LLAMACPP_VERSION := 0.3.36
+llamacpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(UV) pip install --python $(PY) --constraint $(LOCK) \
+		llama-cpp-python==$(LLAMACPP_VERSION)
 
 clean:
 	rm -rf $(VENV) .venv-gptq build *.egg-info

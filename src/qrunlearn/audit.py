@@ -219,6 +219,7 @@ def _check_compatible(target: str, others: list[str]) -> None:
 
 def _check_formats(target: str, formats: tuple[QuantSpec, ...]) -> None:
     """Every format's backend is installed and fits the model (group sizes), before anything is evaluated."""
+    from qrunlearn.models.gguf_export import check_exportable
     from qrunlearn.quant.common import check_group_divides
     from qrunlearn.unlearn.memory import meta_model
 
@@ -227,6 +228,8 @@ def _check_formats(target: str, formats: tuple[QuantSpec, ...]) -> None:
         require_backend(spec)
         if spec.method in ("rtn", "hqq"):
             check_group_divides(model, spec.group_size, spec.label)
+        if spec.method == "gguf":
+            check_exportable(model)
 
 
 def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = print) -> AuditResult:

@@ -35,8 +35,8 @@ class DataError(UserError):
 class MissingDependencyError(UserError):
     """An optional backend is not installed; the message carries the install command."""
 
-    def __init__(self, package: str, feature: str, extra: str | None = None):
-        hint = f"pip install 'qrunlearn[{extra}]'" if extra else f"pip install {package}"
+    def __init__(self, package: str, feature: str, extra: str | None = None, hint: str | None = None):
+        hint = hint or (f"pip install 'qrunlearn[{extra}]'" if extra else f"pip install {package}")
         super().__init__(f"{feature} needs the optional package '{package}': {hint}")
 
 

@@ -42,6 +42,7 @@ from qrunlearn.quant import (
     FULL_PRECISION,
     QuantSpec,
     first_order,
+    has_weight_codes,
     load_quantized,
     plot_survival,
     survival_report,
@@ -331,7 +332,7 @@ class Experiment:
 
     def _survival(self, cell: Cell, target: str, model_dir: str) -> dict[str, SurvivalRecord]:
         """Survival of the cell's update under every quantized precision; both models loaded once."""
-        quantized = [p for p in self.config.precisions if not p.is_noop]
+        quantized = [p for p in self.config.precisions if has_weight_codes(p)]
         if not quantized:
             return {}
         base, (unlearned, tokenizer) = self._load(target, FULL_PRECISION)[0], self._load(model_dir, FULL_PRECISION)

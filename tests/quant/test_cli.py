@@ -30,6 +30,10 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys):
           "--device", "cpu"], "group size 128 does not divide"),
         (["survival", "--base", str(tmp_path / "missing"), "--unlearned", str(tiny_model_dir), "--method", "nf4"],
          "model folder not found"),
+        (["quantize", "--model", str(tiny_model_dir), "--method", "gguf:q4_k_x", "--out", str(tmp_path / "d")],
+         "unknown llama.cpp type 'q4_k_x'"),
+        (["survival", "--base", str(tiny_model_dir), "--unlearned", str(tiny_model_dir), "--method", "gguf:q4_k_m"],
+         "llama.cpp quantizes whole files"),
     ]:
         assert main(argv) == 2
         # the last stderr line (transformers may draw a weight-loading progress bar before it)
@@ -48,3 +52,16 @@ def test_missing_backend_exits_2(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == ("error: GPTQ (in its own environment: make gptq-venv) needs the optional package "
                    "'llmcompressor': pip install 'qrunlearn[gptq]'")
+
+
+def test_missing_llamacpp_names_its_make_target(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    argv = ["quantize", "--model", str(tiny_model_dir), "--method", "gguf:q4_k_m", "--out", str(tmp_path / "g")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == ("error: gguf:q4_k_m needs the optional package 'llama-cpp-python': make llamacpp (builds "
+                   "llama-cpp-python from source: ~30 min on 2 cores)")
+    assert not (tmp_path / "g").exists()

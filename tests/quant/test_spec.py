@@ -16,6 +16,10 @@ from qrunlearn.quant.spec import QuantSpec, parse_spec
         ("int8", "int8", 8, None, True, "int8"),
         ("hqq:w3g64", "hqq", 3, 64, False, "hqq:w3g64"),
         ("gptq:w4g128", "gptq", 4, 128, True, "gptq:w4g128"),
+        ("gguf:q4_k_m", "gguf", 4, None, False, "gguf:q4_k_m"),
+        ("GGUF:Q8_0", "gguf", 8, None, False, "gguf:q8_0"),
+        ("gguf:iq4_xs", "gguf", 4, None, False, "gguf:iq4_xs"),
+        ("gguf:f32", "gguf", 32, None, False, "gguf:f32"),
         ("fp", "fp", None, None, False, "fp"),
         ("none", "fp", None, None, False, "fp"),
     ],
@@ -46,6 +50,10 @@ def test_spec_is_frozen_and_hashable():
         ("hqq:w5g64", "5 bits not supported"),
         ("hqq:w4", "unknown quantization spec"),
         ("rtn:w4g0", "group size must be positive"),
+        ("gguf:q4_k_x", "unknown llama.cpp type 'q4_k_x'"),
+        ("gguf", "unknown llama.cpp type ''"),
+        ("gguf:q4_k_m:sym", "unknown llama.cpp type"),
+        ("gguf:iq2_xxs", "only with an importance matrix"),
     ],
 )
 def test_bad_specs_raise_one_line_user_error(text, fragment):

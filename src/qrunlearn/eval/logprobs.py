@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from qrunlearn.eval.generation import PASS_POSITIONS, SharedPrefix, input_device, prefill_prompts, right_pad
 from qrunlearn.models.heads import head_gives_logits, head_set_aside
+from qrunlearn.models.llamacpp import LlamaCppModel, is_llamacpp
 
 MIN_K_RATIOS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 PRIVLEAK_RATIO = 0.4
@@ -233,6 +234,8 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
     kernel (a padding mask forced the dense path: twice the attention work)."""
     if any(len(ids) < 2 for ids in token_ids):
         raise ValueError("every scored text needs at least two tokens")
+    if is_llamacpp(model):
+        return _score_texts_llamacpp(model, token_ids, zlib_lengths, with_extra, progress, desc)
     device = input_device(model)
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     direct = head_gives_logits(model)
@@ -258,6 +261,20 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
     return columns
 
 
+def _score_texts_llamacpp(model: LlamaCppModel, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequence[int],
+                          with_extra: bool, progress: bool, desc: str) -> dict[str, np.ndarray]:
+    """`score_texts` with llama.cpp computing the logits, one text at a time; the statistics are the same code."""
+    columns: dict[str, np.ndarray] = {}
+    for index in tqdm(range(len(token_ids)), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+        input_ids = torch.tensor([list(token_ids[index])])
+        stats = token_stats(model.logits(token_ids[index])[None], input_ids, torch.ones_like(input_ids),
+                            with_distribution=with_extra)
+        zl = torch.tensor([zlib_lengths[index]], dtype=torch.float64)
+        for name, values in mia_scores(stats, zl, with_extra=with_extra).items():
+            columns.setdefault(name, np.empty(len(token_ids), dtype=np.float64))[index] = float(values[0])
+    return columns
+
+
 @torch.inference_mode()
 def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], pad_id: int,
                batch_size: int, prefix: SharedPrefix | None = None) -> np.ndarray:
@@ -265,6 +282,9 @@ def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequen
     model would have to generate them). The head is applied to the answer positions only, so no full-vocabulary
     logits exist for the prompts. With `prefix` (the few-shot block every KnowMem prompt starts with, as
     `generation.shared_prefix` finds it), only the tokens after it are run."""
+    if is_llamacpp(model):
+        return np.array([_answer_nll_llamacpp(model, prompt, answer) for prompt, answer in zip(prompts, answers)],
+                        dtype=np.float64)
     device = input_device(model)
     shared = prefix.length if prefix is not None else 0
     direct = head_gives_logits(model)
@@ -280,3 +300,8 @@ def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequen
             targets = torch.tensor(list(answers[index]), device=device)
             out[index] = float(torch.nn.functional.cross_entropy(logits, targets, reduction="mean"))
     return out
+
+
+def _answer_nll_llamacpp(model: LlamaCppModel, prompt: Sequence[int], answer: Sequence[int]) -> float:
+    logits = model.logits(list(prompt) + list(answer))[len(prompt) - 1:len(prompt) - 1 + len(answer)]
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(list(answer)), reduction="mean"))

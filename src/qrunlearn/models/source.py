@@ -15,6 +15,8 @@ from pathlib import Path
 
 from qrunlearn.errors import UserError
 
+GGUF_FILE = "model.gguf"  # the file in a folder `qrunlearn quantize --method gguf:TYPE` writes
+
 # Where other qrunlearn commands put the model inside the folder they write, relative to that folder: a model
 # folder itself (also `quantize --out`), `unlearn --out`, a `run` cell folder.
 MODEL_LOCATIONS = (".", "model", "unlearn/model")
@@ -98,7 +100,8 @@ class ModelSource:
         architectures = config.get("architectures") or []
         if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
             raise UserError(f"{config_path}: field 'architectures' is {architectures}, not a causal LM")
-        has_weights = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+        has_weights = (any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+                       or (path / GGUF_FILE).is_file())  # a folder `qrunlearn quantize --method gguf:TYPE` wrote
         if not has_weights:
             if any(path.glob("*.bin")) or any(path.glob("*.pt")):
                 raise UserError(f"{path}: only pickle weights (.bin/.pt) found; qrunlearn loads safetensors only")

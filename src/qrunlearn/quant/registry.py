@@ -7,6 +7,7 @@
 | nf4, fp4, int8 | quant/bnb.py   | bnb layers   | HF bnb folder   | bitsandbytes       |
 | hqq            | quant/hqq.py   | HQQLinear    | fp weights+spec | hqq                |
 | gptq           | quant/gptq.py  | llmcompressor| compressed HF   | llmcompressor (own venv) |
+| gguf           | quant/gguf.py  | llama.cpp    | model.gguf      | llama-cpp-python (make llamacpp) |
 Backends are imported lazily: a missing package gives one line with the install command.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from qrunlearn.models.source import is_gguf, resolve_model_path
 from qrunlearn.quant.common import FULL_PRECISION_NOTE, QuantizedWeight, check_group_divides
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 
+logger = logging.getLogger("qrunlearn.quant")
 SPEC_FILE = "qrunlearn_quant.json"  # written beside fp weights when the backend does not serialise
 
 
@@ -46,6 +49,7 @@ BACKENDS: dict[str, Backend] = {
     "bnb": Backend(("nf4", "fp4", "int8"), "bnb", "bitsandbytes", serialises=True, per_weight=True),
     "hqq": Backend(("hqq",), "hqq", "hqq", serialises=False, per_weight=True),
     "gptq": Backend(("gptq",), "gptq", "llmcompressor", serialises=True, per_weight=False),
+    "gguf": Backend(("gguf",), "gguf", "llama_cpp", serialises=True, per_weight=False),
 }
 METHOD_TO_BACKEND: dict[str, str] = {m: name for name, b in BACKENDS.items() for m in b.methods}
 
@@ -74,6 +78,9 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, calibration=None) ->
     if spec.is_noop:
         return model
     require_backend(spec)
+    if spec.method == "gguf":
+        raise UserError(f"{spec.label}: llama.cpp quantizes a model folder, not a model in memory; use "
+                        f"`qrunlearn quantize --method {spec.label}` or load_quantized(folder, '{spec.label}')")
     if spec.method == "gptq":
         return _module(spec).quantize_model(model, spec, calibration)
     model = _module(spec).quantize_model(model, spec)
@@ -81,11 +88,20 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, calibration=None) ->
     return model
 
 
+def has_weight_codes(spec: QuantSpec) -> bool:
+    """Whether a weight's codes under `spec` follow from the weight alone (what the survival diagnostics need):
+    not for GPTQ (calibration data) nor llama.cpp (whole-file rules)."""
+    return not spec.is_noop and _backend(spec).per_weight
+
+
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec | str) -> QuantizedWeight:
     """Codes, dequantized values and step of one [out, in] weight under `spec` (no model needed)."""
     spec = parse_spec(spec)
     if spec.is_noop:
         raise UserError("spec 'fp' has no codes: choose a quantizer")
+    if spec.method == "gguf":
+        raise UserError(f"{spec.label}: llama.cpp quantizes whole files, so there are no per-weight codes to "
+                        "compare; the weight diagnostics cover the torch quantizers (rtn, nf4, fp4, int8, hqq, bf16)")
     if not _backend(spec).per_weight:
         raise UserError(f"{spec.label}: codes depend on calibration data, not on a weight alone; "
                         "quantize the model and read its codes instead")
@@ -127,6 +143,9 @@ def describe(model: nn.Module, spec: QuantSpec) -> str:
     n = len(target_linear_names(model))
     if spec.is_noop:
         return f"fp: full precision, nothing quantized ({n} block linear layers kept as they are)"
+    if spec.method == "gguf":
+        return (f"{spec.label}: llama.cpp's quantizer with its own rules for every tensor (embeddings and output "
+                "head included); the types it wrote are listed below")
     return f"{spec.label}: {n} linear layers inside the transformer blocks quantized; {FULL_PRECISION_NOTE}"
 
 
@@ -153,6 +172,9 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
             quantize_model(model, spec, calibration)
             model.save_pretrained(str(tmp), save_compressed=True)
             meta["format"] = "llmcompressor compressed-tensors folder"
+        elif spec.method == "gguf":
+            types = _module(spec).save_folder(model, tokenizer, spec, tmp)
+            meta["format"] = f"llama.cpp GGUF ({_module(spec).GGUF_FILE}: {types.summary()})"
         elif not spec.is_noop and _backend(spec).serialises:
             _module(spec).save_quantized(model_dir, spec, tmp, device)
             meta["format"] = "Hugging Face bitsandbytes folder"
@@ -172,6 +194,8 @@ def require_backend(spec: QuantSpec) -> None:
     if backend.package is not None and importlib.util.find_spec(backend.package) is None:
         if spec.method == "gptq":
             raise MissingDependencyError(backend.package, "GPTQ (in its own environment: make gptq-venv)", "gptq")
+        if spec.method == "gguf":
+            _module(spec).require_llamacpp(f"{spec.label}")
         raise MissingDependencyError(backend.package, f"{spec.label} quantization", "quant")
 
 
@@ -189,6 +213,8 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
         raise UserError(f"{model_dir}: no {SPEC_FILE} here; pass a quantization spec")
     if saved is not None and wanted != saved:
         raise UserError(f"{model_dir}: holds a {saved.label} model, not {wanted.label}")
+    if wanted.method == "gguf":
+        return _load_gguf(model_dir, wanted, from_folder=saved is not None, device=device)
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
     if "quantization_config" in config:
         require_backend(wanted)
@@ -204,6 +230,19 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
     require_backend(wanted)
     model, tokenizer = load_causal_lm(model_dir, device=device)
     return quantize_model(model, wanted), tokenizer
+
+
+def _load_gguf(model_dir: Path, spec: QuantSpec, from_folder: bool, device: torch.device):
+    """(llama.cpp model, tokenizer): the folder's model.gguf when `qrunlearn quantize` wrote it, else the folder's
+    full-precision model exported and quantized by llama.cpp now. llama.cpp runs on the CPU here whatever `device`."""
+    require_backend(spec)
+    backend = _module(spec)
+    if from_folder:
+        return backend.load_folder(model_dir), load_tokenizer(model_dir)
+    model, tokenizer = load_causal_lm(model_dir, device=torch.device("cpu"))
+    loaded, types = backend.open_quantized(model, tokenizer, spec)
+    logger.info("%s: %s", spec.label, types.summary())
+    return loaded, tokenizer
 
 
 def load_model_folder(model_dir: Path | str, dtype: DTypeName = "auto", device: str | torch.device | None = None):

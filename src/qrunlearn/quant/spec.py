@@ -8,6 +8,8 @@ Grammar (one regular expression per method, chosen by the text before the first 
     int8                           bitsandbytes LLM.int8 (row-wise absmax, outlier threshold 6.0)
     hqq:w{bits}g{group}            HQQ, bits 2/3/4/8
     gptq:w{bits}[g{group}]         GPTQ through llmcompressor (separate environment), bits 2..8, symmetric
+    gguf:{type}                    llama.cpp's own quantizer and runtime (optional extra), any type name in
+                                   GGUF_TYPES: q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, iq4_xs, ... f32 / f16
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic_core import core_schema
 
 from qrunlearn.errors import UserError
 
-Method = Literal["fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq"]
+Method = Literal["fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq", "gguf"]
 
 BNB_BLOCKSIZE = 64  # the paper's bitsandbytes setting (block 64, no double quantization)
 RTN_BITS = range(2, 9)
@@ -30,7 +32,17 @@ GPTQ_BITS = range(2, 9)
 _RTN_RE = re.compile(r"w(\d+)(?:g(\d+))?(:sym)?")
 _HQQ_RE = re.compile(r"w(\d+)g(\d+)")
 _GPTQ_RE = re.compile(r"w(\d+)(?:g(\d+))?")
-SPEC_HELP = "fp, bf16, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}g{group}, gptq:w{bits}[g{group}]"
+# llama.cpp's file types (enum llama_ftype in llama.h, vendored by llama-cpp-python 0.3.36) by the name its
+# `llama-quantize` tool takes, lower case. The types llama.cpp refuses to make without an importance matrix are
+# listed apart: qrunlearn computes none.
+GGUF_TYPES: dict[str, int] = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11,
+    "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18,
+    "iq3_xs": 22, "iq4_nl": 25, "iq3_s": 26, "iq3_m": 27, "iq4_xs": 30, "bf16": 32,
+}
+GGUF_NEEDS_IMATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m", "q2_k_s")
+SPEC_HELP = ("fp, bf16, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}g{group}, gptq:w{bits}[g{group}], "
+             "gguf:{llama.cpp type}")
 # What fake quantization (quant.fake) reproduces bit for bit, so what quantization-aware training can train against.
 TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
 TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
@@ -45,11 +57,14 @@ class QuantSpec:
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool = False
+    gguf_type: str | None = None  # llama.cpp's type name, for method "gguf" only
 
     @property
     def label(self) -> str:
         if self.method in ("fp", "bf16", "nf4", "fp4", "int8"):
             return self.method
+        if self.method == "gguf":
+            return f"gguf:{self.gguf_type}"
         group = f"g{self.group_size}" if self.group_size is not None else ""
         sym = ":sym" if self.method == "rtn" and self.symmetric else ""
         return f"{self.method}:w{self.bits}{group}{sym}"
@@ -124,7 +139,20 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
         return QuantSpec("hqq", _bits(spec, m[1], HQQ_BITS), _group(spec, m[2]), symmetric=False)
     if method == "gptq" and (m := _GPTQ_RE.fullmatch(rest)):
         return QuantSpec("gptq", _bits(spec, m[1], GPTQ_BITS), _group(spec, m[2]), symmetric=True)
+    if method == "gguf":
+        return _gguf_spec(spec, rest)
     raise UserError(f"unknown quantization spec '{spec}' (expected one of: {SPEC_HELP})")
+
+
+def _gguf_spec(spec: str, name: str) -> QuantSpec:
+    if name in GGUF_NEEDS_IMATRIX:
+        raise UserError(f"quantization spec '{spec}': llama.cpp makes {name} only with an importance matrix, which "
+                        "qrunlearn does not compute; choose a k-quant (q4_k_m, q3_k_m, ...) or iq4_xs")
+    if name not in GGUF_TYPES:
+        raise UserError(f"quantization spec '{spec}': unknown llama.cpp type '{name}' "
+                        f"(choose from {', '.join(GGUF_TYPES)})")
+    bits = int(re.search(r"\d+", name)[0])  # type: ignore[index]  # every name holds its bit width
+    return QuantSpec("gguf", bits=bits, group_size=None, symmetric=False, gguf_type=name)
 
 
 def trainable_spec(spec: QuantSpec | str) -> QuantSpec:

@@ -119,7 +119,8 @@ def blocked_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[
     """Within the block, a model that uses transformers' SDPA attention runs its long causal float32 CPU passes
     through `blocked_causal_attention`. Yields whether it was switched (False when disabled, when this PyTorch has no
     oneDNN, or when the model does not use SDPA: eager or flash attention stay as they are)."""
-    configs = {id(c): c for c in (getattr(m, "config", None) for m in model.modules())
+    modules = model.modules() if enabled else ()
+    configs = {id(c): c for c in (getattr(m, "config", None) for m in modules)
                if isinstance(c, PretrainedConfig) and getattr(c, "_attn_implementation", None) == "sdpa"}
     switch = enabled and ONEDNN_LINEAR is not None and bool(configs)
     if not switch:
