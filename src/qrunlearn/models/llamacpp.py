@@ -10,6 +10,7 @@ evaluation reads for the context length, the vocabulary size and the stop tokens
 from __future__ import annotations
 
 import copy
+import ctypes
 import importlib.util
 import logging
 import weakref
@@ -36,13 +37,25 @@ def require_llamacpp(feature: str = "llama.cpp GGUF formats") -> None:
         raise MissingDependencyError("llama-cpp-python", feature, hint=INSTALL_HINT)
 
 
+_NATIVE_LOG: list = []  # the installed ctypes callback, kept alive for as long as llama.cpp may call it
+logger = logging.getLogger("qrunlearn.llamacpp")
+
+
 def import_llamacpp():
-    """The llama_cpp module, its native log (every tensor it loads or quantizes) cut to errors: llama-cpp-python
-    prints through this logger only what its level lets through."""
+    """The llama_cpp module, with llama.cpp's native log (a line per tensor it loads or quantizes, printed to stderr
+    even with verbose=False) routed to the "qrunlearn.llamacpp" logger at debug level, errors as errors."""
     require_llamacpp()
     import llama_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    if not _NATIVE_LOG:
+        @llama_cpp.llama_log_callback
+        def native_log(level: int, text: bytes, user_data) -> None:
+            # ggml's levels: 1 debug, 2 info, 3 warn (the per-tensor type fallbacks, which tensor_types reports
+            # anyway), 4 error, 5 continuation (llama-cpp-python's own callback still reads them as 0-3 + 5)
+            logger.log(logging.ERROR if level == 4 else logging.DEBUG, "%s", text.decode("utf-8", "replace").rstrip())
+
+        llama_cpp.llama_log_set(native_log, ctypes.c_void_p(0))
+        _NATIVE_LOG.append(native_log)
     return llama_cpp
 
 
