@@ -15,7 +15,7 @@ TORCH_WHEELS ?= /opt/wheels
 UV_VERSION := 0.13.9
 LOCK_EXTRAS := --extra quant --extra test --extra lint
 
-.PHONY: demo test test-all install lint lock clean bench gptq-venv llamacpp smollm2
+.PHONY: demo test test-all install lint lock clean bench gptq-venv test-gptq llamacpp smollm2
 
 $(UV):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,7 +86,11 @@ models/smollm2-offgrid/model.safetensors: $(SMOLLM2_GGUF) | $(STAMP)
 gptq-venv:
 	test -x .venv-gptq/bin/python || $(PYTHON) -m venv .venv-gptq
 	.venv-gptq/bin/python -m pip install --quiet torch==$(TORCH_VERSION)
-	.venv-gptq/bin/python -m pip install --quiet -c constraints.txt -e '.[gptq]'
+	.venv-gptq/bin/python -m pip install --quiet -c constraints.txt -e '.[gptq,test]'
+
+# GPTQ and AWQ executed (tests/quant/test_llmcompressor.py), in their own environment.
+test-gptq: gptq-venv
+	.venv-gptq/bin/python -m pytest -q -p no:cacheprovider tests/quant/test_llmcompressor.py
 
 # llama.cpp for the gguf:TYPE formats (quantized and run by llama.cpp itself): llama-cpp-python is a source package,
 # so this builds its vendored llama.cpp for this CPU (~30 min on 2 cores, once: uv keeps the built wheel). Never part

@@ -112,8 +112,12 @@ def test_bad_input_is_one_line_and_writes_nothing(planted, tiny_model_dir, tiny_
     train_tokenizer([doc[::-1] for doc in load_corpus(tiny_corpus_dir).raw["retain2"]] * 3, size, retokenised)
     cases = [(["--unlearned", str(other)], "vocab_size"), (["--formats", "fp,rtn:w4g7"], "group size"),
              (["--unlearned", str(retokenised)], "its tokenizer differs from the target's"),
-             (["--formats", "fp,gptq:w4g128"], "GPTQ needs calibration"), (["--formats", "fp,q9"], "--formats"),
+             (["--formats", "fp,gguf:q4_k_x"], "unknown llama.cpp type"), (["--formats", "fp,q9"], "--formats"),
              (["--max-reversion", "1.5"], "max_reversion")]
+    from qrunlearn.quant import available_methods
+
+    if not available_methods()["gptq"]:  # a backend that is not installed: one line naming its install command
+        cases.append((["--formats", "fp,awq:w4g64"], "make gptq-venv"))
     for extra, name in cases:
         out = tmp_path / f"out{len(name)}"
         args = ["audit", "--target", str(tiny_model_dir), "--data", str(tiny_corpus_dir), "--out", str(out),

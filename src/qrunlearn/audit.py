@@ -43,8 +43,9 @@ from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.loading import load_causal_lm, load_tokenizer
 from qrunlearn.plotting import figure_png, pyplot
+from qrunlearn.quant.gptq import Calibration
 from qrunlearn.quant.registry import load_quantized, require_backend
-from qrunlearn.quant.spec import FULL_PRECISION, QuantSpec, parse_spec
+from qrunlearn.quant.spec import CALIBRATED_METHODS, FULL_PRECISION, QuantSpec, parse_spec
 from qrunlearn.results import EvalRecord, Metrics
 
 Gate = Literal["keeps", "reverts", "inconclusive", "no effect", "anchor"]
@@ -75,10 +76,6 @@ class AuditConfig(BaseModel):
     @classmethod
     def _fp_first_and_distinct(cls, formats: tuple[QuantSpec, ...]) -> tuple[QuantSpec, ...]:
         no_repeats(formats)
-        for spec in formats:
-            if spec.method == "gptq":
-                raise ValueError(f"{spec.label}: GPTQ needs calibration data and its own environment; quantize with "
-                                 f"`qrunlearn quantize --method {spec.label}` and audit the folders it writes")
         # fp is the anchor every reversion is relative to: always evaluated, and first
         return (FULL_PRECISION, *[f for f in formats if not f.is_noop])
 
@@ -126,7 +123,7 @@ class AuditResult(BaseModel):
     evaluations: int  # evaluations run by this audit (the rest came from the cache)
     cached: int
     wall_seconds: float
-    versions: dict[str, str]
+    versions: dict[str, str | None]  # None: not installed here
     git_commit: str | None
 
 
@@ -160,7 +157,11 @@ class Evaluator:
             record = EvalRecord.model_validate_json(path.read_text())
         else:
             self.report(f"evaluating {model} at {spec.label}")
-            loaded, tokenizer = load_causal_lm(model) if spec.is_noop else load_quantized(model, spec)
+            # GPTQ and AWQ calibrate on the retain documents, as `qrunlearn quantize --data` does
+            calibration = (Calibration.from_retain(self.corpus, load_tokenizer(model), seed=0)
+                           if spec.method in CALIBRATED_METHODS else None)
+            loaded, tokenizer = (load_causal_lm(model) if spec.is_noop
+                                 else load_quantized(model, spec, calibration=calibration))
             record = self.evaluate_loaded(loaded, tokenizer)
             del loaded
             gc.collect()
@@ -217,8 +218,9 @@ def _check_compatible(target: str, others: list[str]) -> None:
                             f"other ids); an audit compares models of one tokenizer")
 
 
-def _check_formats(target: str, formats: tuple[QuantSpec, ...]) -> None:
-    """Every format's backend is installed and fits the model (group sizes), before anything is evaluated."""
+def _check_formats(target: str, formats: tuple[QuantSpec, ...], corpus: MuseCorpus) -> None:
+    """Every format's backend is installed and fits the model (group sizes, llama.cpp's architectures, calibration
+    text), before anything is evaluated."""
     from qrunlearn.models.gguf_export import check_exportable
     from qrunlearn.quant.common import check_group_divides
     from qrunlearn.unlearn.memory import meta_model
@@ -226,8 +228,10 @@ def _check_formats(target: str, formats: tuple[QuantSpec, ...]) -> None:
     model = meta_model(target)
     for spec in formats:
         require_backend(spec)
-        if spec.method in ("rtn", "hqq"):
+        if spec.method in ("rtn", "hqq", *CALIBRATED_METHODS):
             check_group_divides(model, spec.group_size, spec.label)
+        if spec.method in CALIBRATED_METHODS:
+            corpus.require_raw("retain1")
         if spec.method == "gguf":
             check_exportable(model)
 
@@ -236,8 +240,8 @@ def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = pr
     started = time.perf_counter()
     models = [config.target, *config.unlearned] + ([config.retrain] if config.retrain else [])
     _check_compatible(config.target, models[1:])
-    _check_formats(config.target, config.formats)
     corpus = load_corpus(config.data)
+    _check_formats(config.target, config.formats, corpus)
     evaluator = Evaluator(corpus, Path(config.data), config.eval, out / "evals", report)
     retrain_auc = config.retrain_auc
     retrain_evals: dict[str, EvalRecord] = {}

@@ -23,6 +23,7 @@ from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
 from qrunlearn.models.source import ModelSource
+from qrunlearn.quant.spec import CALIBRATED_METHODS
 from qrunlearn.targets.config import BaseTargetConfig
 from qrunlearn.unlearn.config import METHOD_HELP, REG_HELP, Method, Reg, UnlearnConfig
 from qrunlearn.unlearn.strategy import Strategy
@@ -373,30 +374,33 @@ def quantize(
     model: Annotated[Path, typer.Option(help="Full-precision HF model folder (safetensors), a folder qrunlearn "
                                              "wrote around one (unlearn --out, a run cell), or a .gguf file.")],
     method: Annotated[str, typer.Option(help="Spec: fp, bf16, rtn:w4g64 / rtn:w8 (per-channel) / rtn:w4g64:sym, "
-                                             "nf4, fp4, int8, hqq:w4g64, gptq:w4g128 (bits 2-8; hqq 2/3/4/8).")],
+                                             "nf4, fp4, int8, hqq:w4g64, gptq:w4g128, awq:w4g128 (bits 2-8; hqq "
+                                             "2/3/4/8), gguf:q4_k_m (any llama.cpp type: q8_0, q6_k, q5_k_m, "
+                                             "q3_k_m, iq4_xs, f32 ...).")],
     out: Annotated[Path, typer.Option(help="Output folder (written atomically).")],
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     data: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False,
-                                                 help="GPTQ only: corpus whose retain1 split calibrates.")] = None,
-    calib_samples: Annotated[int, typer.Option(min=1, help="GPTQ only: calibration documents (first N, in "
+                                                 help="GPTQ / AWQ only: corpus whose retain1 calibrates.")] = None,
+    calib_samples: Annotated[int, typer.Option(min=1, help="GPTQ / AWQ only: calibration documents (first N, in "
                                                            "order).")] = 128,
-    seed: Annotated[int, typer.Option(help="GPTQ only: calibration seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="GPTQ / AWQ only: calibration seed.")] = 0,
 ) -> None:
-    """Quantize every linear layer in the transformer blocks (embeddings and lm_head stay full precision).
+    """Quantize every linear layer in the transformer blocks (embeddings and lm_head stay full precision), or, for
+    gguf:TYPE, the whole model by llama.cpp's own rules.
 
-    bitsandbytes (nf4/fp4/int8) and GPTQ write a quantized HF folder; RTN and HQQ write the full-precision weights
-    plus qrunlearn_quant.json, and `load_quantized` re-applies the spec on load. A group size must divide every
-    quantized layer's input width (error otherwise, naming the layer)."""
+    bitsandbytes (nf4/fp4/int8), GPTQ and AWQ write a quantized HF folder; gguf:TYPE writes model.gguf (llama.cpp's
+    file, run by `qrunlearn eval` in llama.cpp; `make llamacpp`); RTN and HQQ write the full-precision weights plus
+    qrunlearn_quant.json, and `load_quantized` re-applies the spec on load. A group size must divide every quantized
+    layer's input width (error otherwise, naming the layer)."""
     spec = parse_method(method)
     check_models(model=model)
     registry.require_backend(spec)
     calibration = None
-    if spec.method == "gptq":
+    if spec.method in CALIBRATED_METHODS:
         if data is None:
-            raise UserError("gptq needs calibration data: pass --data DIR (a corpus with raw/retain1)")
-        texts = tuple(muse.load_corpus(data).require_raw("retain1"))
-        calibration = gptq.Calibration(texts=texts, tokenizer=loading.load_tokenizer(model), n_samples=calib_samples,
-                                       seed=seed)
+            raise UserError(f"{spec.method} needs calibration data: pass --data DIR (a corpus with raw/retain1)")
+        calibration = gptq.Calibration(texts=tuple(muse.load_corpus(data).require_raw("retain1")),
+                                       tokenizer=loading.load_tokenizer(model), n_samples=calib_samples, seed=seed)
     typer.echo(quant.save_quantized(model, spec, out, device=device, calibration=calibration))
 
 

@@ -22,8 +22,8 @@ def test_quantize_and_survival_commands(tiny_model_dir, tmp_path, capsys):
 
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys):
     for argv, fragment in [
-        (["quantize", "--model", str(tiny_model_dir), "--method", "awq:w4", "--out", str(tmp_path / "a")],
-         "unknown quantization spec 'awq:w4'"),
+        (["quantize", "--model", str(tiny_model_dir), "--method", "marlin:w4", "--out", str(tmp_path / "a")],
+         "unknown quantization spec 'marlin:w4'"),
         (["quantize", "--model", str(tiny_model_dir), "--method", "rtn:w12", "--out", str(tmp_path / "b")],
          "12 bits not supported"),
         (["quantize", "--model", str(tiny_model_dir), "--method", "rtn:w4g128", "--out", str(tmp_path / "c"),

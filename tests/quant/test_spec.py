@@ -16,6 +16,7 @@ from qrunlearn.quant.spec import QuantSpec, parse_spec
         ("int8", "int8", 8, None, True, "int8"),
         ("hqq:w3g64", "hqq", 3, 64, False, "hqq:w3g64"),
         ("gptq:w4g128", "gptq", 4, 128, True, "gptq:w4g128"),
+        ("awq:w4g64", "awq", 4, 64, False, "awq:w4g64"),
         ("gguf:q4_k_m", "gguf", 4, None, False, "gguf:q4_k_m"),
         ("GGUF:Q8_0", "gguf", 8, None, False, "gguf:q8_0"),
         ("gguf:iq4_xs", "gguf", 4, None, False, "gguf:iq4_xs"),
@@ -40,7 +41,9 @@ def test_spec_is_frozen_and_hashable():
 @pytest.mark.parametrize(
     "text, fragment",
     [
-        ("awq:w4", "unknown quantization spec"),
+        ("marlin:w4", "unknown quantization spec"),
+        ("awq:w4g", "unknown quantization spec"),
+        ("awq:w1g64", "1 bits not supported"),
         ("rtn", "unknown quantization spec"),
         ("rtn:w4g", "unknown quantization spec"),
         ("nf4:w4", "unknown quantization spec"),

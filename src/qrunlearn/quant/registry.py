@@ -7,6 +7,7 @@
 | nf4, fp4, int8 | quant/bnb.py   | bnb layers   | HF bnb folder   | bitsandbytes       |
 | hqq            | quant/hqq.py   | HQQLinear    | fp weights+spec | hqq                |
 | gptq           | quant/gptq.py  | llmcompressor| compressed HF   | llmcompressor (own venv) |
+| awq            | quant/awq.py   | llmcompressor| compressed HF   | llmcompressor (own venv) |
 | gguf           | quant/gguf.py  | llama.cpp    | model.gguf      | llama-cpp-python (make llamacpp) |
 Backends are imported lazily: a missing package gives one line with the install command.
 """
@@ -28,7 +29,7 @@ from qrunlearn.models.layers import is_plain_linear, linear_weight, target_linea
 from qrunlearn.models.loading import DTypeName, default_device, load_causal_lm, load_tokenizer
 from qrunlearn.models.source import is_gguf, resolve_model_path
 from qrunlearn.quant.common import FULL_PRECISION_NOTE, QuantizedWeight, check_group_divides
-from qrunlearn.quant.spec import QuantSpec, parse_spec
+from qrunlearn.quant.spec import CALIBRATED_METHODS, QuantSpec, parse_spec
 
 logger = logging.getLogger("qrunlearn.quant")
 SPEC_FILE = "qrunlearn_quant.json"  # written beside fp weights when the backend does not serialise
@@ -49,6 +50,7 @@ BACKENDS: dict[str, Backend] = {
     "bnb": Backend(("nf4", "fp4", "int8"), "bnb", "bitsandbytes", serialises=True, per_weight=True),
     "hqq": Backend(("hqq",), "hqq", "hqq", serialises=False, per_weight=True),
     "gptq": Backend(("gptq",), "gptq", "llmcompressor", serialises=True, per_weight=False),
+    "awq": Backend(("awq",), "awq", "llmcompressor", serialises=True, per_weight=False),
     "gguf": Backend(("gguf",), "gguf", "llama_cpp", serialises=True, per_weight=False),
 }
 METHOD_TO_BACKEND: dict[str, str] = {m: name for name, b in BACKENDS.items() for m in b.methods}
@@ -73,7 +75,7 @@ def available_methods() -> dict[str, bool]:
 
 def quantize_model(model: nn.Module, spec: QuantSpec | str, calibration=None) -> nn.Module:
     """Quantize every linear layer inside the transformer blocks in place (embeddings, lm_head untouched) on the
-    model's device and return the model. `calibration` (a gptq.Calibration) is used by GPTQ only."""
+    model's device and return the model. `calibration` (a gptq.Calibration) is used by GPTQ and AWQ only."""
     spec = parse_spec(spec)
     if spec.is_noop:
         return model
@@ -81,7 +83,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec | str, calibration=None) ->
     if spec.method == "gguf":
         raise UserError(f"{spec.label}: llama.cpp quantizes a model folder, not a model in memory; use "
                         f"`qrunlearn quantize --method {spec.label}` or load_quantized(folder, '{spec.label}')")
-    if spec.method == "gptq":
+    if spec.method in CALIBRATED_METHODS:
         return _module(spec).quantize_model(model, spec, calibration)
     model = _module(spec).quantize_model(model, spec)
     model.eval()
@@ -163,12 +165,13 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
                         f"(qrunlearn models import {model_dir} --out DIR) and quantize that folder")
     model, tokenizer = load_causal_lm(model_dir, device=device)
     # Validate the spec against this model (group sizes) before writing anything.
-    check_group_divides(model, spec.group_size if spec.method in ("rtn", "hqq", "gptq") else None, spec.label)
+    check_group_divides(model, spec.group_size if spec.method in ("rtn", "hqq", *CALIBRATED_METHODS) else None,
+                        spec.label)
     summary = describe(model, spec)
     meta = {"spec": spec.label, "layers": target_linear_names(model), "full_precision": FULL_PRECISION_NOTE,
             "source": str(model_dir), "metadata": run_metadata({"model": str(model_dir), "spec": spec.label}, None)}
     with atomic_directory(out_dir) as tmp:
-        if spec.method == "gptq":
+        if spec.method in CALIBRATED_METHODS:
             quantize_model(model, spec, calibration)
             model.save_pretrained(str(tmp), save_compressed=True)
             meta["format"] = "llmcompressor compressed-tensors folder"
@@ -192,19 +195,21 @@ def require_backend(spec: QuantSpec) -> None:
         return
     backend = _backend(spec)
     if backend.package is not None and importlib.util.find_spec(backend.package) is None:
-        if spec.method == "gptq":
-            raise MissingDependencyError(backend.package, "GPTQ (in its own environment: make gptq-venv)", "gptq")
+        if spec.method in CALIBRATED_METHODS:
+            raise MissingDependencyError(backend.package, f"{spec.method.upper()} (in its own environment: make "
+                                         "gptq-venv)", "gptq")
         if spec.method == "gguf":
             _module(spec).require_llamacpp(f"{spec.label}")
         raise MissingDependencyError(backend.package, f"{spec.label} quantization", "quant")
 
 
 def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
-                   device: str | torch.device | None = None):
+                   device: str | torch.device | None = None, calibration=None):
     """(model, tokenizer) quantized with `spec` on `device` (default: CUDA if present, else CPU).
     A folder written by `qrunlearn quantize` is understood: a bnb folder loads as saved; an fp folder with a spec
     file gets that spec re-applied (`spec` may be None; when given, it must match). Any other HF folder: fp weights
-    quantized with `spec`. A folder holding a model (`resolve_model_path`) stands for that model."""
+    quantized with `spec` (GPTQ and AWQ with `calibration`, a gptq.Calibration). A folder holding a model
+    (`resolve_model_path`) stands for that model."""
     model_dir = resolve_model_path(model_dir)
     device = torch.device(device) if device is not None else default_device()
     saved = _saved_spec(model_dir)
@@ -218,7 +223,7 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
     if "quantization_config" in config:
         require_backend(wanted)
-        if wanted.method == "gptq":  # transformers reads compressed-tensors folders when llmcompressor is installed
+        if wanted.method in CALIBRATED_METHODS:  # transformers reads compressed-tensors folders (llmcompressor)
             return load_causal_lm(model_dir, device=device)
         if _backend(wanted).module != "bnb":
             raise UserError(f"{model_dir}: a pre-quantized folder that is not {wanted.label}")
@@ -229,7 +234,7 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
         return model, tokenizer
     require_backend(wanted)
     model, tokenizer = load_causal_lm(model_dir, device=device)
-    return quantize_model(model, wanted), tokenizer
+    return quantize_model(model, wanted, calibration), tokenizer
 
 
 def _load_gguf(model_dir: Path, spec: QuantSpec, from_folder: bool, device: torch.device):

@@ -8,6 +8,7 @@ Grammar (one regular expression per method, chosen by the text before the first 
     int8                           bitsandbytes LLM.int8 (row-wise absmax, outlier threshold 6.0)
     hqq:w{bits}g{group}            HQQ, bits 2/3/4/8
     gptq:w{bits}[g{group}]         GPTQ through llmcompressor (separate environment), bits 2..8, symmetric
+    awq:w{bits}[g{group}]          AWQ through llmcompressor (separate environment), bits 2..8, asymmetric
     gguf:{type}                    llama.cpp's own quantizer and runtime (optional extra), any type name in
                                    GGUF_TYPES: q8_0, q6_k, q5_k_m, q4_k_m, q4_0, q3_k_m, iq4_xs, ... f32 / f16
 """
@@ -22,7 +23,7 @@ from pydantic_core import core_schema
 
 from qrunlearn.errors import UserError
 
-Method = Literal["fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq", "gguf"]
+Method = Literal["fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq", "awq", "gguf"]
 
 BNB_BLOCKSIZE = 64  # the paper's bitsandbytes setting (block 64, no double quantization)
 RTN_BITS = range(2, 9)
@@ -42,7 +43,9 @@ GGUF_TYPES: dict[str, int] = {
 }
 GGUF_NEEDS_IMATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m", "q2_k_s")
 SPEC_HELP = ("fp, bf16, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}g{group}, gptq:w{bits}[g{group}], "
-             "gguf:{llama.cpp type}")
+             "awq:w{bits}[g{group}], gguf:{llama.cpp type}")
+# Quantized by llmcompressor with calibration data (retain text), in its own environment (make gptq-venv).
+CALIBRATED_METHODS = ("gptq", "awq")
 # What fake quantization (quant.fake) reproduces bit for bit, so what quantization-aware training can train against.
 TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
 TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
@@ -139,6 +142,8 @@ def parse_spec(spec: str | QuantSpec) -> QuantSpec:
         return QuantSpec("hqq", _bits(spec, m[1], HQQ_BITS), _group(spec, m[2]), symmetric=False)
     if method == "gptq" and (m := _GPTQ_RE.fullmatch(rest)):
         return QuantSpec("gptq", _bits(spec, m[1], GPTQ_BITS), _group(spec, m[2]), symmetric=True)
+    if method == "awq" and (m := _GPTQ_RE.fullmatch(rest)):  # AWQ's usual scheme: asymmetric (W4A16_ASYM)
+        return QuantSpec("awq", _bits(spec, m[1], GPTQ_BITS), _group(spec, m[2]), symmetric=False)
     if method == "gguf":
         return _gguf_spec(spec, rest)
     raise UserError(f"unknown quantization spec '{spec}' (expected one of: {SPEC_HELP})")
