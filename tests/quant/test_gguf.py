@@ -99,22 +99,7 @@ def test_quantize_and_eval_commands_take_a_gguf_spec(tiny_model_dir, tiny_corpus
     assert np.array_equal(loaded.logits(ids).numpy(), from_folder.logits(ids).numpy())
 
 
-def test_audit_takes_llamacpp_formats_and_caches_them(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    unlearned = tmp_path / "unlearned"
-    shutil.copytree(tiny_model_dir, unlearned)
-    weights = load_file(str(unlearned / "model.safetensors"))
-    save_file({k: v * 1.001 for k, v in weights.items()}, str(unlearned / "model.safetensors"))
-    args = ["audit", "--target", str(tiny_model_dir), "--unlearned", str(unlearned), "--data", str(tiny_corpus_dir),
-            "--out", str(tmp_path / "out"), "--formats", "fp,gguf:q8_0,gguf:q4_k_m", "--limit", "4",
-            "--metrics", "knowmem_f,knowmem_r", "--bootstrap", "50", "--no-progress"]
-    assert main(args) == 1  # a random model forgets nothing: "no measurable forgetting"
-    first = json.loads((tmp_path / "out" / "audit.json").read_text())
+def test_audit_takes_llamacpp_formats_and_caches_them(audit_a_copy):
+    first, second = audit_a_copy("fp,gguf:q8_0,gguf:q4_k_m")
     assert [r["format"] for r in first["rows"] if r["model"] == "target"] == ["fp", "gguf:q8_0", "gguf:q4_k_m"]
-    assert first["evaluations"] == 6
-    assert main(args) == 1
-    assert json.loads((tmp_path / "out" / "audit.json").read_text())["cached"] == 6
-    capsys.readouterr()
+    assert first["evaluations"] == 6 and second["cached"] == 6

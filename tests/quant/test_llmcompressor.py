@@ -55,19 +55,7 @@ def test_awq_and_gptq_codes_differ(tiny_model_dir, tiny_corpus_dir, tmp_path):
     assert gptq.shape == awq.shape and not torch.equal(gptq, awq)
 
 
-def test_audit_takes_gptq_and_awq(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    unlearned = tmp_path / "unlearned"
-    shutil.copytree(tiny_model_dir, unlearned)
-    weights = load_file(str(unlearned / "model.safetensors"))
-    save_file({k: v * 1.001 for k, v in weights.items()}, str(unlearned / "model.safetensors"))
-    args = ["audit", "--target", str(tiny_model_dir), "--unlearned", str(unlearned), "--data", str(tiny_corpus_dir),
-            "--out", str(tmp_path / "out"), "--formats", "fp,gptq:w4g32,awq:w4g32", "--limit", "4",
-            "--metrics", "knowmem_f,knowmem_r", "--bootstrap", "50", "--no-progress"]
-    assert main(args) == 1  # a random model forgets nothing: "no measurable forgetting"
-    audit = json.loads((tmp_path / "out" / "audit.json").read_text())
-    assert [r["format"] for r in audit["rows"] if r["model"] == "target"] == ["fp", "gptq:w4g32", "awq:w4g32"]
-    capsys.readouterr()
+def test_audit_takes_gptq_and_awq(audit_a_copy):
+    first, second = audit_a_copy("fp,gptq:w4g32,awq:w4g32")
+    assert [r["format"] for r in first["rows"] if r["model"] == "target"] == ["fp", "gptq:w4g32", "awq:w4g32"]
+    assert first["evaluations"] == 6 and second["cached"] == 6

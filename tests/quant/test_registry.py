@@ -10,7 +10,7 @@ from qrunlearn.quant.registry import SPEC_FILE
 
 def test_available_methods_lists_every_method():
     methods = available_methods()
-    assert set(methods) == {"fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq"}
+    assert set(methods) == {"fp", "bf16", "rtn", "nf4", "fp4", "int8", "hqq", "gptq", "awq", "gguf"}
     assert methods["fp"] and methods["rtn"]
 
 
