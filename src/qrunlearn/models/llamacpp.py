@@ -38,12 +38,12 @@ def require_llamacpp(feature: str = "llama.cpp GGUF formats") -> None:
 
 
 _NATIVE_LOG: list = []  # the installed ctypes callback, kept alive for as long as llama.cpp may call it
-logger = logging.getLogger("qrunlearn.llamacpp")
+logger = logging.getLogger(__name__)
 
 
 def import_llamacpp():
     """The llama_cpp module, with llama.cpp's native log (a line per tensor it loads or quantizes, printed to stderr
-    even with verbose=False) routed to the "qrunlearn.llamacpp" logger at debug level, errors as errors."""
+    even with verbose=False) routed to this module's logger at debug level, errors as errors."""
     require_llamacpp()
     import llama_cpp
 
