@@ -103,3 +103,21 @@ def test_audit_takes_llamacpp_formats_and_caches_them(audit_a_copy):
     first, second = audit_a_copy("fp,gguf:q8_0,gguf:q4_k_m")
     assert [r["format"] for r in first["rows"] if r["model"] == "target"] == ["fp", "gguf:q8_0", "gguf:q4_k_m"]
     assert first["evaluations"] == 6 and second["cached"] == 6
+
+
+def test_a_run_grid_evaluates_in_llamacpp(tiny_model_dir, tiny_corpus_dir, tmp_path, capsys):
+    import yaml
+
+    config = {"name": "gguf-grid", "seed": 0, "data": {"path": str(tiny_corpus_dir)},
+              "models": {"target": str(tiny_model_dir), "retrain": str(tiny_model_dir)},
+              "methods": ["ga_gdr"], "strategies": ["lora"], "precisions": ["fp", "gguf:q8_0"],
+              "hparams": {"lora": {"epochs": 1, "lr": 3e-2}}, "eval": {"limit": 4, "batch_size": 8, "bootstrap": 50}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    cell = next(c for c in results["cells"] if c["cell"] == "ga_gdr-lora")
+    assert set(cell["evals"]) == {"fp", "gguf:q8_0"}
+    assert cell["survival"] == {}  # llama.cpp's whole-file rules give no per-weight codes to compare
+    assert "gguf:q8_0" in (tmp_path / "out" / "table.md").read_text()
+    capsys.readouterr()
