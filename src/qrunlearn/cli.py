@@ -509,7 +509,9 @@ def audit(
     retrain: RetrainDir = None,
     retrain_auc: RetrainAuc = None,
     formats: Annotated[str, typer.Option(help="Comma-separated formats to ship in (quantization specs: fp, bf16, int8, "
-                                              "nf4, fp4, rtn:w4g64, hqq:w4g64 ...); fp is always the anchor.")
+                                              "nf4, fp4, rtn:w4g64, hqq:w4g64, gguf:q4_k_m (llama.cpp: make "
+                                              "llamacpp), gptq:w4g64 / awq:w4g64 (from .venv-gptq) ...); fp is "
+                                              "always the anchor.")
                        ] = "fp,bf16,int8,nf4,rtn:w4g64",
     max_reversion: Annotated[float, typer.Option(help="The share of the forgetting a format may give back: it keeps "
                                                       "when the reversion's whole 95% interval is at or below "
