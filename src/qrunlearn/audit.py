@@ -43,7 +43,6 @@ from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_tex
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.loading import load_causal_lm, load_tokenizer
 from qrunlearn.plotting import figure_png, pyplot
-from qrunlearn.quant.gptq import Calibration
 from qrunlearn.quant.registry import load_quantized, require_backend
 from qrunlearn.quant.spec import CALIBRATED_METHODS, FULL_PRECISION, QuantSpec, parse_spec
 from qrunlearn.results import EvalRecord, Metrics
@@ -158,10 +157,8 @@ class Evaluator:
         else:
             self.report(f"evaluating {model} at {spec.label}")
             # GPTQ and AWQ calibrate on the retain documents, as `qrunlearn quantize --data` does
-            calibration = (Calibration.from_retain(self.corpus, load_tokenizer(model), seed=0)
-                           if spec.method in CALIBRATED_METHODS else None)
             loaded, tokenizer = (load_causal_lm(model) if spec.is_noop
-                                 else load_quantized(model, spec, calibration=calibration))
+                                 else load_quantized(model, spec, calibration_texts=self.corpus.raw.get("retain1")))
             record = self.evaluate_loaded(loaded, tokenizer)
             del loaded
             gc.collect()
@@ -228,8 +225,7 @@ def _check_formats(target: str, formats: tuple[QuantSpec, ...], corpus: MuseCorp
     model = meta_model(target)
     for spec in formats:
         require_backend(spec)
-        if spec.method in ("rtn", "hqq", *CALIBRATED_METHODS):
-            check_group_divides(model, spec.group_size, spec.label)
+        check_group_divides(model, spec.row_group, spec.label)
         if spec.method in CALIBRATED_METHODS:
             corpus.require_raw("retain1")
         if spec.method == "gguf":

@@ -37,7 +37,7 @@ from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
 from qrunlearn.eval.gradient import answer_nll_gradient
 from qrunlearn.eval.muse import forget_answer_tokens
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed, slug
-from qrunlearn.models.loading import load_causal_lm, load_tokenizer
+from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.quant import (
     FULL_PRECISION,
     QuantSpec,
@@ -47,8 +47,6 @@ from qrunlearn.quant import (
     plot_survival,
     survival_report,
 )
-from qrunlearn.quant.gptq import Calibration
-from qrunlearn.quant.spec import CALIBRATED_METHODS
 from qrunlearn.report import build_report
 from qrunlearn.results import (
     CellResult,
@@ -210,9 +208,9 @@ class Experiment:
     def _load(self, model_dir: str, precision: QuantSpec):
         if precision.is_noop:
             return load_causal_lm(model_dir, dtype=self.config.models.dtype)
-        calibration = (Calibration.from_retain(self.corpus(), load_tokenizer(model_dir), seed=self.config.seed)
-                       if precision.method in CALIBRATED_METHODS else None)
-        return load_quantized(model_dir, precision, calibration=calibration)
+        # GPTQ and AWQ calibrate on the retain documents, seeded like the run
+        return load_quantized(model_dir, precision, calibration_texts=self.corpus().raw.get("retain1"),
+                              calibration_seed=self.config.seed)
 
     def _evaluate(self, model_dir: str, precision: QuantSpec, retrain_auc: float | None) -> EvalRecord:
         model, tokenizer = self._load(model_dir, precision)

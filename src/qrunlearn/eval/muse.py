@@ -54,7 +54,6 @@ from qrunlearn.eval.rouge import (
 )
 from qrunlearn.io import atomic_write_json, atomic_write_text, run_metadata
 from qrunlearn.models.kernels import kernels
-from qrunlearn.models.llamacpp import is_llamacpp
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -278,7 +277,7 @@ def privleak_auc(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, progr
     """Min-40% AUC of privleak forget (label 0) vs holdout (label 1): a retrain model's reference AUC."""
     check_corpus(corpus, ("privleak",))
     setup = _setup(model, tokenizer, config)
-    with kernels(model, config.cpu_kernels and not is_llamacpp(model), inference=True):
+    with kernels(model, config.cpu_kernels, inference=True):
         result = run_privleak_scores(model, tokenizer, corpus, config, setup, with_extra=False,
                                      splits=("forget", "holdout"), progress=progress)
     return muse_auc(result.scores["forget"][PRIVLEAK_SCORE], result.scores["holdout"][PRIVLEAK_SCORE])
@@ -298,8 +297,7 @@ def evaluate(model, tokenizer, corpus: MuseCorpus, config: EvalConfig, retrain_a
     truncated: dict[str, int] = {}
     started = time.perf_counter()
     try:
-        # llama.cpp brings its own kernels; qrunlearn's are for torch models
-        with kernels(model, config.cpu_kernels and not is_llamacpp(model), inference=True) as paths:
+        with kernels(model, config.cpu_kernels, inference=True) as paths:
             for metric in config.metrics:
                 start = time.perf_counter()
                 if metric == "privleak":

@@ -96,9 +96,9 @@ class LlamaCppModel:
     def train(self, mode: bool = True) -> LlamaCppModel:
         return self
 
-    def _check_length(self, ids: Sequence[int]) -> None:
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens exceed llama.cpp's context of {self.n_ctx}")
+    def _check_length(self, tokens: int) -> None:
+        if tokens > self.n_ctx:
+            raise ValueError(f"{tokens} tokens exceed llama.cpp's context of {self.n_ctx}")
 
     def _run(self, ids: Sequence[int]) -> None:
         """Bring the cache to exactly `ids`: the tokens it already holds in front (the few-shot block every KnowMem
@@ -115,7 +115,7 @@ class LlamaCppModel:
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """(len(ids), vocab) float32 logits of every position."""
-        self._check_length(ids)
+        self._check_length(len(ids))
         self._run(ids)
         return torch.from_numpy(np.array(self._llama.scores[:len(ids)], dtype=np.float32))
 
@@ -123,7 +123,7 @@ class LlamaCppModel:
                should_stop: Callable[[list[int]], bool] | None = None) -> list[int]:
         """Greedy new tokens after `prompt`: ends with an eos token (kept), after `max_new_tokens`, or once
         `should_stop(tokens so far)` is true; the same rule as `eval.generation.generate_batch`."""
-        self._check_length(list(prompt) + [0] * max(max_new_tokens - 1, 0))
+        self._check_length(len(prompt) + max(max_new_tokens - 1, 0))
         self._run(prompt)
         generated: list[int] = []
         for step in range(max_new_tokens):

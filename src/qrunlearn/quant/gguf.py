@@ -11,7 +11,6 @@ Unlike the torch backends there is no model-in-memory form: a model folder goes 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -24,8 +23,6 @@ from qrunlearn.models.gguf_export import export_gguf
 from qrunlearn.models.llamacpp import LlamaCppModel, import_llamacpp, require_llamacpp
 from qrunlearn.models.source import GGUF_FILE
 from qrunlearn.quant.spec import GGUF_TYPES, QuantSpec
-
-TYPES_FILE = "qrunlearn_gguf_types.json"
 
 
 class TensorTypes(BaseModel):
@@ -88,14 +85,13 @@ def open_quantized(model, tokenizer, spec: QuantSpec) -> tuple[LlamaCppModel, Te
 
 
 def save_folder(model, tokenizer, spec: QuantSpec, folder: Path) -> TensorTypes:
-    """`qrunlearn quantize`'s output for a gguf spec: model.gguf plus the config and tokenizer it was made from
-    (the evaluation reads the context length and stop tokens there) and the tensor types."""
+    """`qrunlearn quantize`'s output for a gguf spec: model.gguf plus the config it was made from (the evaluation
+    reads the context length and stop tokens there); returns the tensor types written."""
     types = write_gguf(model, tokenizer, spec, folder / GGUF_FILE)
     model.config.save_pretrained(str(folder))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(str(folder))
-    (folder / TYPES_FILE).write_text(json.dumps(types.model_dump(), indent=2) + "\n")
     return types
 
 

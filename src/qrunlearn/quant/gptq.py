@@ -33,11 +33,6 @@ class Calibration:
     max_length: int = 512
     seed: int = 0
 
-    @classmethod
-    def from_retain(cls, corpus, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Calibration:
-        """The corpus's retain1 documents (what the model must keep): the calibration every command uses."""
-        return cls(texts=tuple(corpus.require_raw("retain1")), tokenizer=tokenizer, seed=seed)
-
 
 def llmcompressor_parts():
     """(oneshot, QuantizationArgs, QuantizationScheme) from llmcompressor, or the one-line install hint."""

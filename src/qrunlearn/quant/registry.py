@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,8 +166,7 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
                         f"(qrunlearn models import {model_dir} --out DIR) and quantize that folder")
     model, tokenizer = load_causal_lm(model_dir, device=device)
     # Validate the spec against this model (group sizes) before writing anything.
-    check_group_divides(model, spec.group_size if spec.method in ("rtn", "hqq", *CALIBRATED_METHODS) else None,
-                        spec.label)
+    check_group_divides(model, spec.row_group, spec.label)
     summary = describe(model, spec)
     meta = {"spec": spec.label, "layers": target_linear_names(model), "full_precision": FULL_PRECISION_NOTE,
             "source": str(model_dir), "metadata": run_metadata({"model": str(model_dir), "spec": spec.label}, None)}
@@ -178,6 +178,7 @@ def save_quantized(model_dir: Path | str, spec: QuantSpec | str, out_dir: Path |
         elif spec.method == "gguf":
             types = _module(spec).save_folder(model, tokenizer, spec, tmp)
             meta["format"] = f"llama.cpp GGUF ({_module(spec).GGUF_FILE}: {types.summary()})"
+            meta["tensor_types"] = types.model_dump()
         elif not spec.is_noop and _backend(spec).serialises:
             _module(spec).save_quantized(model_dir, spec, tmp, device)
             meta["format"] = "Hugging Face bitsandbytes folder"
@@ -199,17 +200,18 @@ def require_backend(spec: QuantSpec) -> None:
             raise MissingDependencyError(backend.package, f"{spec.method.upper()} (in its own environment: make "
                                          "gptq-venv)", "gptq")
         if spec.method == "gguf":
-            _module(spec).require_llamacpp(f"{spec.label}")
+            _module(spec).require_llamacpp(spec.label)
         raise MissingDependencyError(backend.package, f"{spec.label} quantization", "quant")
 
 
 def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
-                   device: str | torch.device | None = None, calibration=None):
+                   device: str | torch.device | None = None, calibration_texts: Sequence[str] | None = None,
+                   calibration_seed: int = 0):
     """(model, tokenizer) quantized with `spec` on `device` (default: CUDA if present, else CPU).
     A folder written by `qrunlearn quantize` is understood: a bnb folder loads as saved; an fp folder with a spec
     file gets that spec re-applied (`spec` may be None; when given, it must match). Any other HF folder: fp weights
-    quantized with `spec` (GPTQ and AWQ with `calibration`, a gptq.Calibration). A folder holding a model
-    (`resolve_model_path`) stands for that model."""
+    quantized with `spec` (GPTQ and AWQ calibrated on `calibration_texts`, the retain documents, with the model's
+    own tokenizer). A folder holding a model (`resolve_model_path`) stands for that model."""
     model_dir = resolve_model_path(model_dir)
     device = torch.device(device) if device is not None else default_device()
     saved = _saved_spec(model_dir)
@@ -219,7 +221,7 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
     if saved is not None and wanted != saved:
         raise UserError(f"{model_dir}: holds a {saved.label} model, not {wanted.label}")
     if wanted.method == "gguf":
-        return _load_gguf(model_dir, wanted, from_folder=saved is not None, device=device)
+        return _load_gguf(model_dir, wanted, from_folder=saved is not None)
     config = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").exists() else {}
     if "quantization_config" in config:
         require_backend(wanted)
@@ -234,12 +236,19 @@ def load_quantized(model_dir: Path | str, spec: QuantSpec | str | None = None,
         return model, tokenizer
     require_backend(wanted)
     model, tokenizer = load_causal_lm(model_dir, device=device)
+    calibration = None
+    if wanted.method in CALIBRATED_METHODS:
+        from qrunlearn.quant.gptq import Calibration
+
+        if not calibration_texts:
+            raise UserError(f"{wanted.label}: needs calibration text, and the corpus has no raw/retain1 split")
+        calibration = Calibration(texts=tuple(calibration_texts), tokenizer=tokenizer, seed=calibration_seed)
     return quantize_model(model, wanted, calibration), tokenizer
 
 
-def _load_gguf(model_dir: Path, spec: QuantSpec, from_folder: bool, device: torch.device):
+def _load_gguf(model_dir: Path, spec: QuantSpec, from_folder: bool):
     """(llama.cpp model, tokenizer): the folder's model.gguf when `qrunlearn quantize` wrote it, else the folder's
-    full-precision model exported and quantized by llama.cpp now. llama.cpp runs on the CPU here whatever `device`."""
+    full-precision model exported and quantized by llama.cpp now. llama.cpp runs on the CPU, whatever the device."""
     require_backend(spec)
     backend = _module(spec)
     if from_folder:

@@ -46,6 +46,9 @@ SPEC_HELP = ("fp, bf16, rtn:w{bits}[g{group}][:sym], nf4, fp4, int8, hqq:w{bits}
              "awq:w{bits}[g{group}], gguf:{llama.cpp type}")
 # Quantized by llmcompressor with calibration data (retain text), in its own environment (make gptq-venv).
 CALIBRATED_METHODS = ("gptq", "awq")
+# Their groups run along each weight row, so a group size must divide every quantized layer's input width
+# (bitsandbytes' blocks run over the flattened weight; llama.cpp falls back per tensor on its own).
+ROW_GROUP_METHODS = ("rtn", "hqq", *CALIBRATED_METHODS)
 # What fake quantization (quant.fake) reproduces bit for bit, so what quantization-aware training can train against.
 TRAINABLE_METHODS = ("rtn", "nf4", "fp4")
 TRAINABLE_HELP = "rtn:w{bits}[g{group}][:sym], nf4, fp4"
@@ -71,6 +74,11 @@ class QuantSpec:
         group = f"g{self.group_size}" if self.group_size is not None else ""
         sym = ":sym" if self.method == "rtn" and self.symmetric else ""
         return f"{self.method}:w{self.bits}{group}{sym}"
+
+    @property
+    def row_group(self) -> int | None:
+        """The group size each quantized layer's input width must be a multiple of (None: no such rule)."""
+        return self.group_size if self.method in ROW_GROUP_METHODS else None
 
     @property
     def is_noop(self) -> bool:

@@ -100,7 +100,6 @@ def quail_margin(model: nn.Module, spec: QuantSpec | str) -> float:
         raise UserError(f"QUAIL margin: {spec.label} steps depend on calibration data; use the symmetric RTN "
                         f"grid of the same width ({proxy}) as its step")
     require_backend(spec)
-    if spec.method in ("rtn", "hqq"):
-        check_group_divides(model, spec.group_size, spec.label)
+    check_group_divides(model, spec.row_group, spec.label)
     modules = (model.get_submodule(name) for name in target_linear_names(model))
     return half_mean_step((linear_weight(m) for m in modules if is_plain_linear(m)), spec)

@@ -25,6 +25,7 @@ class KernelsUsed:
 def kernels(model: nn.Module, enabled: bool, inference: bool, checkpointing: bool = False) -> Iterator[KernelsUsed]:
     """The CPU kernels around a pass of `model`: the oneDNN linears (not with `checkpointing`), and for
     `inference` passes also the fused MLPs and blocked attention. Yields what was switched on."""
+    enabled = enabled and isinstance(model, nn.Module)  # a model run elsewhere (llama.cpp) brings its own kernels
     with onednn_linear(enabled and not checkpointing) as routed:
         if not inference:
             yield KernelsUsed(onednn_linear=routed, fused_mlps=0, blocked_attention=False)
