@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from qrunlearn.cli import main
+from qrunlearn.models.source import MODEL_POINTER, resolve_model_path
 from qrunlearn.unlearn.storage import RECORD_FILE
 
 
@@ -66,6 +67,15 @@ def test_grid_writes_every_output(grid):
     report = (out / "report.md").read_text()
     assert "Finding at this scale" in report and "configs/muse-news-llama2-7b.yaml" in report
     assert results["finding"] in report
+
+
+def test_every_unlearning_cell_folder_points_at_the_model_it_evaluated(grid):
+    """A cell folder is taken where a model is expected: its pointer names the model its evaluations are of."""
+    _, out, _ = grid
+    for cell in json.loads((out / "results.json").read_text())["cells"]:
+        folder = out / "cells" / cell["cell"]
+        assert json.loads((folder / MODEL_POINTER).read_text()) == {"model": "unlearn/model"}, cell["cell"]
+        assert resolve_model_path(folder) == Path(cell["unlearn"]["model_dir"])
 
 
 def test_resume_skips_finished_cells(grid):

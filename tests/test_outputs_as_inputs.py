@@ -1,5 +1,6 @@
 """Every command that takes a model accepts the folder another qrunlearn command wrote: `unlearn --out` (model in
-OUT/model), `quantize --out` (the folder itself) and a `run` cell folder (model in cells/<id>/unlearn/model)."""
+OUT/model, named by the folder's pointer), `quantize --out` (the folder itself) and a `run` cell folder (model in
+cells/<id>/unlearn/model; here one written before pointers existed, read from that legacy location)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from qrunlearn.cli import main
 from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.models.source import MODEL_POINTER, resolve_model_path
 from qrunlearn.quant import load_quantized
 
 UNLEARN = ["--defaults", "tiny", "--epochs", "1", "--max-length", "64", "--lr", "1e-3", "--no-progress"]
@@ -25,6 +27,11 @@ def unlearn_out(tiny_model_dir, tiny_corpus_dir, tmp_path_factory):
                  *UNLEARN]) == 0
     assert (out / "model" / "config.json").is_file() and not (out / "config.json").exists()
     return out
+
+
+def test_an_unlearn_out_folder_points_at_its_model(unlearn_out):
+    assert json.loads((unlearn_out / MODEL_POINTER).read_text()) == {"model": "model"}
+    assert resolve_model_path(unlearn_out) == unlearn_out / "model"
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -62,6 +69,7 @@ def test_quantize_then_eval_and_survival_take_the_written_folders(unlearn_out, t
 def test_a_run_cell_folder_loads_as_its_unlearned_model(unlearn_out, tmp_path):
     cell = tmp_path / "cells" / "ga_gdr-full"
     shutil.copytree(unlearn_out, cell / "unlearn")
+    (cell / "unlearn" / MODEL_POINTER).unlink()  # as an unlearn folder from before pointers
     model, _ = load_quantized(cell, "rtn:w4g64", device="cpu")
     reference, _ = load_quantized(unlearn_out / "model", "rtn:w4g64", device="cpu")
     loaded, expected = _weights(model), _weights(reference)

@@ -38,6 +38,7 @@ from qrunlearn.eval.gradient import answer_nll_gradient
 from qrunlearn.eval.muse import forget_answer_tokens
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed, slug
 from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.models.source import MODEL_POINTER, write_model_pointer
 from qrunlearn.quant import (
     FULL_PRECISION,
     QuantSpec,
@@ -189,8 +190,9 @@ class Experiment:
         finished = None if force else self.load_cell(cell)
         if finished is not None:
             return finished
-        for leftover in self.cell_dir(cell).glob(".result.json.*.tmp"):  # an earlier process killed mid-write
-            leftover.unlink(missing_ok=True)
+        for name in ("result.json", MODEL_POINTER):
+            for leftover in self.cell_dir(cell).glob(f".{name}.*.tmp"):  # an earlier process killed mid-write
+                leftover.unlink(missing_ok=True)
         started = time.perf_counter()
         result = (self.run_reference_cell(tick) if cell.kind == "reference"
                   else self.run_unlearn_cell(cell, tick, force=force))
@@ -308,6 +310,8 @@ class Experiment:
         result = unlearn(target, self.corpus(), config, self.cell_dir(cell) / "unlearn", epoch_hook=hook,
                          progress=False, resume=not force)
         summary = self._summary(result, reference, time.perf_counter() - started)
+        # the cell folder stands for the model its evaluations are of (MUSE's selected epoch, when one is chosen)
+        write_model_pointer(self.cell_dir(cell), summary.model_dir)
         evals: dict[str, EvalRecord] = {}
         for precision in self.config.precisions:
             tick(f"{cell.id} @ {precision}")

@@ -3,23 +3,28 @@ model folder at once (before ~5 s of imports) and every loader resolves folders 
 
 A model is named by a hub id, a folder or a GGUF file (recognised by its magic bytes, not its name). A folder may
 be the model itself or one that another qrunlearn command wrote around it; `resolve_model_path` finds the model
-inside (`unlearn --out OUT` -> OUT/model, a `run` cell folder -> cells/<id>/unlearn/model; a `quantize --out`
-folder is a model folder itself).
+inside. A command that writes a folder around a model leaves a pointer to it there (`write_model_pointer`), so this
+module, which sits below those commands, never has to know their layouts; folders written before pointers existed
+are read from the places those versions used (`LEGACY_MODEL_LOCATIONS`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qrunlearn.errors import UserError
+from qrunlearn.errors import DataError, UserError
 
 GGUF_FILE = "model.gguf"  # the file in a folder `qrunlearn quantize --method gguf:TYPE` writes
 
-# Where other qrunlearn commands put the model inside the folder they write, relative to that folder: a model
-# folder itself (also `quantize --out`), `unlearn --out`, a `run` cell folder.
-MODEL_LOCATIONS = (".", "model", "unlearn/model")
+# The record a command leaves in a folder it wrote around a model: {"model": "<the model folder, relative to it>"}.
+MODEL_POINTER = "qrunlearn-model.json"
+POINTER_FIELD = "model"
+# Where qrunlearn versions that wrote no pointer put the model, relative to the folder they wrote: `unlearn --out`
+# (OUT/model) and a `run` cell folder (cells/<id>/unlearn/model). Read only for those older folders.
+LEGACY_MODEL_LOCATIONS = ("model", "unlearn/model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 GGUF_MAGIC = b"GGUF"
 
@@ -33,20 +38,70 @@ def is_gguf(path: Path | str) -> bool:
         return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
 
 
+def write_model_pointer(folder: Path | str, model_dir: Path | str) -> Path:
+    """Record in `folder` (a folder a command wrote around a model) that its model is `model_dir`, as a path
+    relative to `folder`, so the pair can be moved or copied together. Written atomically; a pointer that already
+    says so is left as it is (a resumed run touches none of the files it finished before)."""
+    from qrunlearn.io import atomic_write_json  # here, not at the top: qrunlearn.io imports torch, this module must not
+
+    folder = Path(folder)
+    record = {POINTER_FIELD: Path(os.path.relpath(model_dir, folder)).as_posix()}
+    pointer = folder / MODEL_POINTER
+    if _read_json(pointer) == record:
+        return pointer
+    return atomic_write_json(pointer, record)
+
+
+def _read_json(path: Path) -> object:
+    """`path`'s JSON value; None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_model_pointer(folder: Path) -> Path | None:
+    """The model folder `folder`'s pointer names; None when it has no pointer. A pointer that is not a JSON object
+    whose "model" names a model folder (one with a config.json) is a one-line `UserError` naming it."""
+    pointer = folder / MODEL_POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        record = json.loads(pointer.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{pointer}: invalid JSON ({reason})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{pointer}: expected a JSON object, got {type(record).__name__}")
+    named = record.get(POINTER_FIELD)
+    if not isinstance(named, str) or not named:
+        raise DataError(pointer, "expected the model folder's path, as a string", field=POINTER_FIELD)
+    model_dir = folder / named
+    if not (model_dir / "config.json").is_file():
+        raise DataError(pointer, f"{model_dir} is not a model folder (no config.json)", field=POINTER_FIELD)
+    return model_dir
+
+
 def resolve_model_path(path: str | Path) -> Path:
-    """The model folder that `path` names or holds: `path` itself when it has a config.json, else the first of
-    `path/model` (an `unlearn --out` folder) and `path/unlearn/model` (a `run` cell folder) that has one.
+    """The model folder that `path` names or holds: `path` itself when it has a config.json, else the folder its
+    pointer names (`MODEL_POINTER`), else the first of `LEGACY_MODEL_LOCATIONS` that has a config.json.
 
     A path that does not exist is returned unchanged (it may be a hub id; `ModelSource.check` decides). An
     existing folder with no model in any of those places is a `UserError` listing where it looked."""
     path = Path(path)
     if not path.is_dir():
         return path
-    candidates = [path / location for location in MODEL_LOCATIONS]
-    for candidate in candidates:
+    if (path / "config.json").is_file():
+        return path
+    pointed = read_model_pointer(path)
+    if pointed is not None:
+        return pointed
+    legacy = [path / location for location in LEGACY_MODEL_LOCATIONS]
+    for candidate in legacy:
         if (candidate / "config.json").is_file():
             return candidate
-    looked = ", ".join(str(candidate / "config.json") for candidate in candidates)
+    looked = ", ".join(str(p) for p in (path / "config.json", path / MODEL_POINTER,
+                                        *(candidate / "config.json" for candidate in legacy)))
     raise UserError(f"{path}: no model found (looked for {looked})")
 
 

@@ -24,6 +24,7 @@ from qrunlearn.io import (
     restore_interrupted_swaps,
 )
 from qrunlearn.models.loading import load_causal_lm
+from qrunlearn.models.source import MODEL_POINTER, write_model_pointer
 from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.lora import merged_copy, wrap_lora
@@ -32,7 +33,13 @@ from qrunlearn.unlearn.records import Progress, RunRecord
 
 RECORD_FILE = "unlearn.json"
 CHECKPOINT = "checkpoint"
-OUTPUTS = (CHECKPOINT, "model", "adapter", "epochs", RECORD_FILE)
+MODEL = "model"
+OUTPUTS = (CHECKPOINT, MODEL, "adapter", "epochs", RECORD_FILE, MODEL_POINTER)
+
+
+def final_model_dir(out_dir: Path) -> Path:
+    """Where a run keeps its final model (LoRA: merged), the one `out_dir`'s pointer names."""
+    return out_dir / MODEL
 
 
 def epoch_model_dir(out_dir: Path, epoch: int) -> Path:
@@ -78,6 +85,9 @@ def read_record(out_dir: Path) -> RunRecord | None:
 
 
 def write_record(out_dir: Path, record: RunRecord) -> None:
+    """The finished run's record, after the pointer to its final model (`models.source.MODEL_POINTER`), which lets
+    every command take `out_dir` where a model is expected; the record comes last, as the sign of a finished run."""
+    write_model_pointer(out_dir, final_model_dir(out_dir))
     atomic_write_json(out_dir / RECORD_FILE, record)
 
 
