@@ -27,7 +27,7 @@ from transformers import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qrunlearn.models.heads import head_set_aside
-from qrunlearn.models.llamacpp import is_llamacpp
+from qrunlearn.models.runtime import SequenceModel
 
 logger = logging.getLogger("qrunlearn.eval")
 
@@ -50,8 +50,9 @@ PASS_POSITIONS = {"cuda": 1 << 16, "cpu": 1 << 11}
 
 
 def input_device(model) -> torch.device:
-    """Where inputs must go: the input embeddings' device (quantized linears may hold no float weights)."""
-    if is_llamacpp(model):
+    """Where inputs must go: the input embeddings' device (quantized linears may hold no float weights); the CPU
+    for a model run outside torch, whose logits come back there."""
+    if isinstance(model, SequenceModel):
         return torch.device("cpu")
     embeddings = model.get_input_embeddings()
     weight = getattr(embeddings, "weight", None)
@@ -357,8 +358,8 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 def shared_prefix(model, prompts: Sequence[Sequence[int]]) -> SharedPrefix | None:
     """The cache of the prefix `shared_prefix_length` finds, or None when there is none worth sharing (or the model
-    runs in llama.cpp, which is given whole prompts)."""
-    if is_llamacpp(model):
+    runs outside torch, `models.runtime.SequenceModel`, which is given whole prompts)."""
+    if isinstance(model, SequenceModel):
         return None
     length = shared_prefix_length(prompts)
     return build_shared_prefix(model, prompts[0][:length]) if length else None
@@ -371,8 +372,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                     desc: str = "generate") -> list[list[int]]:
     """`generate_batch` over all prompts, longest first (similar lengths share a batch, so little padding),
     results returned in the input order. `prefix` (from `shared_prefix`) is a token prefix common to all prompts
-    whose keys and values are computed once."""
-    if is_llamacpp(model):
+    whose keys and values are computed once. A model run outside torch continues one prompt at a time."""
+    if isinstance(model, SequenceModel):
         eos = set(int(e) for e in eos_ids)
         return [model.greedy(prompt, max_new_tokens, eos, should_stop)
                 for prompt in tqdm(prompts, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)]

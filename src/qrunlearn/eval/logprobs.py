@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from qrunlearn.eval.generation import PASS_POSITIONS, SharedPrefix, input_device, prefill_prompts, right_pad
 from qrunlearn.models.heads import head_gives_logits, head_set_aside
-from qrunlearn.models.llamacpp import LlamaCppModel, is_llamacpp
+from qrunlearn.models.runtime import SequenceModel
 
 MIN_K_RATIOS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 PRIVLEAK_RATIO = 0.4
@@ -234,8 +234,8 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
     kernel (a padding mask forced the dense path: twice the attention work)."""
     if any(len(ids) < 2 for ids in token_ids):
         raise ValueError("every scored text needs at least two tokens")
-    if is_llamacpp(model):
-        return _score_texts_llamacpp(model, token_ids, zlib_lengths, with_extra, progress, desc)
+    if isinstance(model, SequenceModel):
+        return _score_texts_one_by_one(model, token_ids, zlib_lengths, with_extra, progress, desc)
     device = input_device(model)
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     direct = head_gives_logits(model)
@@ -261,9 +261,10 @@ def score_texts(model, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequenc
     return columns
 
 
-def _score_texts_llamacpp(model: LlamaCppModel, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequence[int],
-                          with_extra: bool, progress: bool, desc: str) -> dict[str, np.ndarray]:
-    """`score_texts` with llama.cpp computing the logits, one text at a time; the statistics are the same code."""
+def _score_texts_one_by_one(model: SequenceModel, token_ids: Sequence[Sequence[int]], zlib_lengths: Sequence[int],
+                            with_extra: bool, progress: bool, desc: str) -> dict[str, np.ndarray]:
+    """`score_texts` of a model run outside torch, which gives the logits of one text at a time; the statistics are
+    the same code."""
     columns: dict[str, np.ndarray] = {}
     for index in tqdm(range(len(token_ids)), desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         input_ids = torch.tensor([list(token_ids[index])])
@@ -282,8 +283,8 @@ def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequen
     model would have to generate them). The head is applied to the answer positions only, so no full-vocabulary
     logits exist for the prompts. With `prefix` (the few-shot block every KnowMem prompt starts with, as
     `generation.shared_prefix` finds it), only the tokens after it are run."""
-    if is_llamacpp(model):
-        return np.array([_answer_nll_llamacpp(model, prompt, answer) for prompt, answer in zip(prompts, answers)],
+    if isinstance(model, SequenceModel):
+        return np.array([_answer_nll_one(model, prompt, answer) for prompt, answer in zip(prompts, answers)],
                         dtype=np.float64)
     device = input_device(model)
     shared = prefix.length if prefix is not None else 0
@@ -302,6 +303,6 @@ def answer_nll(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequen
     return out
 
 
-def _answer_nll_llamacpp(model: LlamaCppModel, prompt: Sequence[int], answer: Sequence[int]) -> float:
+def _answer_nll_one(model: SequenceModel, prompt: Sequence[int], answer: Sequence[int]) -> float:
     logits = model.logits(list(prompt) + list(answer))[len(prompt) - 1:len(prompt) - 1 + len(answer)]
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor(list(answer)), reduction="mean"))

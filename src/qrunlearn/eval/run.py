@@ -18,8 +18,8 @@ from qrunlearn.eval.muse import (
     privleak_auc,
     write_eval_outputs,
 )
-from qrunlearn.models.llamacpp import is_llamacpp
 from qrunlearn.models.loading import DTypeName
+from qrunlearn.models.runtime import SequenceModel
 from qrunlearn.models.source import ModelSource
 from qrunlearn.quant.registry import load_model_folder
 from qrunlearn.quant.spec import QuantSpec
@@ -83,7 +83,7 @@ def eval_folder(model_path: Path, data_path: Path, out: Path, config: EvalConfig
     result.settings["retrain_auc_source"] = (
         str(retrain_path) if retrain_path is not None else retrain_auc
     )
-    result.settings["dtype"] = ("llama.cpp GGUF" if is_llamacpp(model)
+    result.settings["dtype"] = (model.description if isinstance(model, SequenceModel)
                                 else str(next(iter(model.get_input_embeddings().parameters())).dtype))
     write_eval_outputs(result, out, model_path=model_path, quant_spec=quantization_spec(model, saved_spec),
                        data_path=data_path, retrain=str(retrain_path) if retrain_path is not None else retrain_auc)

@@ -60,10 +60,11 @@ def import_llamacpp():
 
 
 class LlamaCppModel:
-    """A loaded GGUF file. Not a torch module: `eval.logprobs` and `eval.generation` route through `logits` and
-    `greedy` when they are given one."""
+    """A loaded GGUF file. Not a torch module: a `models.runtime.SequenceModel`, which the evaluation runs through
+    `logits` and `greedy`."""
 
     training = False
+    description = "llama.cpp GGUF"
 
     def __init__(self, path: Path | str, config, generation_config=None, threads: int | None = None,
                  max_context: int = MAX_CONTEXT, keep_alive: object = None):
@@ -133,8 +134,3 @@ class LlamaCppModel:
                 break
             self._llama.eval([token])
         return generated
-
-
-
-def is_llamacpp(model: object) -> bool:
-    return isinstance(model, LlamaCppModel)
