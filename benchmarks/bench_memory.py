@@ -11,7 +11,12 @@ longest chunk.
     .venv/bin/python benchmarks/bench_memory.py --model runs/demo/models/target --data runs/demo/data --strategies
 
 `--strategies` measures one epoch of NPO+KLR under each strategy of `unlearn/strategy.py` (the settings a grid cell
-gets, tiny defaults) and prints its tokens/s and peak memory relative to LoRA's, side by side.
+gets, tiny defaults, with `--batch-size` / `--max-length` and one padded pass per micro-batch, the shape the estimate
+models) and prints the estimate, the measured peak and their ratio, and its tokens/s and peak relative to LoRA's.
+`--only` picks strategies (comma-separated; LoRA is always measured, the reference of the relative columns):
+
+    .venv/bin/python benchmarks/bench_memory.py --model runs/smollm2-seeds/models/target \\
+        --data runs/smollm2-seeds/data --batch-size 4 --max-length 256 --forget-docs 8 --strategies
 """
 
 from __future__ import annotations
@@ -54,35 +59,55 @@ def child(args: argparse.Namespace) -> None:
                       "tokens": result.tokens, "tokens_per_second": result.tokens / max(result.seconds, 1e-9)}))
 
 
+def wait_for_memory(gib: float) -> None:
+    """On a shared machine: start the next measured run only once `gib` GiB are available (MemAvailable)."""
+    while True:
+        with open("/proc/meminfo") as handle:
+            available = next(int(line.split()[1]) * 1024 for line in handle if line.startswith("MemAvailable:"))
+        if available >= gib * GIB:
+            return
+        time.sleep(10)
+
+
 def measure(args: argparse.Namespace, config) -> dict:
+    wait_for_memory(args.min_available)
     command = [sys.executable, __file__, "--child", "--model", args.model, "--data", args.data,
                "--config", config.model_dump_json(), "--forget-docs", str(args.forget_docs)]
     # glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so the RSS peak would also count
     # memory the run had already released; a fixed 128 KiB threshold returns large tensors to the system on free
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"{config.strategy.label}: the measured run failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 ONE_PASS = 10**9  # `pass_cost_tokens` that no padding outweighs
-STRATEGIES = ("full", "lora", "sure", "quail", "qat:nf4", "lora+qat:nf4")
+STRATEGIES = ("lora", "full", "sure", "quail", "qat:nf4", "lora+qat:nf4")
 
 
 def compare_strategies(args: argparse.Namespace, corpus) -> None:
     from qrunlearn.config import ExperimentConfig
+    from qrunlearn.unlearn.memory import estimate_memory, micro_batch_shape
 
-    grid = ExperimentConfig(methods=("npo_klr",), strategies=STRATEGIES, defaults="tiny")
+    strategies = tuple(args.only.split(",")) if args.only else STRATEGIES
+    strategies = strategies if "lora" in strategies else ("lora", *strategies)
+    grid = ExperimentConfig(methods=("npo_klr",), strategies=strategies, defaults="tiny")
+    print("| strategy (NPO+KLR) | estimate GiB | measured GiB | estimate / measured | tokens/s | tokens/s vs LoRA | "
+          "peak vs LoRA |")
+    print("|---|---|---|---|---|---|---|")
     rows = {}
-    for strategy in STRATEGIES:
-        config = grid.unlearn_config("npo_klr", strategy).model_copy(update={"epochs": 1})
-        rows[strategy] = measure(args, config)
-    lora = rows["lora"]
-    print("| strategy (NPO+KLR) | tokens/s | tokens/s vs LoRA | peak GiB | peak vs LoRA |")
-    print("|---|---|---|---|---|")
-    for strategy, row in rows.items():
-        print(f"| {strategy} | {row['tokens_per_second']:.0f} | "
-              f"{row['tokens_per_second'] / lora['tokens_per_second']:.2f} | {row['peak_above_baseline'] / GIB:.3f} | "
-              f"{row['peak_above_baseline'] / lora['peak_above_baseline']:.2f} |")
+    for strategy in strategies:
+        config = grid.unlearn_config("npo_klr", strategy).model_copy(update={
+            "epochs": 1, "batch_size": args.batch_size, "max_length": args.max_length, "pass_cost_tokens": ONE_PASS})
+        shape = micro_batch_shape(args.model, corpus, config)
+        estimate = estimate_memory(args.model, config, 1, shape.length, "cpu", rows=shape.rows).total
+        row = rows[strategy] = {**measure(args, config), "estimate": estimate}
+        lora = rows["lora"]  # measured first
+        peak = row["peak_above_baseline"]
+        print(f"| {strategy} | {estimate / GIB:.3f} | {peak / GIB:.3f} | {estimate / peak:.2f} | "
+              f"{row['tokens_per_second']:.0f} | {row['tokens_per_second'] / lora['tokens_per_second']:.2f} | "
+              f"{peak / lora['peak_above_baseline']:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -95,7 +120,10 @@ def main() -> None:
     parser.add_argument("--grid", action="store_true", help="also checkpointing / chunked-loss variants")
     parser.add_argument("--loss-chunk", type=int, default=64, help="the chunked-loss variant's chunk (paper: 512)")
     parser.add_argument("--only-grid", action="store_true", help="with --grid: skip the plain variant")
-    parser.add_argument("--strategies", action="store_true", help="cost of each strategy relative to LoRA")
+    parser.add_argument("--strategies", action="store_true", help="each strategy: estimate vs measured, cost vs LoRA")
+    parser.add_argument("--only", help="with --strategies: these strategies (comma-separated), e.g. sure,qat:nf4")
+    parser.add_argument("--min-available", type=float, default=0.0,
+                        help="start each measured run only once this many GiB are available (shared machines)")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--config")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 
 def _cfg(**changes) -> UnlearnConfig:
-    base = dict(method="npo", reg="klr", batch_size=2, max_length=100, dtype="float32")
+    base = dict(method="npo", reg="klr", batch_size=2, max_length=100, grad_accum=1, dtype="float32")
     return UnlearnConfig(**{**base, **changes})
 
 
@@ -106,8 +106,8 @@ def test_checkpointing_counts_the_backward_recompute_beside_the_gradients(model_
 def test_each_strategy_adds_what_it_keeps(model_dir):
     """Hand-derived for the known config (fp32, batch 2 forget + 2 retain rows of 100 positions): SURE keeps a
     second gradient (4 bytes x PARAMS) all step and, at the step, 95% of three trainable-sized tensors (the
-    unselected rows and their two AdamW moments); QAT keeps each block linear's Q(W) (LoRA: and W0 + s B A); QUAIL
-    the reference's logits over the 2 forget rows and their fp32 difference (2 x 100 x 128 x 8 bytes)."""
+    unselected rows and their two AdamW moments); QAT keeps each block linear's Q(W) (LoRA too: Q(W0 + s B A), one
+    copy); QUAIL the reference's logits over the 2 forget rows and their fp32 difference (2 x 100 x 128 x 8 bytes)."""
     block_linears = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128)
     plain = estimate_memory(model_dir, _cfg(), device="cpu")
     assert (plain.strategy_resident, plain.strategy_forward, plain.strategy_step) == (0, 0, 0)
@@ -118,10 +118,10 @@ def test_each_strategy_adds_what_it_keeps(model_dir):
     qat = estimate_memory(model_dir, _cfg(strategy="qat:nf4"), device="cpu")
     assert qat.strategy_forward == 4 * block_linears
     lora_qat = estimate_memory(model_dir, _cfg(strategy="lora+qat:nf4", lora_r=4), device="cpu")
-    assert lora_qat.strategy_forward == 2 * 4 * block_linears
+    assert lora_qat.strategy_forward == 4 * block_linears
     quail = estimate_memory(model_dir, _cfg(strategy="quail"), device="cpu")
     assert quail.strategy_forward == 2 * 100 * 128 * 8
-    assert sure.total > plain.total and qat.total > plain.total and quail.total > plain.total
+    assert qat.total > plain.total and quail.total > plain.total
     assert "strategy (kept)" in sure.describe() and "strategy (forward)" in qat.describe()
 
 
@@ -139,3 +139,57 @@ def test_each_method_adds_what_it_holds(model_dir):
     assert rmu.method_forward == 2 * 100 * 64 * 4
     assert estimate_memory(model_dir, _cfg(method="idkdpo", reg="gdr"), device="cpu").tokens_per_micro_batch == 600
     assert "method (forward)" in undial.describe()
+
+
+def test_lora_qat_keeps_no_dropout_copies(model_dir):
+    """LoRA keeps peft's dropout output and its mask, each input-sized, per adapted layer: by hand for the known
+    config the adapted layers' input widths are q, k, v, o, gate, up 64 each and down 128, 512 per block, so 400
+    tokens x 2 blocks x 512 x (4 + 4) bytes = 3,276,800 on the CPU (the mask is a scaled fp32 copy there: dropout is
+    x * mask) and x (4 + 1) = 2,048,000 on CUDA (a bool mask). QAT's quantized forward, F.linear(x, Q(W0 + s B A)),
+    applies no dropout: with mix 1 both are gone (measured on the tiny model and SmolLM2: benchmarks/RESULTS.md);
+    with mix < 1 the full-precision pass still makes them."""
+    lora = estimate_memory(model_dir, _cfg(adapter="lora", lora_r=4), device="cpu")
+    no_dropout = estimate_memory(model_dir, _cfg(adapter="lora", lora_r=4, lora_dropout=0.0), device="cpu")
+    lora_qat = estimate_memory(model_dir, _cfg(strategy="lora+qat:nf4", lora_r=4), device="cpu")
+    mixed = estimate_memory(model_dir, _cfg(strategy="lora+qat:nf4:mix=0.5", lora_r=4), device="cpu")
+    assert lora.activations - no_dropout.activations == 400 * 2 * 512 * 8 == 3_276_800
+    assert lora_qat.activations == no_dropout.activations
+    assert mixed.activations == lora.activations
+    on_cuda = [estimate_memory(model_dir, _cfg(adapter="lora", lora_r=4, lora_dropout=dropout), device="cuda")
+               for dropout in (0.05, 0.0)]
+    assert on_cuda[0].activations - on_cuda[1].activations == 400 * 2 * 512 * 5 == 2_048_000
+
+
+def test_sure_copy_is_not_beside_the_first_forward(model_dir):
+    """SURE's forget-gradient copy exists from the forget term's backward pass to the step, not during a step's first
+    forward (measured on SmolLM2-135M: SURE's peak 1.01x full fine-tuning's, RESULTS.md). By hand, known config, full
+    FT fp32 NPO+KLR, gradients g = 4 x 90,432 = 361,728 bytes; weights + AdamW + reference = 1,446,912:
+    - 2 + 2 rows x 100 positions: the forward's activations 3,993,600 + loss temporaries (6 fp32 copies of the
+      400 x 128 logits, 1,228,800, plus the model's own 204,800) = 5,427,200 outweigh SURE's other moments: the
+      forget term's backward (activations + its gradient + the copy, 3,993,600 + 2g = 4,717,056) and the step
+      (g + the copy g + 95% of 3g, 1,030,924 = 1,754,380), so SURE's peak is plain's: 6,874,112;
+    - 1 + 1 rows x 4 positions (8 tokens): activations 8 x 2 x 4,736 + 8 x 64 x 8 = 79,872, loss 8 x 128 x 4 x 7 =
+      28,672: the step is the peak, 1,446,912 + 1,754,380 = 3,201,292 (plain: + g = 1,808,640);
+    - with 2 micro-batches per step the second forward has the first's gradient and SURE's copy beside it:
+      1,446,912 + 5,427,200 + 2g = 7,597,568."""
+    assert estimate_memory(model_dir, _cfg(), device="cpu").total == 6_874_112
+    assert estimate_memory(model_dir, _cfg(strategy="sure"), device="cpu").total == 6_874_112
+    small = dict(batch_size=1, max_length=4)
+    assert estimate_memory(model_dir, _cfg(**small), device="cpu").total == 1_808_640
+    assert estimate_memory(model_dir, _cfg(strategy="sure", **small), device="cpu").total == 3_201_292
+    assert estimate_memory(model_dir, _cfg(strategy="sure", grad_accum=2), device="cpu").total == 7_597_568
+
+
+def test_accumulation_keeps_gradients_beside_the_forward(model_dir):
+    """Gradients are freed after the optimizer step, so with several backward passes per step (grad_accum > 1, or
+    QAT's full-precision pass before the quantized one, mix < 1) a later forward runs beside them. By hand, known
+    config, full FT fp32 NPO+KLR, 2 + 2 rows x 100 positions: 1,446,912 (weights, AdamW, reference) + 5,427,200
+    (activations and loss temporaries) + 361,728 (gradients) = 7,235,840, against 6,874,112 with one pass per step;
+    QAT adds each block linear's Q(W), 4 x 81,920 (the test above) = 327,680."""
+    block_linears = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128)
+    assert estimate_memory(model_dir, _cfg(grad_accum=4), device="cpu").total == 7_235_840
+    assert estimate_memory(model_dir, _cfg(strategy="qat:nf4"), device="cpu").total == 6_874_112 + 4 * block_linears
+    assert estimate_memory(model_dir, _cfg(strategy="qat:nf4:mix=0.5"), device="cpu").total == (
+        7_235_840 + 4 * block_linears)
+    lora = estimate_memory(model_dir, _cfg(adapter="lora", lora_r=4, grad_accum=8), device="cpu")
+    assert lora.accumulating and "accumulation" in lora.describe()

@@ -16,15 +16,20 @@ once its config.json is local) to count parameters exactly; the rest is arithmet
 - loss temporaries: the fp32 logits and the copies the loss and its gradient make, for the whole micro-batch or
   for one chunk of `loss_chunk` positions;
 - the strategy's own (`strategy_terms`): SURE keeps the forget term's gradient beside the step's (one gradient-sized
-  copy, all step long) and, at the optimizer step, the unselected rows of every partly selected parameter with
-  their two AdamW moments (percentile / 100 of three trainable-sized tensors); quantization-aware unlearning keeps
-  each block linear's Q(W) for the backward pass (LoRA: also W0 + s B A), in the compute dtype; QUAIL the
-  reference's logits over the forget rows and their fp32 difference from the policy's.
-Sharded (FSDP) quantities are divided by the number of processes; FSDP2 then holds whole copies of what it has
-all-gathered, in the compute dtype: two blocks (the one computing and the one prefetched) and the root's own
-parameters (embeddings, final norm, head), which the root keeps gathered between forward and backward; mixed
-precision casts at the gather, so no autocast copies are kept. Validated against measured peaks in
-benchmarks/bench_memory.py (benchmarks/RESULTS.md).
+  copy, from the forget term's own backward pass, where it and its clone exist beside the forward's kept activations,
+  until the step; not at a step's first forward) and, at the optimizer step, the unselected rows of every partly
+  selected parameter with their two AdamW moments (percentile / 100 of three trainable-sized tensors);
+  quantization-aware unlearning keeps each block linear's Q(W) for the backward pass, in the compute dtype (LoRA:
+  Q(W0 + s B A); W0 + s B A itself is not kept, and the quantized forward applies no LoRA dropout, so with `mix` 1
+  peft's dropout copies are not kept either: `lora_dropout_kept`); QUAIL the reference's logits over the forget rows
+  and their fp32 difference from the policy's.
+Gradient accumulation (`grad_accum` > 1, or QAT's full-precision pass before the quantized one with `mix` < 1): the
+gradients, and SURE's copy, of the step's earlier passes are alive during the later passes' forwards, so the forward's
+peak counts them too (`accumulating`). Sharded (FSDP) quantities are divided by the number of processes; FSDP2 then
+holds whole copies of what it has all-gathered, in the compute dtype: two blocks (the one computing and the one
+prefetched) and the root's own parameters (embeddings, final norm, head), which the root keeps gathered between
+forward and backward; mixed precision casts at the gather, so no autocast copies are kept. Validated against measured
+peaks in benchmarks/bench_memory.py (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -63,23 +68,28 @@ class MemoryEstimate(BaseModel):
     activations: int
     loss_temporaries: int
     recompute: int = 0
-    strategy_resident: int = 0  # SURE's forget-gradient copy, alive through the whole step
+    strategy_resident: int = 0  # SURE's forget-gradient copy: from the forget term's backward until the step
     strategy_forward: int = 0  # QAT's Q(W), QUAIL's reference logits: beside the activations
     strategy_step: int = 0  # SURE's clones of unselected rows and moments: beside the gradients, at the step
     method_forward: int = 0  # UNDIAL's reference logits and targets, RMU's reference states: beside the activations
+    accumulating: bool = False  # several backward passes per optimizer step: gradients beside later forwards
     tokens_per_micro_batch: int
     processes: int
 
     @property
     def total(self) -> int:
-        """The peak: gradients are freed before each forward (zero_grad(set_to_none=True)) and grow during the
-        backward pass while the activations are freed, so they and the forward's activations and loss temporaries
-        are not alive at once; the largest of the forward's peak, the gradients, and (with checkpointing) the
-        backward pass's recompute peak counts."""
-        return (self.weights + self.optimizer + self.reference + self.strategy_resident
-                + max(self.gradients + self.strategy_step,
-                      self.activations + self.loss_temporaries + self.strategy_forward + self.method_forward,
-                      self.recompute))
+        """The peak: gradients are freed after each optimizer step (zero_grad(set_to_none=True)) and grow during
+        the backward pass while the activations are freed, so without accumulation they and the forward's
+        activations and loss temporaries are not alive at once. The largest of: the forward's peak (with
+        accumulation, beside the earlier passes' gradients and SURE's copy); SURE's forget-term backward (the kept
+        activations, its new gradient and the copy); the gradients at the step (with SURE's copy and clones); and,
+        with checkpointing, the backward pass's recompute (with SURE's copy)."""
+        earlier = self.gradients + self.strategy_resident if self.accumulating else 0
+        return (self.weights + self.optimizer + self.reference
+                + max(self.gradients + self.strategy_resident + self.strategy_step,
+                      self.activations + self.loss_temporaries + self.strategy_forward + self.method_forward + earlier,
+                      self.activations + 2 * self.strategy_resident + earlier if self.strategy_resident else 0,
+                      self.recompute + self.strategy_resident if self.recompute else 0))
 
     def describe(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer (AdamW)", self.optimizer),
@@ -95,7 +105,9 @@ class MemoryEstimate(BaseModel):
                  f"{self.tokens_per_micro_batch} tokens per micro-batch):"]
         lines += [f"  {name:<18} {value / GIB:8.2f} GiB" for name, value in rows]
         lines.append(f"  {'peak':<18} {self.total / GIB:8.2f} GiB  (weights + optimizer + reference + the largest of "
-                     "gradients, activations + loss temporaries" + (", backward recompute)" if self.recompute else ")"))
+                     "gradients, activations + loss temporaries" + (" + gradients (accumulation)" if self.accumulating
+                                                                   else "")
+                     + (", backward recompute)" if self.recompute else ")"))
         return "\n".join(lines)
 
 
@@ -182,7 +194,10 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
     tokens = rows * length
     layers = model_config.num_hidden_layers
     per_block = _block_bytes_per_token(model_config, element)
-    per_block += element * lora_widths // layers if config.adapter == "lora" and config.lora_dropout > 0 else 0
+    if lora_dropout_kept(config):
+        # peft's dropout output (lora_A's input) and its mask: a bool on CUDA, a scaled copy in the compute dtype on
+        # the CPU (there dropout is x * mask)
+        per_block += (element + (1 if device.startswith("cuda") else element)) * lora_widths // layers
     positions = min(config.loss_chunk, length) if config.loss_chunk else length
     copies = KL_LOGIT_COPIES if config.reg == "klr" else NLL_LOGIT_COPIES
     vocabulary = model_config.vocab_size
@@ -207,7 +222,7 @@ def estimate_memory(model_path: str | Path, config: UnlearnConfig, processes: in
                           loss_temporaries=loss, recompute=recompute, strategy_resident=resident,
                           strategy_forward=forward, strategy_step=step,
                           method_forward=method_terms(model, config, element, rows, length),
-                          tokens_per_micro_batch=tokens, processes=processes)
+                          accumulating=accumulates(config), tokens_per_micro_batch=tokens, processes=processes)
 
 
 def method_terms(model: PreTrainedModel, config: UnlearnConfig, element: int, rows: int, length: int) -> int:
@@ -232,14 +247,31 @@ def strategy_terms(model: PreTrainedModel, config: UnlearnConfig, gradients: int
         resident = gradients
         step = int(3 * gradients * strategy.sure.percentile / 100)
     if strategy.qat is not None:
+        # F.linear(x, Q(W)) keeps Q(W) for its input gradient (LoRA: Q(W0 + s B A); the sum is freed once quantized)
         linears = sum(module.weight.numel() for name in block_list_names(model)
                       for module in model.get_submodule(name).modules() if isinstance(module, torch.nn.Linear))
-        forward += linears * element * (2 if config.adapter == "lora" else 1)
+        forward += linears * element
     if strategy.quail is not None:
         forget_rows = max(1, rows // 2) if config.reg != "none" else rows
         vocabulary = int(model.config.vocab_size)
         forward += forget_rows * length * vocabulary * (element + 4)
     return resident, forward, step
+
+
+def accumulates(config: UnlearnConfig) -> bool:
+    """Whether a step runs several backward passes, so that earlier passes' gradients exist during a later forward:
+    gradient accumulation, or QAT's full-precision pass before the quantized one (`mix` < 1). Passes a micro-batch
+    splits into by length (`pass_cost_tokens`) are not counted: the estimate models one pass per micro-batch."""
+    qat = config.strategy.qat
+    return config.grad_accum > 1 or (qat is not None and qat.mix < 1)
+
+
+def lora_dropout_kept(config: UnlearnConfig) -> bool:
+    """Whether peft's LoRA dropout output and mask (per adapted layer, input-sized) are kept for the backward pass:
+    not under quantization-aware unlearning with `mix` 1, whose quantized forward is F.linear(x, Q(W0 + s B A)),
+    with no dropout (measured: benchmarks/RESULTS.md, "The strategies' memory")."""
+    qat = config.strategy.qat
+    return config.adapter == "lora" and config.lora_dropout > 0 and (qat is None or qat.mix < 1)
 
 
 class MicroBatchShape(BaseModel):
