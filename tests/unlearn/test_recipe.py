@@ -15,6 +15,7 @@ from qrunlearn.models.train import collate
 from qrunlearn.unlearn import UnlearnConfig, recipe, unlearn
 from qrunlearn.unlearn.data import load_unlearn_data
 from qrunlearn.unlearn.objectives import nll_loss
+from qrunlearn.unlearn.strategy_hooks import StrategyHooks
 
 
 def _cfg(**changes) -> UnlearnConfig:
@@ -75,19 +76,20 @@ def test_passes_grouped_by_length_give_the_one_pass_result(method, reg, adapter,
     only retain rows) add up to the padded one-pass gradient: same losses, same weights up to float order."""
     passes: list[int] = []
     first_gradients: list[torch.Tensor] = []
-    statistics, update = recipe.UnlearnRecipe._statistics, recipe.UnlearnRecipe._update
+    statistics, update = recipe.UnlearnRecipe._statistics, StrategyHooks.optimizer_step
 
     def counted(self, micro):
         passes.append(len(micro.forget) + len(micro.retain))
         return statistics(self, micro)
 
-    def recorded(self, forget_grads):
+    def recorded(self, optimizer):
         if not first_gradients:  # the first step: both runs are at the same weights
-            first_gradients.append(torch.cat([p.grad.flatten() for p in self.trainable if p.grad is not None]))
-        return update(self, forget_grads)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            first_gradients.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+        return update(self, optimizer)
 
     monkeypatch.setattr(recipe.UnlearnRecipe, "_statistics", counted)
-    monkeypatch.setattr(recipe.UnlearnRecipe, "_update", recorded)
+    monkeypatch.setattr(StrategyHooks, "optimizer_step", recorded)
     runs = {}
     for name, cost in [("one", 10**6), ("grouped", 0)]:
         passes.clear()

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from qrunlearn.cli import main
 from qrunlearn.config import ExperimentConfig
 from qrunlearn.errors import UserError
 from qrunlearn.quant import parse_spec, quantize_weight
-from qrunlearn.unlearn import UnlearnConfig, unlearn
+from qrunlearn.quant.fake import fake_quantized
+from qrunlearn.unlearn import UnlearnConfig, reference, storage, strategy_hooks, unlearn
 from qrunlearn.unlearn.strategy import Strategy
 
 
@@ -127,6 +130,38 @@ def test_quantization_aware_reference_is_the_deployed_original(adapter, tiny_mod
     assert result.losses[0].log_ratio == 0.0
     assert result.losses[0].retain == 0.0  # KL(Q(W0) || Q(W0)) before any update
     assert _lowers_its_loss(result)
+
+
+def test_fake_quantization_is_installed_once_per_run_and_the_epoch_hook_sees_the_saved_model(
+        tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """QAT's forward is installed once for the run (policy and frozen reference), not per pass; the epoch hook
+    measures the full-precision model, the one written for that epoch."""
+    installs: list[str] = []
+    real_policy, real_reference = strategy_hooks.fake_quantized, reference.fake_quantized
+
+    def counted(real, who):
+        def install(model, spec):
+            installs.append(who)
+            return real(model, spec)
+        return install
+
+    monkeypatch.setattr(strategy_hooks, "fake_quantized", counted(real_policy, "policy"))
+    monkeypatch.setattr(reference, "fake_quantized", counted(real_reference, "reference"))
+    probe = torch.tensor([[5, 9, 13, 20, 31]])
+    hooked: list[torch.Tensor] = []
+
+    def hook(epoch, model, tokenizer):
+        hooked.append(model(input_ids=probe).logits)
+        return {}
+
+    config = _cfg(method="npo", reg="klr", strategy="qat:rtn:w4g64:mix=0.5", save_every_epoch=True)
+    result = unlearn(tiny_model_dir, tiny_corpus, config, tmp_path / "qat", epoch_hook=hook, progress=False)
+    assert len(result.losses) >= 4 and installs == ["policy", "reference"]
+    saved = AutoModelForCausalLM.from_pretrained(storage.epoch_model_dir(tmp_path / "qat", 1)).eval()
+    with torch.no_grad():
+        assert torch.equal(saved(input_ids=probe).logits, hooked[0])
+        with fake_quantized(saved, "rtn:w4g64"):
+            assert not torch.allclose(saved(input_ids=probe).logits, hooked[0])
 
 
 def test_quantization_aware_lora_update_survives_rounding(tiny_model_dir, tiny_corpus, tmp_path):

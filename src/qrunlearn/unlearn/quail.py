@@ -36,7 +36,7 @@ from qrunlearn.models.layers import is_plain_linear, linear_weight, target_linea
 from qrunlearn.quant.common import check_group_divides
 from qrunlearn.quant.registry import quantize_weight, require_backend
 from qrunlearn.quant.spec import QuantSpec, parse_spec
-from qrunlearn.unlearn.objectives import shift
+from qrunlearn.unlearn.objectives import IGNORE_INDEX, shift
 
 
 def logit_distance(logits: torch.Tensor, ref_logits: torch.Tensor,
@@ -56,10 +56,17 @@ def quail_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Ten
     that, its gradient pushes each such position's logits straight away from the reference's."""
     if not margin >= 0:  # also rejects nan
         raise ValueError(f"quail_loss: margin must be >= 0, got {margin}")
-    distance, mask = logit_distance(logits, ref_logits, labels)
-    hinge = torch.clamp(margin - distance, min=0) * mask
-    denominator = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    hinge = hinge_by_position(logits, ref_logits, labels, margin)
+    denominator = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1) if num_tokens is None else num_tokens
     return hinge.sum() / denominator
+
+
+def hinge_by_position(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+                      margin: float) -> torch.Tensor:
+    """max(0, margin - ||z_theta - z_ref||_2) per next-token position [B, T-1], 0 where the position is not scored
+    (`quail_loss` is its mean; the recipe sums it over a micro-batch and divides by the global batch's count)."""
+    distance, mask = logit_distance(logits, ref_logits, labels)
+    return torch.clamp(margin - distance, min=0) * mask
 
 
 def logit_space_margin(logits: torch.Tensor, quantized_logits: torch.Tensor, labels: torch.Tensor) -> float:

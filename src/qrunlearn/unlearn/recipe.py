@@ -5,7 +5,10 @@ through to `Accelerator()`).
 
 Read top to bottom, as `UnlearnRecipe.run` does:
 
-    setup()          model, tokenizer, data, reference, LoRA adapters, optimizer; resume or reuse
+    setup()          model, tokenizer, data, reference, LoRA adapters, optimizer, the strategy's hooks; resume
+                     or reuse
+    (the strategy's forward installed for the rest of the run: QAT's fake quantization)
+    references()     NPO / IdkDPO: the reference NLLs of the forget chunks (cached with the run)
     train_epoch(e)   one pass over the forget set, one optimizer step per global batch
     end_epoch(e)     epoch hook (e.g. KnowMem), MUSE's selection rule, checkpoint
     save()           the model folder (LoRA: merged), the adapter, unlearn.json
@@ -26,7 +29,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +47,9 @@ from qrunlearn.models.layers import block_output, transformer_blocks
 from qrunlearn.models.loading import load_causal_lm, resolve_dtype, source_dtype
 from qrunlearn.models.passes import pass_cost_for
 from qrunlearn.models.train import collate
-from qrunlearn.quant.fake import FakeQuantSwitch, fake_quantized
+from qrunlearn.quant.fake import fake_quantized
 from qrunlearn.quant.spec import QuantSpec
-from qrunlearn.unlearn import objectives, quail, saliency, storage
+from qrunlearn.unlearn import objectives, quail, storage
 from qrunlearn.unlearn.chunked import chunked_token_kl, chunked_token_nll
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.data import (
@@ -64,6 +67,7 @@ from qrunlearn.unlearn.records import EpochRecord, Progress, RunRecord, StepLoss
 from qrunlearn.unlearn.reference import Reference, cached_reference_nll
 from qrunlearn.unlearn.select import select_epoch
 from qrunlearn.unlearn.strategy import Quail
+from qrunlearn.unlearn.strategy_hooks import StrategyHooks
 
 EpochHook = Callable[[int, Any, Any], "dict[str, float] | None"]
 
@@ -147,10 +151,12 @@ class UnlearnRecipe:
         finished = self.setup()
         if finished is not None:
             return finished
-        for epoch in range(self.state.epochs_done + 1, self.config.epochs + 1):
-            losses = self.train_epoch(epoch)
-            if losses is None or self.end_epoch(epoch, losses):
-                break
+        with self.hooks.installed(self.unwrapped, self.reference):
+            self.references()
+            for epoch in range(self.state.epochs_done + 1, self.config.epochs + 1):
+                losses = self.train_epoch(epoch)
+                if losses is None or self.end_epoch(epoch, losses):
+                    break
         self.bar.close()
         return self.save()
 
@@ -178,8 +184,7 @@ class UnlearnRecipe:
         self.provenance = run_metadata(config.model_dump(mode="json"), config.seed)
         self.pad_id = self.tokenizer.pad_token_id
         strategy = config.strategy
-        self.qat: QuantSpec | None = strategy.qat.spec if strategy.qat is not None else None
-        self.reference = Reference(config, model, parallel, self.qat)
+        self.reference = Reference(config, model, parallel)
         if config.gradient_checkpointing:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -200,10 +205,9 @@ class UnlearnRecipe:
         self.trainable = [p for _, p in named]
         self.transformer = self.unwrapped.get_base_model() if config.adapter == "lora" else self.unwrapped
         self.state = self._resume_or_start()
-        self.quail_margin = self._quail_margin(strategy.quail) if strategy.quail is not None else None
-        # NPO: each forget chunk's; IdkDPO: [rejected answer, refusal] per question
-        self.ref_nll = (cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, parallel)
-                        if config.uses_reference_nll else None)
+        self.hooks = StrategyHooks.build(strategy, self.trainable_names, self.trainable, parallel.num_processes,
+                                         self._quail_margin(strategy.quail) if strategy.quail is not None else None)
+        self.ref_nll: torch.Tensor | None = None
         self.control = (objectives.control_vector(self.unwrapped.config.hidden_size, config.rmu_coefficient,
                                                   config.seed).to(parallel.device)
                         if config.method == "rmu" else None)
@@ -260,6 +264,12 @@ class UnlearnRecipe:
         self.parallel.wait()
         return Progress(fingerprint=self.fingerprint)
 
+    def references(self) -> None:
+        """NPO's reference NLL of each forget chunk; IdkDPO's [rejected answer, refusal] per question. Under QAT
+        the reference is the deployed original, Q(W0): this runs inside the strategy's forward."""
+        if self.config.uses_reference_nll:
+            self.ref_nll = cached_reference_nll(self.out_dir, self.fingerprint, self._reference_nll, self.parallel)
+
     @torch.no_grad()
     def _reference_nll(self) -> torch.Tensor:
         """NLL_ref(x) summed over each forget chunk, in chunk order: the policy at step 0 (LoRA's adapters start at
@@ -271,8 +281,7 @@ class UnlearnRecipe:
         for step in self._schedule(1):
             for micro in step.micro_batches:
                 for group, weight in self._row_passes(*_share_of_process(micro, step)):
-                    # under QAT the reference is the deployed original, Q(W0); the kernels are the training step's
-                    with self._kernels(), self._deployed_forward():
+                    with self._kernels():  # the training step's kernels, so the first step's forward is this one
                         stats = self._statistics(group)  # every process runs as many forwards (sharded models)
                     if stats.forget_nll is None or stats.forget_mask is None:
                         continue
@@ -317,25 +326,22 @@ class UnlearnRecipe:
     def _optimizer_step(self, epoch: int, index: int, step: Step) -> StepLoss:
         counts = _global_counts(step, self.data)
         sums = [0.0, 0.0, 0.0, 0.0]  # forget term, retain term, QUAIL term, summed NPO log-ratio
-        forget_grads: list[torch.Tensor | None] | None = None
         row_passes = [p for micro in step.micro_batches for p in self._row_passes(*_share_of_process(micro, step))]
         for r, (group, weight) in enumerate(row_passes):
-            with self._deployed_forward() as switch:
-                passes = self._precision_passes(switch)
-                for p, (share, precision, deployed) in enumerate(passes):
-                    # one gradient all-reduce per optimizer step, after its last backward
-                    sync = r == len(row_passes) - 1 and p == len(passes) - 1
-                    with precision, self.parallel.accumulating(self.model, sync=sync):
-                        loss = self._micro_batch_loss(group, counts)
-                        # gradients are averaged over processes; the losses are already global means.
-                        scale = share * weight * self.parallel.num_processes
-                        if self.config.strategy.sure is not None and loss.forget is not None:
-                            forget_grads = self._add_forget_gradient(forget_grads, loss.forget * scale)
-                        self.parallel.backward(loss.total * scale)
-                    if deployed:  # the terms reported are the deployed model's (the quantized one under QAT)
-                        terms = [loss.forget, loss.retain, loss.quail]
-                        values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
-                        sums = [total + weight * value for total, value in zip(sums, values)]
+            passes = self.hooks.precision_passes()
+            for p, precision_pass in enumerate(passes):
+                # one gradient all-reduce per optimizer step, after its last backward
+                sync = r == len(row_passes) - 1 and p == len(passes) - 1
+                with precision_pass.precision, self.parallel.accumulating(self.model, sync=sync):
+                    loss = self._micro_batch_loss(group, counts)
+                    # gradients are averaged over processes; the losses are already global means.
+                    scale = precision_pass.share * weight * self.parallel.num_processes
+                    self.hooks.add_forget_loss(loss.forget * scale if loss.forget is not None else None)
+                    self.parallel.backward(loss.total * scale)
+                if precision_pass.deployed:  # the terms reported are the deployed model's (quantized under QAT)
+                    terms = [loss.forget, loss.retain, loss.quail]
+                    values = [float(t.detach()) if t is not None else 0.0 for t in terms] + [loss.log_ratio]
+                    sums = [total + weight * value for total, value in zip(sums, values)]
         forget, retain, quail_term, log_ratio = self.parallel.sum_over_processes(sums)
         quail_setting = self.config.strategy.quail
         total = (self.config.gamma * forget + (self.config.alpha * retain if self.config.reg != "none" else 0.0)
@@ -343,8 +349,10 @@ class UnlearnRecipe:
         if math.isfinite(total):
             if self.config.max_grad_norm > 0:
                 self.parallel.clip_grad_norm(self.trainable, self.config.max_grad_norm)
-            self._update(forget_grads)
+            self.hooks.optimizer_step(self.optimizer)
             self.state.tokens += self._step_tokens(step)
+        else:
+            self.hooks.discard_step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepLoss(epoch=epoch, step=index, forget=forget, retain=retain, loss=total,
                         log_ratio=log_ratio / counts["forget_sequences"] if self.config.uses_reference_nll else None,
@@ -362,52 +370,7 @@ class UnlearnRecipe:
             count = self.parallel.max_over_processes(count)
         return [(group, weight) for group in groups] + [(groups[0], 0.0)] * (count - len(groups))
 
-    # ---- strategies -------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _deployed_forward(self) -> Iterator[FakeQuantSwitch | None]:
-        """Quantization-aware unlearning: inside, the block linears compute with Q(W) (LoRA: Q(W0 + s B A)),
-        straight-through in the backward pass, which must run inside too (checkpointing recomputes forwards)."""
-        if self.qat is None:
-            yield None
-            return
-        with fake_quantized(self.unwrapped, self.qat) as switch:
-            yield switch
-
-    def _precision_passes(self, switch: FakeQuantSwitch | None
-                          ) -> list[tuple[float, contextlib.AbstractContextManager, bool]]:
-        """(loss share, precision, is the deployed model) per forward of a micro-batch: one pass, or under QAT with
-        a `mix` < 1 a full-precision pass and then the quantized one."""
-        qat = self.config.strategy.qat
-        if switch is None or qat is None or qat.mix >= 1.0:
-            return [(1.0, contextlib.nullcontext(), True)]
-        return [(1.0 - qat.mix, switch.full_precision(), False), (qat.mix, contextlib.nullcontext(), True)]
-
-    def _add_forget_gradient(self, grads: list[torch.Tensor | None] | None,
-                             forget: torch.Tensor) -> list[torch.Tensor | None]:
-        """SURE: the forget term's own gradient, accumulated over the step's micro-batches (the saliency map)."""
-        new = torch.autograd.grad(forget, self.trainable, retain_graph=True, allow_unused=True)
-        if grads is None:
-            return [g.detach().clone() if g is not None else None for g in new]
-        return [a if b is None else (b.detach().clone() if a is None else a.add_(b)) for a, b in zip(grads, new)]
-
-    def _update(self, forget_grads: list[torch.Tensor | None] | None) -> None:
-        """The optimizer step; under SURE only on the rows most salient for the forget loss (others unchanged)."""
-        sure = self.config.strategy.sure
-        if sure is None or forget_grads is None:
-            self.optimizer.step()
-            return
-        named = dict(zip(self.trainable_names, self.trainable))
-        grads = {}
-        for name, grad in zip(self.trainable_names, forget_grads):
-            if grad is not None:
-                if self.parallel.num_processes > 1:
-                    torch.distributed.all_reduce(grad)
-                grads[name] = grad
-        masks = saliency.row_saliency_masks(grads, sure.percentile)
-        for name, param in named.items():
-            masks.setdefault(name, torch.zeros(param.shape[0], dtype=torch.bool))
-        saliency.masked_step(self.optimizer, named, masks)
-
+    # ---- strategies ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _quail_margin(self, setting: Quail) -> float:
         """QUAIL's margin (see `strategy.Quail.margin`), from the model before unlearning, kept with the run."""
@@ -505,11 +468,11 @@ class UnlearnRecipe:
             self._split_forget_nll(stats, nll[:before_retain], scored[:before_retain], n)
             if nll_rows > before_retain and config.reg == "gdr":
                 stats.retain_nll, stats.retain_mask = nll[before_retain:], scored[before_retain:]
-        needs_ref_logits = n and (self.quail_margin is not None or config.method == "undial")
+        quail_hooks = self.hooks.quail
+        needs_ref_logits = n and (quail_hooks is not None or config.method == "undial")
         ref_logits = self.reference.logits(self.unwrapped, ids[:n], mask[:n]) if needs_ref_logits else None
-        if ref_logits is not None and self.quail_margin is not None:
-            distance, forget_mask = quail.logit_distance(_rows(logits, 0, n), ref_logits, labels[:n])
-            stats.forget_hinge = torch.clamp(self.quail_margin - distance, min=0) * forget_mask
+        if ref_logits is not None and quail_hooks is not None:
+            stats.forget_hinge = quail_hooks.hinge(_rows(logits, 0, n), ref_logits, labels[:n])
         if ref_logits is not None and config.method == "undial":
             stats.forget_undial = objectives.undial_token_loss(_rows(logits, 0, n), ref_logits, labels[:n],
                                                                config.undial_strength)[0]
@@ -544,9 +507,9 @@ class UnlearnRecipe:
                                                            stats.retain_attention, counts["retain_sequences"])
         total = objectives.combine(forget, retain, config.gamma, config.alpha)
         hinge = None
-        if stats.forget_hinge is not None and config.strategy.quail is not None:
-            hinge = stats.forget_hinge.sum() / counts["forget_tokens"]
-            total = total + config.strategy.quail.weight * hinge
+        if stats.forget_hinge is not None and self.hooks.quail is not None:
+            hinge = self.hooks.quail.term(stats.forget_hinge, counts["forget_tokens"])
+            total = total + self.hooks.quail.setting.weight * hinge
         return MicroLoss(total=total, forget=forget, retain=retain, quail=hinge, log_ratio=log_ratio)
 
     def _forget_term(self, stats: TokenStatistics, micro: MicroBatch,
@@ -598,7 +561,7 @@ class UnlearnRecipe:
         if self.epoch_hook is None:
             return {}
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.hooks.full_precision():  # the model as it is saved
             metrics = self.epoch_hook(epoch, self.unwrapped, self.tokenizer)
         return dict(self.parallel.broadcast(metrics) or {})
 
@@ -642,7 +605,7 @@ class UnlearnRecipe:
         if self.config.adapter == "lora":
             adapter_dir = self.out_dir / "adapter"
             storage.save_adapter(self.parallel, self.model, adapter_dir, record)
-        self._save_model(self.out_dir / "model", record, final=True)
+        self._save_model(storage.final_model_dir(self.out_dir), record, final=True)
         if self.parallel.is_main:
             storage.write_record(self.out_dir, record)
             storage.remove_checkpoint(self.out_dir)

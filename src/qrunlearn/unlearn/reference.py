@@ -29,10 +29,10 @@ from qrunlearn.io import library_write_errors
 from qrunlearn.models.heads import hidden_states_forward
 from qrunlearn.models.layers import block_output
 from qrunlearn.quant.fake import fake_quantized
-from qrunlearn.quant.spec import QuantSpec
 from qrunlearn.typing import HFModel
 from qrunlearn.unlearn.config import UnlearnConfig
 from qrunlearn.unlearn.parallel import FullySharded, Parallel, compute_dtype
+from qrunlearn.unlearn.strategy import Qat
 
 NLL_FILE = "reference_nll.safetensors"
 
@@ -67,14 +67,13 @@ def _read_nll(path: Path, fingerprint: str) -> torch.Tensor | None:
 
 class Reference:
     """The model before unlearning as KLR and QUAIL see it: a frozen copy for full fine-tuning, the adapters-disabled
-    model for LoRA. Under quantization-aware unlearning it is quantized like the policy (`qat`), so both sides of
-    each comparison are the deployed models."""
+    model for LoRA. Under quantization-aware unlearning it is quantized like the policy (`fake_quantized`, installed
+    for the run with the policy's), so both sides of each comparison are the deployed models."""
 
-    def __init__(self, config: UnlearnConfig, model: HFModel, parallel: Parallel, qat: QuantSpec | None = None):
+    def __init__(self, config: UnlearnConfig, model: HFModel, parallel: Parallel):
         self.copy: HFModel | None = None
         self.parallel = parallel
         self.device = parallel.device
-        self.qat = qat
         if not config.uses_frozen_reference:
             return
         if config.reference_device == "cpu" and parallel.sharded:
@@ -89,19 +88,18 @@ class Reference:
         if self.device != parallel.device:  # the chunked KL applies the head beside the policy's hidden states
             self.head = copy.deepcopy(self.head).to(parallel.device)
 
-    def _quantized(self) -> contextlib.AbstractContextManager:
-        """The frozen copy fake-quantized like the policy (LoRA's reference is the policy itself, already inside
-        the recipe's fake-quantization block)."""
-        if self.copy is None or self.qat is None:
+    def fake_quantized(self, setting: Qat) -> contextlib.AbstractContextManager:
+        """The frozen copy fake-quantized like the policy, for the run (LoRA's reference is the policy itself with
+        its adapters off, quantized with it)."""
+        if self.copy is None:
             return contextlib.nullcontext()
-        return fake_quantized(self.copy, self.qat)
+        return fake_quantized(self.copy, setting.spec)
 
     @torch.no_grad()
     def logits(self, policy: HFModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self.parallel.autocast():
             if self.copy is not None:
-                with self._quantized():
-                    out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+                out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
                 return out.logits.to(self.parallel.device)
             with policy.disable_adapter():
                 return policy(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -112,7 +110,7 @@ class Reference:
         """RMU: the output [B, T, H] of one transformer block (`block(transformer)` finds it) under the reference."""
         with self.parallel.autocast():
             if self.copy is not None:
-                with block_output(block(self.copy)) as captured, self._quantized():
+                with block_output(block(self.copy)) as captured:
                     self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
                 return captured[0].to(self.parallel.device)
             with policy.disable_adapter(), block_output(block(policy.get_base_model())) as captured:
@@ -125,7 +123,7 @@ class Reference:
         """Final hidden states [B, T, H] and the output head, for the chunked KL."""
         with self.parallel.autocast():
             if self.copy is not None:
-                with hidden_states_forward(self.copy), self._quantized():
+                with hidden_states_forward(self.copy):
                     out = self.copy(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
                 return out.logits.to(self.parallel.device), self.head
             with policy.disable_adapter(), hidden_states_forward(policy.get_base_model()) as head:

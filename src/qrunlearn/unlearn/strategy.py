@@ -1,7 +1,8 @@
 """Strategies against "quantization undoes unlearning", as typed settings: which weights move (full or LoRA) and
 any of SURE, QUAIL and quantization-aware unlearning on top. One `Strategy` is parsed once where it enters (YAML,
-CLI, API) and travels as an object; `UnlearnConfig.strategy` holds it, the recipe asks it for its learning rate,
-its update rule and its extra terms, and the memory estimate for what it keeps.
+CLI, API) and travels as an object; `UnlearnConfig.strategy` holds it, the recipe asks it for its learning rate
+and builds its run-time hooks from it (`unlearn.strategy_hooks`: the forward context, the update rule, the extra
+term), and the memory estimate asks it what it keeps.
 
 Grammar: tokens joined by "+": `full` or `lora` (the weights that move; `full` when neither is given), then any of
 
