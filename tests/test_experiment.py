@@ -142,6 +142,11 @@ def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys)
     assert [r["seeds"] for r in rows] == [[0, 1], [0, 1]]
     nll = [seeds[c]["evals"]["fp"]["metrics"]["knowmem_f_answer_nll"] for c in ("ga_gdr-lora-s0", "ga_gdr-lora-s1")]
     assert rows[0]["metrics"]["knowmem_f_answer_nll"] == pytest.approx(sum(nll) / 2)
+    # a cell evaluated again over its finished unlearning run reports that run's training time, not the reuse's
+    second.unlink()
+    assert main(["run", str(path), "--out", str(out), "--cell", "2", "--no-progress"]) == 0
+    trained_for = json.loads((second.parent / "unlearn" / RECORD_FILE).read_text())["progress"]["seconds"]
+    assert json.loads(second.read_text())["unlearn"]["seconds"] == trained_for > 0
     # --force redoes the unlearning run itself, not only its evaluation (a finished run would otherwise be reused)
     record = out / "cells" / "ga_gdr-lora-s0" / "unlearn" / RECORD_FILE
     trained = record.stat().st_mtime_ns

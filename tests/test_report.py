@@ -18,6 +18,7 @@ from qrunlearn.report import (
     first_order_predicts,
     prediction_sentence,
     rank_correlation,
+    strategy_differences,
     strategy_findings,
     table_csv,
     table_markdown,
@@ -167,6 +168,28 @@ def test_a_quantization_aware_row_is_judged_where_it_is_deployed():
     assert len(lines) == 1 and lines[0].startswith("- qat:nf4 (anchored at nf4, where it is deployed)")
     assert "ga_gdr at int8 0.50 [" in lines[0] and lines[0].endswith("(reverted)")
     assert "at fp" not in lines[0]  # the fp model is never deployed
+
+
+def test_each_strategy_against_full_fine_tuning_paired_over_items():
+    """Full FT gives back half its 40 points at nf4, LoRA none of its 30; QAT is anchored at nf4 (no difference
+    there) and compared at int8; a method without a full cell has no baseline."""
+    full = _cell("ga_gdr", "full", {"fp": _eval(TARGET_FP - 40), "nf4": _eval(TARGET_NF4 - 20),
+                                    "int8": _eval(TARGET_FP - 40)})
+    lora = _cell("ga_gdr", "lora", {"fp": _eval(TARGET_FP - 30), "nf4": _eval(TARGET_NF4 - 30),
+                                    "int8": _eval(TARGET_FP - 30)})
+    qat = _cell("ga_gdr", "qat:nf4", {"fp": _eval(TARGET_FP - 60), "nf4": _eval(TARGET_NF4 - 40),
+                                      "int8": _eval(TARGET_FP - 10)})
+    orphan = _cell("npo_gdr", "lora", {"fp": _eval(TARGET_FP - 30), "nf4": _eval(TARGET_NF4 - 30)})
+    found = strategy_differences(_measure(), [full, lora, qat, orphan], ["fp", "int8", "nf4"])
+    by_key = {(d.strategy, d.precision): d for d in found}
+    assert sorted(by_key) == [("lora", "int8"), ("lora", "nf4"), ("qat:nf4", "int8")]
+    nf4 = by_key[("lora", "nf4")].knowmem_f
+    assert nf4 is not None and nf4.value == pytest.approx(-0.5) and nf4.high is not None and nf4.high < 0
+    int8 = by_key[("lora", "int8")].knowmem_f
+    assert int8 is not None and int8.value == pytest.approx(0.0, abs=1e-9)
+    transfer = by_key[("qat:nf4", "int8")].knowmem_f  # QAT keeps 10 of its 40 nf4 points at int8: reversion 0.75
+    assert transfer is not None and transfer.value == pytest.approx(0.75)
+    assert by_key[("lora", "nf4")].knowmem_f_answer_nll is None  # these items hold no answer NLLs
 
 
 def test_rows_without_items_have_no_interval_and_no_verdict():

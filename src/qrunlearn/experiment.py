@@ -306,10 +306,9 @@ class Experiment:
         set_seed(config.seed)
         tick(f"{cell.id}: unlearn")
         hook = knowmem_hook(self.corpus(), self.config.eval_config()) if self.config.select_epoch else None
-        started = time.perf_counter()
         result = unlearn(target, self.corpus(), config, self.cell_dir(cell) / "unlearn", epoch_hook=hook,
                          progress=False, resume=not force)
-        summary = self._summary(result, reference, time.perf_counter() - started)
+        summary = self._summary(result, reference)
         # the cell folder stands for the model its evaluations are of (MUSE's selected epoch, when one is chosen)
         write_model_pointer(self.cell_dir(cell), summary.model_dir)
         evals: dict[str, EvalRecord] = {}
@@ -323,7 +322,7 @@ class Experiment:
                                  unlearn_config=config,
                                  unlearn=summary, retrain_reference=reference, evals=evals, survival=survival)
 
-    def _summary(self, result: UnlearnResult, reference: RetrainReference, seconds: float) -> UnlearnSummary:
+    def _summary(self, result: UnlearnResult, reference: RetrainReference) -> UnlearnSummary:
         """The run, and the model to evaluate: the final one, or with `select_epoch` the first epoch whose
         KnowMem-forget is at most the retrain model's (MUSE's rule), read from the run's own epoch records."""
         model_dir, selected = result.model_dir, None
@@ -334,7 +333,8 @@ class Experiment:
                 model_dir = epoch_dir
         return UnlearnSummary(model_dir=str(model_dir), adapter_dir=str(result.adapter_dir or "") or None,
                               epochs_run=result.epochs_run, stopped_reason=result.stopped_reason,
-                              losses=result.losses, epochs=result.epochs, selected_epoch=selected, seconds=seconds)
+                              losses=result.losses, epochs=result.epochs, selected_epoch=selected,
+                              seconds=result.seconds)
 
     def _survival(self, cell: Cell, target: str, model_dir: str) -> dict[str, SurvivalRecord]:
         """Survival of the cell's update under every quantized precision; both models loaded once."""

@@ -24,11 +24,14 @@ from qrunlearn.config import ExperimentConfig
 from qrunlearn.eval.bootstrap import LEVEL
 from qrunlearn.eval.effect import (
     FORGETTING_METRICS,
+    METRIC,
+    Arm,
     Estimate,
     PrecisionEffect,
     Verdict,
     has_items,
     precision_effect,
+    reversion_difference,
     verdict,
 )
 from qrunlearn.eval.items import ItemScores
@@ -44,6 +47,7 @@ from qrunlearn.results import (
     Metrics,
     ReferenceCellResult,
     Row,
+    StrategyDifference,
     StrategyFinding,
     SurvivalRecord,
     UnlearnCellResult,
@@ -222,6 +226,48 @@ def collect_rows(measure: Measurement, cells: list[UnlearnCellResult], precision
                 first_order_reversion=statistics.fmean(predicted)  # type: ignore[arg-type]
                 if predicted and None not in predicted and len(predicted) == len(group.cells) else None))
     return rows
+
+
+DIFFERENCE_METRICS = ("knowmem_f", "knowmem_f_answer_nll", "nll_privleak_forget")  # `StrategyDifference`'s fields
+BASELINE = Strategy.parse("full")
+
+
+def _arm(measure: Measurement, cells: Sequence[UnlearnCellResult], precision: str, anchor: str) -> Arm | None:
+    refs = measure.references
+    target_q, target_a = measure.items(refs.target_evals, precision), measure.items(refs.target_evals, anchor)
+    if target_q is None or target_a is None or any(p not in c.evals for c in cells for p in (precision, anchor)):
+        return None
+    return Arm(target_q=target_q, unlearned_q=[c.evals[precision].items for c in cells],  # type: ignore[misc]
+               target_anchor=target_a, unlearned_anchor=[c.evals[anchor].items for c in cells])  # type: ignore[misc]
+
+
+def strategy_differences(measure: Measurement, cells: list[UnlearnCellResult],
+                         precisions: list[str]) -> list[StrategyDifference]:
+    """Every strategy's reversion against full fine-tuning's, same method, at each quantizer where both are
+    deployed and neither is anchored (a quantization-aware strategy's own quantizer is its anchor)."""
+    groups = _groups(cells)
+    baselines = {g.method: g for g in groups if g.strategy == BASELINE}
+    found = []
+    for group in groups:
+        base = baselines.get(group.method)
+        if base is None or group is base:
+            continue
+        anchor, base_anchor = anchor_precision(group.strategy, precisions), anchor_precision(BASELINE, precisions)
+        for precision in precisions:
+            if anchor is None or base_anchor is None or precision in (anchor, base_anchor, FULL_PRECISION.label):
+                continue
+            arms = _arm(measure, base.cells, precision, base_anchor), _arm(measure, group.cells, precision, anchor)
+            if arms[0] is None or arms[1] is None:
+                continue
+            estimates = {}
+            for name in DIFFERENCE_METRICS:
+                metric = METRIC[name]
+                if all(has_items(metric, s) for arm in arms for s in arm.models()):  # type: ignore[union-attr]
+                    estimates[name] = reversion_difference(metric, arms[0], arms[1],  # type: ignore[arg-type]
+                                                           measure.resamples, measure.seed)
+            found.append(StrategyDifference(method=group.method, strategy=group.strategy.label,
+                                            baseline=BASELINE.label, precision=precision, **estimates))
+    return found
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------
@@ -499,13 +545,14 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
     started = time.perf_counter()
     rows = collect_rows(measure, cells, precisions)
     found = correlations(measure, cells, precisions)
+    differences = strategy_differences(measure, cells, precisions)
     bootstrap_seconds = time.perf_counter() - started
     findings = strategy_findings(rows, [s.label for s in config.strategies], precisions)
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
                                 references=references, cells=cells, rows=rows, low_precision=low,
                                 reversion_threshold=config.reversion_threshold, strategies=findings,
                                 correlations=found, finding=finding_sentence(findings, low, config.reversion_threshold),
-                                bootstrap_seconds=bootstrap_seconds)
+                                differences=differences, bootstrap_seconds=bootstrap_seconds)
     atomic_write_json(out / "results.json", results)
     table = table_markdown(rows, predicted=first_order_predicts(found))
     atomic_write_text(out / "table.md", table)
@@ -525,6 +572,19 @@ def _strategy_table(findings: list[StrategyFinding]) -> list[str]:
                      f"{_fmt(f.median_reversion_answer_nll)} | {_fmt(f.mean_utility_anchor)} | "
                      f"{_fmt(f.mean_utility_q)} |")
     return lines
+
+
+def _difference_table(differences: list[StrategyDifference]) -> list[str]:
+    if not differences:
+        return []
+    lines = ["Reversion against full fine-tuning's (the strategy's minus full's, same method and quantizer; < 0: "
+             "the strategy gives back less), 95% interval paired over items, each side's seeds resampled on their "
+             "own:", "", "| method | strategy | precision | KnowMem-f | answer NLL | forget NLL |",
+             "|---|---|---|---|---|---|"]
+    for d in differences:
+        lines.append(f"| {d.method} | {d.strategy} | {d.precision} | {_fmt_estimate(d.knowmem_f)} | "
+                     f"{_fmt_estimate(d.knowmem_f_answer_nll)} | {_fmt_estimate(d.nll_privleak_forget)} |")
+    return lines + [""]
 
 
 def _correlation_table(found: list[Correlation]) -> list[str]:
@@ -555,7 +615,7 @@ def report_markdown(results: ExperimentResults, table: str) -> str:
     seeds = config.unlearn_seeds
     lines = [f"# qrunlearn report: {config.name}", "", "## Finding at this scale", "", results.finding, "",
              DEFINITION, "", "## Strategies at each quantized precision", "", *_strategy_table(results.strategies),
-             ""]
+             "", *_difference_table(results.differences)]
     transfer = transfer_lines(results.rows, config.strategies)
     if transfer:
         lines += ["Transfer (a model made robust for one quantizer, deployed with the others):", "", *transfer, ""]
@@ -593,7 +653,7 @@ def report_markdown(results: ExperimentResults, table: str) -> str:
               "- per-cell settings, losses and timings: `cells/<cell>/result.json`; every number: `results.json`", ""]
     for cell in results.cells:
         u = cell.unlearn
-        lines.append(f"- {cell.cell}: {u.epochs_run} epochs, {u.seconds:.1f} s"
+        lines.append(f"- {cell.cell}: {u.epochs_run} epochs, {u.seconds:.1f} s of training"
                      + (f", stopped: {u.stopped_reason}" if u.stopped_reason else "")
                      + (f", selected epoch {u.selected_epoch}" if u.selected_epoch else ""))
     return "\n".join(lines) + "\n"

@@ -105,7 +105,7 @@ class UnlearnSummary(BaseModel):
     losses: list[StepLoss]
     epochs: list[EpochRecord]
     selected_epoch: int | None
-    seconds: float
+    seconds: float  # training, summed over every session of a resumed run (`UnlearnResult.seconds`)
 
 
 class UnlearnCellResult(BaseModel):
@@ -194,6 +194,20 @@ class Correlation(BaseModel):
     predicts: bool  # the interval excludes 0
 
 
+class StrategyDifference(BaseModel):
+    """One strategy's reversion minus the baseline strategy's (full fine-tuning), same method and quantizer, per
+    forgetting metric, paired over items (`eval.effect.reversion_difference`): < 0, the strategy gives back less.
+    None where either side's forgetting is not measurable at its anchor."""
+
+    method: str
+    strategy: str
+    baseline: str
+    precision: str
+    knowmem_f: Estimate | None = None
+    knowmem_f_answer_nll: Estimate | None = None
+    nll_privleak_forget: Estimate | None = None
+
+
 class ExperimentResults(BaseModel):
     """`results.json`: every number of the grid, and the one-sentence finding."""
 
@@ -208,4 +222,5 @@ class ExperimentResults(BaseModel):
     strategies: list[StrategyFinding]
     correlations: list[Correlation]
     finding: str
+    differences: list[StrategyDifference] = []  # each strategy against full fine-tuning, per quantizer
     bootstrap_seconds: float = 0.0  # the report's paired bootstrap, all rows

@@ -8,9 +8,11 @@ import pytest
 from qrunlearn.errors import UserError
 from qrunlearn.eval.effect import (
     METRIC,
+    Arm,
     Estimate,
     draw,
     precision_effect,
+    reversion_difference,
     statistic,
     verdict,
 )
@@ -150,3 +152,36 @@ def test_retrain_gap():
 ])
 def test_verdicts_only_where_the_interval_clears_the_threshold(anchor, share, expected):
     assert verdict(anchor, share, threshold=0.25) == expected
+
+
+def _arm(target_q, unlearned_q, target_a, unlearned_a) -> Arm:
+    return Arm(target_q=_k(target_q), unlearned_q=[_k(u) for u in unlearned_q], target_anchor=_k(target_a),
+               unlearned_anchor=[_k(u) for u in unlearned_a])
+
+
+def test_reversion_difference_between_two_strategies():
+    target = [100, 100, 100, 100] * 10
+    # the baseline forgets every question at the anchor and gets half of them back at Q: reversion 0.5
+    baseline = _arm(target, [[0, 100, 0, 100] * 10], target, [[0, 0, 0, 0] * 10])
+    # the other strategy forgets the same questions and keeps all of them at Q: reversion 0
+    other = _arm(target, [[0, 0, 0, 0] * 10], target, [[0, 0, 0, 0] * 10])
+    found = reversion_difference(KNOWMEM, baseline, other, resamples=500)
+    assert found is not None and found.value == pytest.approx(-0.5)
+    assert found.low is not None and found.high is not None and found.low <= -0.5 <= found.high < 0
+    assert reversion_difference(KNOWMEM, other, baseline, resamples=500).value == pytest.approx(0.5)
+
+
+def test_a_strategy_against_itself_differs_by_exactly_zero_under_paired_items():
+    rng = np.random.default_rng(3)
+    target = rng.uniform(60, 100, size=40)
+    unlearned_a, unlearned_q = target - rng.uniform(20, 60, size=40), target - rng.uniform(0, 60, size=40)
+    arm = _arm(target, [unlearned_q], target, [unlearned_a])
+    found = reversion_difference(KNOWMEM, arm, arm, resamples=300)
+    assert found is not None and (found.value, found.low, found.high) == (0.0, 0.0, 0.0)
+
+
+def test_no_difference_when_an_anchor_forgetting_is_not_measurable():
+    target = [100, 100, 100, 100] * 10
+    forgets = _arm(target, [[0, 100, 0, 100] * 10], target, [[0, 0, 0, 0] * 10])
+    nothing = _arm(target, [target], target, [target])  # no forgetting at its anchor
+    assert reversion_difference(KNOWMEM, forgets, nothing, resamples=200) is None

@@ -213,6 +213,52 @@ def precision_effect(metric: ForgettingMetric, target: ItemScores, unlearned: Se
                            retrain_gap=gap)
 
 
+@dataclass(frozen=True)
+class Arm:
+    """One strategy's side of a comparison: the target and the unlearned models (one per seed) at the quantizer Q
+    and at the strategy's anchor A."""
+
+    target_q: ItemScores
+    unlearned_q: Sequence[ItemScores]
+    target_anchor: ItemScores
+    unlearned_anchor: Sequence[ItemScores]
+
+    def models(self) -> list[ItemScores]:
+        return [self.target_q, *self.unlearned_q, self.target_anchor, *self.unlearned_anchor]
+
+
+def _reversion(metric: ForgettingMetric, compared: _Compared, arm: Arm) -> tuple[float, np.ndarray, Estimate]:
+    """The arm's reversion (point and samples) and its anchor forgetting (with interval)."""
+    d = metric.direction
+    t, t_s = compared.one(arm.target_q)
+    u, u_s = compared.seeds(arm.unlearned_q)
+    at, at_s = compared.one(arm.target_anchor)
+    au, au_s = compared.seeds(arm.unlearned_anchor)
+    anchor_effect, anchor_samples = d * (au - at), d * (au_s - at_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(anchor_samples != 0, d * (u_s - t_s) / anchor_samples, np.nan)
+    point = 1 - d * (u - t) / anchor_effect if anchor_effect != 0 else float("nan")
+    return point, 1 - shares, _estimate(anchor_effect, anchor_samples)
+
+
+def reversion_difference(metric: ForgettingMetric, baseline: Arm, other: Arm, resamples: int = 1000,
+                         seed: int = 0) -> Estimate | None:
+    """`other`'s reversion minus `baseline`'s at one quantizer (< 0: `other` gives back less), with a 95% interval
+    paired over items: one resample of the items serves every model of both arms, so the items' own difficulty
+    cancels; each arm's seeds are drawn on their own (they are different runs). None unless both anchors' forgetting
+    intervals lie above 0 (a share of a forgetting that is not there is a ratio of noise)."""
+    models = baseline.models() + other.models()
+    draws = draw(_sizes(metric, models), len(baseline.unlearned_q), resamples, seed)
+    other_seeds = np.random.default_rng([seed, 1]).integers(0, len(other.unlearned_q),
+                                                            size=(resamples, len(other.unlearned_q)))
+    base_point, base_samples, base_anchor = _reversion(metric, _Compared(metric, draws), baseline)
+    other_point, other_samples, other_anchor = _reversion(
+        metric, _Compared(metric, Draws(counts=draws.counts, seeds=other_seeds)), other)
+    if base_anchor.excludes(0.0) != "above" or other_anchor.excludes(0.0) != "above":
+        return None
+    return _estimate(other_point - base_point, other_samples - base_samples)
+
+
 def verdict(anchor_effect: Estimate | None, reversion: Estimate | None, threshold: float) -> Verdict:
     """Reverted / holds only when the interval clears the threshold; no effect when the anchor's forgetting
     interval does not exclude zero (nothing measurable for a quantizer to give back)."""

@@ -43,9 +43,8 @@ _CACHE_ARG = _cache_argument_name()
 # Most positions (rows x longest row) one prefill or scoring forward pass takes; a batch over it runs as several
 # passes of fewer rows. A pass's activations (e.g. SmolLM2's MLP: positions x 1,536 floats) then stay in the CPU's
 # last-level cache, where the elementwise work between the products (SiLU, products, norms, rotary) is memory-bound
-# otherwise. Measured on SmolLM2, quiet machine: eight ~950-token VerbMem prompts prefilled 2 rows a pass in 10.9 s
-# against 14.3 s in one pass (1 thread; 7.3 vs 9.5 s on 2); four 1.8k-token privleak texts scored one a pass in
-# 17.2 s against 18.8 s two a pass (10.1 vs 11.5 s on 2 threads). On CUDA, larger passes fill the device.
+# otherwise (measured on SmolLM2: benchmarks/RESULTS.md, "Kernel measurements quoted from the code"). On CUDA,
+# larger passes fill the device.
 PASS_POSITIONS = {"cuda": 1 << 16, "cpu": 1 << 11}
 
 

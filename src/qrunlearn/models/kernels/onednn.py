@@ -2,9 +2,9 @@
 
 PyTorch sends float32 CPU matmuls to its BLAS, MKL in the official wheels. MKL chooses its kernels by CPU vendor and
 runs its AVX2 code on AMD processors even where they have AVX-512; oneDNN, which every wheel also carries, chooses by
-instruction set. Measured on an AMD EPYC (Zen 5), one thread, GFLOP/s MKL vs oneDNN: 2048^3 68 vs 157; SmolLM2's MLP
-(1850 x 576 x 1536) 75 vs 174; its output head on 128 positions 56 vs 165; a decoding step's 8 rows 73 vs 109. The
-results are the same products summed in another order, so they differ from MKL's in the last bits only.
+instruction set (on this project's AMD machines oneDNN runs float32 products 1.5-3x faster; the numbers are in
+benchmarks/RESULTS.md, "Kernel measurements quoted from the code"). The results are the same products summed in
+another order, so they differ from MKL's in the last bits only.
 
 `onednn_linear()` routes `torch.nn.functional.linear` (what every `nn.Linear` calls) to oneDNN's linear for float32
 CPU tensors outside autocast. With gradients recorded, the backward pass's two products (input gradient, weight
@@ -14,8 +14,8 @@ matmuls.
 
 `fused_gated_mlp(model)` runs a gated SiLU MLP (Llama, Mistral, Qwen2: down(silu(gate(x)) * up(x))) at inference
 as two oneDNN products with the activation and the product fused into their output stage: SiLU and the elementwise
-product otherwise each read and write the (positions x intermediate) activations from memory. Measured on SmolLM2,
-one thread, a 2,000-token forward pass: 3.40 s -> 3.11 s (silu and mul had taken 9% of it).
+product otherwise each read and write the (positions x intermediate) activations from memory (RESULTS.md, same
+section).
 """
 
 from __future__ import annotations
