@@ -174,6 +174,15 @@ class _Compared:
         return float(np.mean([v for v, _ in values])), drawn.mean(axis=0)
 
 
+def _retained(effect: float, effect_samples: np.ndarray, anchor_effect: float,
+              anchor_samples: np.ndarray) -> tuple[float, np.ndarray]:
+    """effect / anchor effect, point and per resample (nan in a resample whose anchor effect is 0); the anchor's
+    forgetting must be measurable (its interval above 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(anchor_samples != 0, effect_samples / anchor_samples, np.nan)
+    return effect / anchor_effect, shares
+
+
 def precision_effect(metric: ForgettingMetric, target: ItemScores, unlearned: Sequence[ItemScores],
                      anchor_target: ItemScores | None = None, anchor_unlearned: Sequence[ItemScores] | None = None,
                      retrain: ItemScores | None = None, resamples: int = 1000, seed: int = 0) -> PrecisionEffect:
@@ -201,10 +210,9 @@ def precision_effect(metric: ForgettingMetric, target: ItemScores, unlearned: Se
         anchor_effect, anchor_samples = d * (au - at), d * (au_s - at_s)
         # a share of a forgetting that is not there (its interval reaches 0 or below) is a ratio of noise
         if _estimate(anchor_effect, anchor_samples).excludes(0.0) == "above":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                shares = np.where(anchor_samples != 0, d * (u_s - t_s) / anchor_samples, np.nan)
-            retained = _estimate(d * (u - t) / anchor_effect, shares)
-            reversion = _estimate(1 - d * (u - t) / anchor_effect, 1 - shares)
+            share, shares = _retained(d * (u - t), d * (u_s - t_s), anchor_effect, anchor_samples)
+            retained = _estimate(share, shares)
+            reversion = _estimate(1 - share, 1 - shares)
     gap = None
     if retrain is not None:
         r, r_s = compared.one(retrain)
@@ -227,18 +235,18 @@ class Arm:
         return [self.target_q, *self.unlearned_q, self.target_anchor, *self.unlearned_anchor]
 
 
-def _reversion(metric: ForgettingMetric, compared: _Compared, arm: Arm) -> tuple[float, np.ndarray, Estimate]:
-    """The arm's reversion (point and samples) and its anchor forgetting (with interval)."""
+def _reversion(metric: ForgettingMetric, compared: _Compared, arm: Arm) -> tuple[float, np.ndarray] | None:
+    """The arm's reversion (point and samples); None unless its anchor forgetting's interval lies above 0."""
     d = metric.direction
     t, t_s = compared.one(arm.target_q)
     u, u_s = compared.seeds(arm.unlearned_q)
     at, at_s = compared.one(arm.target_anchor)
     au, au_s = compared.seeds(arm.unlearned_anchor)
     anchor_effect, anchor_samples = d * (au - at), d * (au_s - at_s)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shares = np.where(anchor_samples != 0, d * (u_s - t_s) / anchor_samples, np.nan)
-    point = 1 - d * (u - t) / anchor_effect if anchor_effect != 0 else float("nan")
-    return point, 1 - shares, _estimate(anchor_effect, anchor_samples)
+    if _estimate(anchor_effect, anchor_samples).excludes(0.0) != "above":
+        return None
+    share, shares = _retained(d * (u - t), d * (u_s - t_s), anchor_effect, anchor_samples)
+    return 1 - share, 1 - shares
 
 
 def reversion_difference(metric: ForgettingMetric, baseline: Arm, other: Arm, resamples: int = 1000,
@@ -251,12 +259,11 @@ def reversion_difference(metric: ForgettingMetric, baseline: Arm, other: Arm, re
     draws = draw(_sizes(metric, models), len(baseline.unlearned_q), resamples, seed)
     other_seeds = np.random.default_rng([seed, 1]).integers(0, len(other.unlearned_q),
                                                             size=(resamples, len(other.unlearned_q)))
-    base_point, base_samples, base_anchor = _reversion(metric, _Compared(metric, draws), baseline)
-    other_point, other_samples, other_anchor = _reversion(
-        metric, _Compared(metric, Draws(counts=draws.counts, seeds=other_seeds)), other)
-    if base_anchor.excludes(0.0) != "above" or other_anchor.excludes(0.0) != "above":
+    base = _reversion(metric, _Compared(metric, draws), baseline)
+    changed = _reversion(metric, _Compared(metric, Draws(counts=draws.counts, seeds=other_seeds)), other)
+    if base is None or changed is None:
         return None
-    return _estimate(other_point - base_point, other_samples - base_samples)
+    return _estimate(changed[0] - base[0], changed[1] - base[1])
 
 
 def verdict(anchor_effect: Estimate | None, reversion: Estimate | None, threshold: float) -> Verdict:
