@@ -247,14 +247,15 @@ def strategy_differences(measure: Measurement, cells: list[UnlearnCellResult],
     deployed and neither is anchored (a quantization-aware strategy's own quantizer is its anchor)."""
     groups = _groups(cells)
     baselines = {g.method: g for g in groups if g.strategy == BASELINE}
+    base_anchor = anchor_precision(BASELINE, precisions)
     found = []
     for group in groups:
         base = baselines.get(group.method)
-        if base is None or group is base:
+        anchor = anchor_precision(group.strategy, precisions)
+        if base is None or group is base or anchor is None or base_anchor is None:
             continue
-        anchor, base_anchor = anchor_precision(group.strategy, precisions), anchor_precision(BASELINE, precisions)
         for precision in precisions:
-            if anchor is None or base_anchor is None or precision in (anchor, base_anchor, FULL_PRECISION.label):
+            if precision in (anchor, base_anchor, FULL_PRECISION.label):
                 continue
             arms = _arm(measure, base.cells, precision, base_anchor), _arm(measure, group.cells, precision, anchor)
             if arms[0] is None or arms[1] is None:
