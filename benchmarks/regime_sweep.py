@@ -70,13 +70,36 @@ def rebuild_report(folder: Path) -> ExperimentResults:
     return build_report(folder, config, finished.references(), finished.unlearn_results())
 
 
-def run_pairs(folder: Path) -> Pairs:
-    """Each diagnostic beside the measured reversion, per (cell, quantizer) of one finished run."""
+def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[str] | None = None,
+              precisions: set[str] | None = None) -> Pairs:
+    """Each diagnostic beside the measured reversion, per (cell, quantizer) of one finished run (of the given
+    methods, strategies and quantizers only, for a reused grid)."""
     results = ExperimentResults.model_validate_json((folder / "results.json").read_text())
     config = results.config
     measure = Measurement(references=results.references, resamples=config.eval.bootstrap, seed=config.seed,
                           threshold=config.reversion_threshold)
-    return diagnostic_pairs(measure, results.cells, list(config.precisions))
+    cells = [cell for cell in results.cells if (methods is None or cell.method in methods)
+             and (strategies is None or str(cell.strategy) in strategies)]
+    if precisions is not None:
+        cells = [cell.model_copy(update={"survival": {k: v for k, v in cell.survival.items() if k in precisions}})
+                 for cell in cells]
+    return diagnostic_pairs(measure, cells, [spec.label for spec in config.precisions])
+
+
+def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[dict[str, object]], Pairs]:
+    """A finished grid run with the sweep's base settings (e.g. the seeds grid: its full fine-tuning is the sweep's
+    point at the config's lr, its LoRA the LoRA point): its rows and pairs of the sweep's methods and quantizers."""
+    config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
+    methods, precisions = set(args.methods), set(args.precisions)
+    name = folder.parent.name if folder.name == "partial" else folder.name
+    strategies = {"full"} | (set() if args.no_lora else {"lora"})
+    points: list[dict[str, object]] = []
+    for strategy in sorted(strategies & {str(s) for s in config.strategies}):
+        for method in sorted(methods & set(config.methods)):
+            lr = config.unlearn_config(method, strategy).lr
+            points += collect(folder, f"{strategy} lr {lr:g} ({name})", lr, methods={method},
+                              strategy=strategy, precisions=precisions)
+    return points, run_pairs(folder, methods=methods, strategies=strategies, precisions=precisions)
 
 
 def correlation_lines(pairs: Pairs) -> list[str]:
@@ -86,11 +109,16 @@ def correlation_lines(pairs: Pairs) -> list[str]:
     return lines
 
 
-def collect(out: Path, label: str, lr: float | None) -> list[dict[str, object]]:
+def collect(out: Path, label: str, lr: float | None, *, methods: set[str] | None = None,
+            strategy: str | None = None, precisions: set[str] | None = None) -> list[dict[str, object]]:
+    """The sweep's points from one finished run's rows; the filters pick a reused grid's rows."""
     results = ExperimentResults.model_validate_json((out / "results.json").read_text())
     points = []
     for row in results.rows:
         if not row.group or is_full_precision(row.precision) or row.effects is None:
+            continue
+        if ((methods is not None and row.method not in methods) or (strategy is not None and row.strategy != strategy)
+                or (precisions is not None and row.precision not in precisions)):
             continue
         knowmem = row.effects.knowmem_f
         anchor = next(r for r in results.rows if r.group == row.group and r.precision == row.anchor)
@@ -234,6 +262,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["ga_gdr", "npo_gdr"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--precisions", nargs="+", default=["fp", "nf4", "rtn:w4g64"])
+    parser.add_argument("--reuse-run", type=Path, action="append", default=[],
+                        help="a finished grid run on the same target, data and settings (its results.json, e.g. a "
+                             "report --partial folder): its full and LoRA cells of --methods join the sweep as points "
+                             "at its config's lrs")
     parser.add_argument("--collect-only", action="store_true",
                         help="rebuild each finished run's report and the sweep's outputs; run nothing")
     args = parser.parse_args()
@@ -265,7 +297,11 @@ def main() -> None:
         _pool(pairs, run_pairs(folder))
         write_outputs(args.out, points, timings, pairs)  # after each run: a partial sweep is already readable
         print(f"{label}: {timings[label]:.0f} s", flush=True)
-    if args.collect_only:
+    for folder in args.reuse_run:
+        reused, reused_pairs = reused_points(folder, args)
+        points += reused
+        _pool(pairs, reused_pairs)
+    if args.collect_only or args.reuse_run:
         write_outputs(args.out, points, timings, pairs)
     print((args.out / "regime.md").read_text())
     print(json.dumps({"runs": len(runs), "points": len(points)}))

@@ -181,3 +181,34 @@ def test_one_smollm2_cell_unlearns(tmp_path):
     # unlearning made the forget answers less likely than in the target, at full precision and at nf4
     for precision in ("fp", "nf4"):
         assert cell["evals"][precision]["metrics"]["knowmem_f_answer_nll"] > target["knowmem_f_answer_nll"] + 0.1
+
+
+def _regime_sweep():
+    """benchmarks/regime_sweep.py, imported from its file (benchmarks is not a package)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "regime_sweep.py"
+    spec = importlib.util.spec_from_file_location("regime_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regime_sweep_pools_the_same_pairs_as_the_report(grid):
+    """The sweep's pooled correlations read a finished run's diagnostic pairs; they must be the pairs the run's own
+    report counted (the sweep once passed typed quantizer specs where labels are keyed and found none), and a
+    reused grid contributes its rows and pairs of the asked methods, strategies and quantizers only."""
+    import argparse
+    sweep = _regime_sweep()
+    _, out, _ = grid
+    results = json.loads((out / "results.json").read_text())
+    pairs = sweep.run_pairs(out)
+    counted = {(c["diagnostic"], c["target"]): c["pairs"] for c in results["correlations"]}
+    assert {key: len(pairs.get(key, [])) for key in counted} == counted
+    assert sum(counted.values()) > 0  # the tiny grid's GA+GDR forgets measurably: there is something to compare
+    args = argparse.Namespace(methods=["ga_gdr"], precisions=["nf4"], no_lora=True)
+    points, reused_pairs = sweep.reused_points(out, args)
+    assert [(p["method"], p["strategy"], p["precision"], p["lr"]) for p in points] == [("ga_gdr", "full", "nf4", 3e-3)]
+    assert points[0]["run"] == f"full lr 0.003 ({out.name})"
+    only_ga_full = sweep.run_pairs(out, methods={"ga_gdr"}, strategies={"full"}, precisions={"nf4"})
+    assert reused_pairs == only_ga_full
+    assert sum(map(len, only_ga_full.values())) <= sum(map(len, pairs.values()))
