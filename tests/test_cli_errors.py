@@ -115,6 +115,8 @@ CASES = [
     BadCall("report-missing-folder", ("report", "{tmp}/absent"), "{tmp}/absent"),
     BadCall("report-not-an-experiment", ("report", "{tmp}"), "{tmp}"),
     BadCall("report-malformed-yaml", ("report", "{tmp}", "--config", "{badyaml}"), "{badyaml}"),
+    BadCall("report-bad-recorded-config", ("report", "{badrun}"), "{badrun}/config.resolved.json: the run's config, "
+                                                                  "field 'hparams.full': 'qat' is a strategy's"),
 ]
 
 
@@ -136,13 +138,15 @@ def _bad_inputs(root: Path, corpus: Path) -> dict[str, str]:
     (root / "bad_threshold.yaml").write_text(json.dumps({"reversion_threshold": 1.5}))
     (root / "bad_method.yaml").write_text(json.dumps({"methods": ["npo_gdr", "dpo_gdr"]}))
     (root / "act_method.yaml").write_text(json.dumps({"methods": ["npo_act"]}))
+    (root / "badrun").mkdir()  # a run folder whose recorded config (the report's default) is not a valid one
+    (root / "badrun" / "config.resolved.json").write_text(json.dumps({"config": {"hparams": {"full": {"qat": "nf4"}}}}))
     paths = {"tmp": root, "corpus": corpus, "emptyseeds": root / "empty_seeds.yaml",
              "floatseeds": root / "float_seeds.yaml", "badthreshold": root / "bad_threshold.yaml",
              "badjson": root / "badjson", "notmodel": root / "notmodel",
              "badconfig": root / "badconfig", "badyaml": root / "bad.yaml", "unknownkey": root / "unknown_key.yaml",
              "badprecision": root / "bad_precision.yaml", "badstrategy": root / "bad_strategy.yaml",
              "repeated": root / "repeated.yaml", "badmethod": root / "bad_method.yaml",
-             "actmethod": root / "act_method.yaml"}
+             "actmethod": root / "act_method.yaml", "badrun": root / "badrun"}
     return {name: str(path) for name, path in paths.items()}
 
 

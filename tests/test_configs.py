@@ -42,3 +42,17 @@ def test_the_strategy_grids_keep_the_learning_rates_they_were_measured_at():
     assert smollm2.unlearn_config("ga_gdr", "full").effective_lr == pytest.approx(3e-5)
     tiny = load_config(next(p for p in CONFIGS if p.name == "strategies.yaml"))
     assert tiny.unlearn_config("npo_gdr", "sure").effective_lr == pytest.approx(3e-3)  # 3 x NPO full's 1e-3
+
+
+def test_overrides_written_before_typed_strategies_still_read():
+    """Results and resolved configs from before strategies were typed list every override, unset ones as null: the
+    flat strategy fields read again (they were null), `onednn_linear` is `cpu_kernels`; a set one is named."""
+    from qrunlearn.config import ExperimentConfig
+    old = {"lr": 1e-4, "sure_percentile": None, "quail_weight": None, "quail_spec": None, "quail_margin": None,
+           "qat": None, "qat_mix": None, "onednn_linear": False}
+    config = ExperimentConfig.model_validate({"hparams": {"full": old}})
+    assert config.hparams["full"].lr == 1e-4 and config.hparams["full"].cpu_kernels is False
+    with pytest.raises(ValueError, match="'qat' is a strategy's setting now"):
+        ExperimentConfig.model_validate({"hparams": {"full": {**old, "qat": "nf4"}}})
+    with pytest.raises(ValueError, match="Extra inputs"):  # a typo is still refused
+        ExperimentConfig.model_validate({"hparams": {"full": {"lrr": 1e-4}}})

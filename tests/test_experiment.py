@@ -78,6 +78,17 @@ def test_every_unlearning_cell_folder_points_at_the_model_it_evaluated(grid):
         assert resolve_model_path(folder) == Path(cell["unlearn"]["model_dir"])
 
 
+def test_report_rebuilds_with_the_config_the_run_recorded(grid, capsys):
+    """Without --config the report reads the run's own config.resolved.json (the built-in benchmark's grid would
+    name cells this run never had), and rebuilds the same table."""
+    _, out, _ = grid
+    table = (out / "table.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert (out / "table.md").read_text() == table
+    assert json.loads((out / "results.json").read_text())["config"]["name"] == "tiny-grid"
+
+
 def test_resume_skips_finished_cells(grid):
     path, out, _ = grid
     result_file = out / "cells" / "ga_gdr-full" / "result.json"

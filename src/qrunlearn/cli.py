@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 
-from qrunlearn.config import load_config
+from qrunlearn.config import load_config, load_resolved_config
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.lazy import lazy_module
@@ -478,13 +478,16 @@ def run(
 @app.command("report")
 def report(
     out: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="An experiment output folder.")],
-    config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: built-in).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="The experiment YAML it ran (default: the config the run "
+                                                         "recorded in OUT/config.resolved.json, else the built-in "
+                                                         "benchmark's).")] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Report the cells finished so far (the references cell "
                                                             "must be) into OUT/partial/, while a long grid runs; "
                                                             "its rows pool only the seeds finished.")] = False,
 ) -> None:
     """Rebuild table.md, table.csv, plots and report.md from an experiment folder's finished cells."""
-    experiment_config = load_config(config)
+    experiment_config = (load_config(config) if config is not None
+                         else load_resolved_config(out) or load_config(None))
     finished = experiment.Experiment(experiment_config, out)
     if not partial:
         report_module.build_report(out, experiment_config, finished.references(), finished.unlearn_results())

@@ -3,6 +3,7 @@ silently falls back to a default."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -22,7 +23,7 @@ from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 from qrunlearn.targets.config import FinetuneRecipe
-from qrunlearn.unlearn.config import METHODS, REGS, TUNABLE, DefaultsName, UnlearnConfig
+from qrunlearn.unlearn.config import LEGACY_STRATEGY_FIELDS, METHODS, REGS, TUNABLE, DefaultsName, UnlearnConfig
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, Strategy
 
 METHOD_NAME_HELP = f"a forget objective ({', '.join(METHODS)}), alone or with a retain term after '_' " \
@@ -79,11 +80,30 @@ def _optional(name: str) -> tuple[Any, Any]:
     return Optional[annotation], Field(None, description=field.description)
 
 
+def _older_overrides(raw: Any) -> Any:
+    """Results and resolved configs written before strategies were typed list every override, unset ones as null,
+    among them the flat strategy fields and `onednn_linear`: those read again (`onednn_linear` is `cpu_kernels`).
+    A strategy field that was set belongs to an entry of `strategies` now, and is named as an error."""
+    if not isinstance(raw, dict) or not ({"onednn_linear", *LEGACY_STRATEGY_FIELDS} & raw.keys()):
+        return raw
+    raw = dict(raw)
+    kernels = raw.pop("onednn_linear", None)
+    if kernels is not None:
+        raw.setdefault("cpu_kernels", kernels)
+    for name in LEGACY_STRATEGY_FIELDS:
+        if raw.pop(name, None) is not None:
+            raise ValueError(f"'{name}' is a strategy's setting now: give it in `strategies` ({STRATEGY_HELP})")
+    return raw
+
+
 # typed Any: a **-spread mapping is checked against every keyword of create_model, not only the field definitions
 _OVERRIDE_FIELDS: dict[str, Any] = {name: _optional(name) for name in TUNABLE}
 UnlearnOverrides = create_model(
     "UnlearnOverrides", __base__=_Strict, __doc__="Per-cell settings layered over the chosen defaults; None keeps "
-    "the default. Generated from `UnlearnConfig` (the fields in `unlearn.config.TUNABLE`).", **_OVERRIDE_FIELDS)
+    "the default. Generated from `UnlearnConfig` (the fields in `unlearn.config.TUNABLE`).",
+    __validators__={"_older_overrides": model_validator(mode="before")(classmethod(
+        lambda cls, raw: _older_overrides(raw)))},  # type: ignore[dict-item]
+    **_OVERRIDE_FIELDS)
 
 
 class ExperimentConfig(_Strict):
@@ -202,6 +222,26 @@ def split_method(method: str) -> tuple[str, str]:
     """'npo_klr' -> ('npo', 'klr'); 'ga' -> ('ga', 'none')."""
     base, _, reg = method.partition("_")
     return base, (reg or "none")
+
+
+RESOLVED_CONFIG_FILE = "config.resolved.json"  # beside a run's results: the config it ran, seed, versions, commit
+
+
+def load_resolved_config(out: Path) -> ExperimentConfig | None:
+    """The config a run folder was run with (None when it has none: it was never prepared)."""
+    path = out / RESOLVED_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise UserError(f"{path}: field 'config': expected the run's config as a mapping")
+    try:
+        return ExperimentConfig.model_validate(record["config"])
+    except ValidationError as err:
+        raise UserError(f"{path}: the run's config, {validation_message(err)}") from None
 
 
 def load_config(path: Path | str | None) -> ExperimentConfig:

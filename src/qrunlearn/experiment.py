@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from transformers.utils import logging as hf_logging
 
-from qrunlearn.config import ExperimentConfig, SynthData
+from qrunlearn.config import RESOLVED_CONFIG_FILE, ExperimentConfig, SynthData
 from qrunlearn.data.hub import export_hub_corpus
 from qrunlearn.data.muse import MuseCorpus, load_corpus, write_corpus
 from qrunlearn.data.synth import SynthConfig, generate_corpus
@@ -154,7 +154,7 @@ class Experiment:
     def prepare(self, progress: bool = True) -> None:
         self.corpus()
         self.model_paths(progress=progress)
-        atomic_write_json(self.out / "config.resolved.json",
+        atomic_write_json(self.out / RESOLVED_CONFIG_FILE,
                           run_metadata(self.config.model_dump(mode="json"), self.config.seed))
 
     # ---- cells ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ REG_HELP = ("none, gdr (retain NLL), klr (KL to the reference), act (RMU only: i
 SaveDType = Literal["source", "float32", "bfloat16"]
 TrainDType = Literal["auto", "float32", "bfloat16"]
 # Before strategies were typed, their settings were fields of their own; records written then still read.
-_FLAT_STRATEGY_FIELDS = ("sure_percentile", "quail_weight", "quail_spec", "quail_margin", "qat", "qat_mix")
+LEGACY_STRATEGY_FIELDS = ("sure_percentile", "quail_weight", "quail_spec", "quail_margin", "qat", "qat_mix")
 
 # Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
 # table; MUSE's own baselines use 1, so SimNPO gets 1.
@@ -154,12 +154,12 @@ class UnlearnConfig(BaseModel):
         """`adapter=` is the strategy's adapter (`UnlearnConfig(adapter="lora")` reads as the strategy "lora"). Records
         from before still read: their flat strategy fields become the strategy they meant (their `lr` already held
         SURE's factor, so it is kept as 1), and `onednn_linear` is `cpu_kernels`."""
-        if not isinstance(raw, dict) or not ({"adapter", "onednn_linear", *_FLAT_STRATEGY_FIELDS} & raw.keys()):
+        if not isinstance(raw, dict) or not ({"adapter", "onednn_linear", *LEGACY_STRATEGY_FIELDS} & raw.keys()):
             return raw
         raw = dict(raw)
         if "onednn_linear" in raw:  # the kernels' switch before it was one for every stage
             raw.setdefault("cpu_kernels", raw.pop("onednn_linear"))
-        if not ({"adapter", *_FLAT_STRATEGY_FIELDS} & raw.keys()):
+        if not ({"adapter", *LEGACY_STRATEGY_FIELDS} & raw.keys()):
             return raw
         strategy = raw.get("strategy")
         fields: dict[str, Any] = dict(strategy) if isinstance(strategy, dict) else {}
@@ -171,7 +171,7 @@ class UnlearnConfig(BaseModel):
             if strategy is not None and fields.get("adapter", adapter) != adapter:
                 raise ValueError(f"adapter '{adapter}' contradicts strategy '{strategy}'")
             fields["adapter"] = adapter
-        flat = {name: raw.pop(name) for name in _FLAT_STRATEGY_FIELDS if name in raw}
+        flat = {name: raw.pop(name) for name in LEGACY_STRATEGY_FIELDS if name in raw}
         if flat.get("sure_percentile") is not None:
             fields["sure"] = {"percentile": flat["sure_percentile"], "lr_factor": 1.0}
         if (flat.get("quail_weight") or 0) > 0:
