@@ -16,6 +16,7 @@ from qrunlearn.report import (
     correlations,
     finding_sentence,
     first_order_predicts,
+    pooled_reversions,
     prediction_sentence,
     rank_correlation,
     strategy_differences,
@@ -190,6 +191,32 @@ def test_each_strategy_against_full_fine_tuning_paired_over_items():
     transfer = by_key[("qat:nf4", "int8")].knowmem_f  # QAT keeps 10 of its 40 nf4 points at int8: reversion 0.75
     assert transfer is not None and transfer.value == pytest.approx(0.75)
     assert by_key[("lora", "nf4")].knowmem_f_answer_nll is None  # these items hold no answer NLLs
+
+
+def test_each_strategy_pooled_over_the_methods_and_against_full_fine_tuning():
+    """Full FT: GA gives back 20 of its 40 nf4 points, NPO none of its 20: 20 of the 60 summed, reversion 1/3.
+    LoRA gives back nothing in either method: pooled difference -1/3. A single method pools nothing."""
+    cells = [
+        _cell("ga_gdr", "full", {"fp": _eval(TARGET_FP - 40), "nf4": _eval(TARGET_NF4 - 20)}),
+        _cell("npo_gdr", "full", {"fp": _eval(TARGET_FP - 20), "nf4": _eval(TARGET_NF4 - 20)}),
+        _cell("ga_gdr", "lora", {"fp": _eval(TARGET_FP - 30), "nf4": _eval(TARGET_NF4 - 30)}),
+        _cell("npo_gdr", "lora", {"fp": _eval(TARGET_FP - 10), "nf4": _eval(TARGET_NF4 - 10)}),
+        _cell("ga_gdr", "qat:nf4", {"fp": _eval(TARGET_FP - 60), "nf4": _eval(TARGET_NF4 - 40)}),
+    ]
+    pooled, differences = pooled_reversions(_measure(), cells, ["fp", "nf4"])
+    by_strategy = {p.strategy: p for p in pooled}
+    assert sorted(by_strategy) == ["full", "lora"]  # QAT: one method, and nf4 is its anchor
+    full = by_strategy["full"]
+    assert full.methods == ["ga_gdr", "npo_gdr"] and full.runs == 2 and full.precision == "nf4"
+    assert full.knowmem_f is not None and full.knowmem_f.value == pytest.approx(1 / 3)
+    assert full.knowmem_f.low is not None and full.knowmem_f.high is not None
+    assert full.knowmem_f.low < 1 / 3 < full.knowmem_f.high
+    lora = by_strategy["lora"].knowmem_f
+    assert lora is not None and lora.value == pytest.approx(0.0, abs=1e-9)
+    [difference] = differences
+    assert (difference.method, difference.methods, difference.strategy) == ("pooled", ["ga_gdr", "npo_gdr"], "lora")
+    assert difference.knowmem_f is not None and difference.knowmem_f.value == pytest.approx(-1 / 3)
+    assert difference.knowmem_f.high is not None and difference.knowmem_f.high < 0
 
 
 def test_rows_without_items_have_no_interval_and_no_verdict():

@@ -101,8 +101,7 @@ _OVERRIDE_FIELDS: dict[str, Any] = {name: _optional(name) for name in TUNABLE}
 UnlearnOverrides = create_model(
     "UnlearnOverrides", __base__=_Strict, __doc__="Per-cell settings layered over the chosen defaults; None keeps "
     "the default. Generated from `UnlearnConfig` (the fields in `unlearn.config.TUNABLE`).",
-    __validators__={"_older_overrides": model_validator(mode="before")(classmethod(
-        lambda cls, raw: _older_overrides(raw)))},  # type: ignore[dict-item]
+    __validators__={"_older_overrides": model_validator(mode="before")(_older_overrides)},  # type: ignore[dict-item]
     **_OVERRIDE_FIELDS)
 
 

@@ -11,7 +11,7 @@ import io
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -30,6 +30,7 @@ from qrunlearn.eval.effect import (
     PrecisionEffect,
     Verdict,
     has_items,
+    pooled_reversion,
     precision_effect,
     reversion_difference,
     verdict,
@@ -45,6 +46,7 @@ from qrunlearn.results import (
     EvalRecord,
     ExperimentResults,
     Metrics,
+    PooledReversion,
     ReferenceCellResult,
     Row,
     StrategyDifference,
@@ -241,6 +243,21 @@ def _arm(measure: Measurement, cells: Sequence[UnlearnCellResult], precision: st
                target_anchor=target_a, unlearned_anchor=[c.evals[anchor].items for c in cells])  # type: ignore[misc]
 
 
+def _per_metric(estimate: Callable[..., Estimate | None], *sides: Sequence[Arm],
+                measure: Measurement) -> dict[str, Estimate | None]:
+    """`estimate(metric, *sides, resamples, seed)` for each of DIFFERENCE_METRICS whose item scores every model of
+    the sides' arms has."""
+    models = [scores for side in sides for arm in side for scores in arm.models()]
+    return {name: estimate(METRIC[name], *sides, measure.resamples, measure.seed) for name in DIFFERENCE_METRICS
+            if all(has_items(METRIC[name], scores) for scores in models)}
+
+
+def _quantizers(strategy: Strategy, precisions: list[str]) -> list[str]:
+    """Where a strategy's reversion is measured: every deployed precision but full precision and its anchor."""
+    anchor = anchor_precision(strategy, precisions)
+    return [] if anchor is None else [p for p in precisions if p not in (anchor, FULL_PRECISION.label)]
+
+
 def strategy_differences(measure: Measurement, cells: list[UnlearnCellResult],
                          precisions: list[str]) -> list[StrategyDifference]:
     """Every strategy's reversion against full fine-tuning's, same method, at each quantizer where both are
@@ -254,21 +271,52 @@ def strategy_differences(measure: Measurement, cells: list[UnlearnCellResult],
         anchor = anchor_precision(group.strategy, precisions)
         if base is None or group is base or anchor is None or base_anchor is None:
             continue
-        for precision in precisions:
-            if precision in (anchor, base_anchor, FULL_PRECISION.label):
+        for precision in _quantizers(group.strategy, precisions):
+            if precision == base_anchor:
                 continue
             arms = _arm(measure, base.cells, precision, base_anchor), _arm(measure, group.cells, precision, anchor)
             if arms[0] is None or arms[1] is None:
                 continue
-            estimates = {}
-            for name in DIFFERENCE_METRICS:
-                metric = METRIC[name]
-                if all(has_items(metric, s) for arm in arms for s in arm.models()):  # type: ignore[union-attr]
-                    estimates[name] = reversion_difference(metric, arms[0], arms[1],  # type: ignore[arg-type]
-                                                           measure.resamples, measure.seed)
+            estimates = _per_metric(reversion_difference, [arms[0]], [arms[1]], measure=measure)
             found.append(StrategyDifference(method=group.method, strategy=group.strategy.label,
                                             baseline=BASELINE.label, precision=precision, **estimates))
     return found
+
+
+def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult],
+                      precisions: list[str]) -> tuple[list[PooledReversion], list[StrategyDifference]]:
+    """Each strategy's reversion at each quantizer pooled over the grid's methods (two or more), and beside full
+    fine-tuning's, the pooled difference over the methods both have: the grid's question (does this quantizer give
+    back a strategy's forgetting?) with every run's items behind one interval, where one method's is too wide."""
+    by_strategy: dict[Strategy, list[_Group]] = {}
+    for group in _groups(cells):
+        by_strategy.setdefault(group.strategy, []).append(group)
+    base_anchor = anchor_precision(BASELINE, precisions)
+    pooled, differences = [], []
+    for strategy, members in by_strategy.items():
+        anchor = anchor_precision(strategy, precisions)
+        for precision in _quantizers(strategy, precisions):
+            found = {g.method: _arm(measure, g.cells, precision, anchor) for g in members}  # type: ignore[arg-type]
+            arms = {method: arm for method, arm in found.items() if arm is not None}
+            if len(arms) < 2:
+                continue
+            pooled.append(PooledReversion(
+                strategy=strategy.label, precision=precision, methods=sorted(arms),
+                runs=sum(len(arm.unlearned_q) for arm in arms.values()),
+                **_per_metric(pooled_reversion, [arms[m] for m in sorted(arms)], measure=measure)))
+            if strategy == BASELINE or base_anchor is None or precision == base_anchor:
+                continue
+            base_found = {g.method: _arm(measure, g.cells, precision, base_anchor)
+                          for g in by_strategy.get(BASELINE, [])}
+            base = {method: arm for method, arm in base_found.items() if arm is not None}
+            shared = sorted(m for m in arms if m in base)
+            if len(shared) < 2:
+                continue
+            estimates = _per_metric(reversion_difference, [base[m] for m in shared], [arms[m] for m in shared],
+                                    measure=measure)
+            differences.append(StrategyDifference(method="pooled", methods=shared, strategy=strategy.label,
+                                                  baseline=BASELINE.label, precision=precision, **estimates))
+    return pooled, differences
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------
@@ -547,13 +595,15 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
     rows = collect_rows(measure, cells, precisions)
     found = correlations(measure, cells, precisions)
     differences = strategy_differences(measure, cells, precisions)
+    pooled, pooled_differences = pooled_reversions(measure, cells, precisions)
     bootstrap_seconds = time.perf_counter() - started
     findings = strategy_findings(rows, [s.label for s in config.strategies], precisions)
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
                                 references=references, cells=cells, rows=rows, low_precision=low,
                                 reversion_threshold=config.reversion_threshold, strategies=findings,
                                 correlations=found, finding=finding_sentence(findings, low, config.reversion_threshold),
-                                differences=differences, bootstrap_seconds=bootstrap_seconds)
+                                differences=differences + pooled_differences, pooled=pooled,
+                                bootstrap_seconds=bootstrap_seconds)
     atomic_write_json(out / "results.json", results)
     table = table_markdown(rows, predicted=first_order_predicts(found))
     atomic_write_text(out / "table.md", table)
@@ -583,8 +633,23 @@ def _difference_table(differences: list[StrategyDifference]) -> list[str]:
              "own:", "", "| method | strategy | precision | KnowMem-f | answer NLL | forget NLL |",
              "|---|---|---|---|---|---|"]
     for d in differences:
-        lines.append(f"| {d.method} | {d.strategy} | {d.precision} | {_fmt_estimate(d.knowmem_f)} | "
+        method = f"pooled: {', '.join(d.methods)}" if d.methods else d.method
+        lines.append(f"| {method} | {d.strategy} | {d.precision} | {_fmt_estimate(d.knowmem_f)} | "
                      f"{_fmt_estimate(d.knowmem_f_answer_nll)} | {_fmt_estimate(d.nll_privleak_forget)} |")
+    return lines + [""]
+
+
+def _pooled_table(pooled: list[PooledReversion]) -> list[str]:
+    if not pooled:
+        return []
+    lines = ["Reversion pooled over the methods (1 - the methods' summed forgetting at the quantizer / summed at the "
+             "anchor), 95% interval over items (one resample for every method) and each method's seeds:", "",
+             "| strategy | precision | methods | runs | KnowMem-f | answer NLL | forget NLL |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pooled:
+        lines.append(f"| {p.strategy} | {p.precision} | {', '.join(p.methods)} | {p.runs} | "
+                     f"{_fmt_estimate(p.knowmem_f)} | {_fmt_estimate(p.knowmem_f_answer_nll)} | "
+                     f"{_fmt_estimate(p.nll_privleak_forget)} |")
     return lines + [""]
 
 
@@ -616,7 +681,7 @@ def report_markdown(results: ExperimentResults, table: str) -> str:
     seeds = config.unlearn_seeds
     lines = [f"# qrunlearn report: {config.name}", "", "## Finding at this scale", "", results.finding, "",
              DEFINITION, "", "## Strategies at each quantized precision", "", *_strategy_table(results.strategies),
-             "", *_difference_table(results.differences)]
+             "", *_pooled_table(results.pooled), *_difference_table(results.differences)]
     transfer = transfer_lines(results.rows, config.strategies)
     if transfer:
         lines += ["Transfer (a model made robust for one quantizer, deployed with the others):", "", *transfer, ""]

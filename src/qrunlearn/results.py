@@ -199,10 +199,26 @@ class StrategyDifference(BaseModel):
     forgetting metric, paired over items (`eval.effect.reversion_difference`): < 0, the strategy gives back less.
     None where either side's forgetting is not measurable at its anchor."""
 
-    method: str
+    method: str  # "pooled": both sides pooled over `methods` (`eval.effect.pooled_reversion`)
     strategy: str
     baseline: str
     precision: str
+    knowmem_f: Estimate | None = None
+    knowmem_f_answer_nll: Estimate | None = None
+    nll_privleak_forget: Estimate | None = None
+    methods: list[str] | None = None
+
+
+class PooledReversion(BaseModel):
+    """One strategy's reversion at one quantizer pooled over the grid's methods (`eval.effect.pooled_reversion`):
+    the share of the methods' summed forgetting that the quantizer gives back, 95% interval over the items (one
+    resample for every method's models) and each method's seeds. None where the summed forgetting is not
+    measurable at the anchor."""
+
+    strategy: str
+    precision: str
+    methods: list[str]
+    runs: int  # unlearning runs pooled: methods x seeds
     knowmem_f: Estimate | None = None
     knowmem_f_answer_nll: Estimate | None = None
     nll_privleak_forget: Estimate | None = None
@@ -223,4 +239,5 @@ class ExperimentResults(BaseModel):
     correlations: list[Correlation]
     finding: str
     differences: list[StrategyDifference] = []  # each strategy against full fine-tuning, per quantizer
+    pooled: list[PooledReversion] = []  # each strategy's reversion over the grid's methods, per quantizer
     bootstrap_seconds: float = 0.0  # the report's paired bootstrap, all rows

@@ -11,6 +11,7 @@ from qrunlearn.eval.effect import (
     Arm,
     Estimate,
     draw,
+    pooled_reversion,
     precision_effect,
     reversion_difference,
     statistic,
@@ -165,10 +166,10 @@ def test_reversion_difference_between_two_strategies():
     baseline = _arm(target, [[0, 100, 0, 100] * 10], target, [[0, 0, 0, 0] * 10])
     # the other strategy forgets the same questions and keeps all of them at Q: reversion 0
     other = _arm(target, [[0, 0, 0, 0] * 10], target, [[0, 0, 0, 0] * 10])
-    found = reversion_difference(KNOWMEM, baseline, other, resamples=500)
+    found = reversion_difference(KNOWMEM, [baseline], [other], resamples=500)
     assert found is not None and found.value == pytest.approx(-0.5)
     assert found.low is not None and found.high is not None and found.low <= -0.5 <= found.high < 0
-    assert reversion_difference(KNOWMEM, other, baseline, resamples=500).value == pytest.approx(0.5)
+    assert reversion_difference(KNOWMEM, [other], [baseline], resamples=500).value == pytest.approx(0.5)
 
 
 def test_a_strategy_against_itself_differs_by_exactly_zero_under_paired_items():
@@ -176,7 +177,7 @@ def test_a_strategy_against_itself_differs_by_exactly_zero_under_paired_items():
     target = rng.uniform(60, 100, size=40)
     unlearned_a, unlearned_q = target - rng.uniform(20, 60, size=40), target - rng.uniform(0, 60, size=40)
     arm = _arm(target, [unlearned_q], target, [unlearned_a])
-    found = reversion_difference(KNOWMEM, arm, arm, resamples=300)
+    found = reversion_difference(KNOWMEM, [arm], [arm], resamples=300)
     assert found is not None and (found.value, found.low, found.high) == (0.0, 0.0, 0.0)
 
 
@@ -184,4 +185,35 @@ def test_no_difference_when_an_anchor_forgetting_is_not_measurable():
     target = [100, 100, 100, 100] * 10
     forgets = _arm(target, [[0, 100, 0, 100] * 10], target, [[0, 0, 0, 0] * 10])
     nothing = _arm(target, [target], target, [target])  # no forgetting at its anchor
-    assert reversion_difference(KNOWMEM, forgets, nothing, resamples=200) is None
+    assert reversion_difference(KNOWMEM, [forgets], [nothing], resamples=200) is None
+
+
+def test_pooled_reversion_is_the_share_of_the_summed_forgetting():
+    """Two methods of one strategy: one forgets 10 questions of 40 and gives all of them back at Q, the other
+    forgets 30 and keeps them: the quantizer gives back 10 of the 40 forgotten, 0.25 (the mean of the two methods'
+    reversions would say 0.5)."""
+    target = [100] * 40
+    gives_back = _arm(target, [target], target, [[0] * 10 + [100] * 30])
+    keeps = _arm(target, [[0] * 30 + [100] * 10], target, [[0] * 30 + [100] * 10])
+    found = pooled_reversion(KNOWMEM, [gives_back, keeps], resamples=500)
+    assert found is not None and found.value == pytest.approx(0.25)
+    assert found.low is not None and found.high is not None and found.low < 0.25 < found.high
+    # pooled over the two, against each alone: the same items behind one interval, per arm exactly its own share
+    assert pooled_reversion(KNOWMEM, [gives_back], resamples=500).value == pytest.approx(1.0)
+    assert pooled_reversion(KNOWMEM, [keeps], resamples=500).value == pytest.approx(0.0)
+    # a pooled difference: a strategy that keeps everything in both methods gives back 0.25 less
+    kept = _arm(target, [[0] * 10 + [100] * 30], target, [[0] * 10 + [100] * 30])
+    difference = reversion_difference(KNOWMEM, [gives_back, keeps], [kept, keeps], resamples=500)
+    assert difference is not None and difference.value == pytest.approx(-0.25)
+
+
+def test_pooled_reversion_over_one_arm_is_the_rows_reversion():
+    """One arm, several seeds: the same draws as `precision_effect`, so the same estimate and interval."""
+    rng = np.random.default_rng(5)
+    target = rng.uniform(60, 100, size=30)
+    seeds_a = [target - rng.uniform(20, 60, size=30) for _ in range(3)]
+    seeds_q = [a + rng.uniform(0, 20, size=30) for a in seeds_a]
+    row = precision_effect(KNOWMEM, _k(target), [_k(u) for u in seeds_q], _k(target), [_k(u) for u in seeds_a],
+                           resamples=400, seed=2)
+    pooled = pooled_reversion(KNOWMEM, [_arm(target, seeds_q, target, seeds_a)], resamples=400, seed=2)
+    assert row.reversion is not None and pooled == row.reversion

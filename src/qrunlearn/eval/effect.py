@@ -235,32 +235,61 @@ class Arm:
         return [self.target_q, *self.unlearned_q, self.target_anchor, *self.unlearned_anchor]
 
 
-def _reversion(metric: ForgettingMetric, compared: _Compared, arm: Arm) -> tuple[float, np.ndarray] | None:
-    """The arm's reversion (point and samples); None unless its anchor forgetting's interval lies above 0."""
+def _draws_per_arm(metric: ForgettingMetric, arms: Sequence[Arm], resamples: int, seed: int) -> list[Draws]:
+    """One resample of the items for every model of every arm (the items are shared, so their own difficulty
+    cancels); each arm draws its own seeds (they are different runs): the first arm with the items' draw, arm k from
+    its own stream."""
+    models = [model for arm in arms for model in arm.models()]
+    draws = draw(_sizes(metric, models), len(arms[0].unlearned_q), resamples, seed)
+    per_arm = [draws]
+    for k, arm in enumerate(arms[1:], start=1):
+        n = len(arm.unlearned_q)
+        per_arm.append(Draws(counts=draws.counts,
+                             seeds=np.random.default_rng([seed, k]).integers(0, n, size=(resamples, n))))
+    return per_arm
+
+
+def _reversion(metric: ForgettingMetric, arms: Sequence[tuple[Arm, Draws]]) -> tuple[float, np.ndarray] | None:
+    """The reversion of the arms' summed forgetting (point and samples): 1 - sum of the effects at Q / sum at the
+    anchors (one arm: its own reversion). None unless the summed anchor forgetting's interval lies above 0."""
     d = metric.direction
-    t, t_s = compared.one(arm.target_q)
-    u, u_s = compared.seeds(arm.unlearned_q)
-    at, at_s = compared.one(arm.target_anchor)
-    au, au_s = compared.seeds(arm.unlearned_anchor)
-    anchor_effect, anchor_samples = d * (au - at), d * (au_s - at_s)
+    effect = anchor_effect = 0.0
+    effect_samples = anchor_samples = np.zeros(len(arms[0][1].seeds))
+    for arm, draws in arms:
+        compared = _Compared(metric, draws)
+        t, t_s = compared.one(arm.target_q)
+        u, u_s = compared.seeds(arm.unlearned_q)
+        at, at_s = compared.one(arm.target_anchor)
+        au, au_s = compared.seeds(arm.unlearned_anchor)
+        effect, effect_samples = effect + d * (u - t), effect_samples + d * (u_s - t_s)
+        anchor_effect, anchor_samples = anchor_effect + d * (au - at), anchor_samples + d * (au_s - at_s)
     if _estimate(anchor_effect, anchor_samples).excludes(0.0) != "above":
         return None
-    share, shares = _retained(d * (u - t), d * (u_s - t_s), anchor_effect, anchor_samples)
+    share, shares = _retained(effect, effect_samples, anchor_effect, anchor_samples)
     return 1 - share, 1 - shares
 
 
-def reversion_difference(metric: ForgettingMetric, baseline: Arm, other: Arm, resamples: int = 1000,
-                         seed: int = 0) -> Estimate | None:
-    """`other`'s reversion minus `baseline`'s at one quantizer (< 0: `other` gives back less), with a 95% interval
-    paired over items: one resample of the items serves every model of both arms, so the items' own difficulty
-    cancels; each arm's seeds are drawn on their own (they are different runs). None unless both anchors' forgetting
-    intervals lie above 0 (a share of a forgetting that is not there is a ratio of noise)."""
-    models = baseline.models() + other.models()
-    draws = draw(_sizes(metric, models), len(baseline.unlearned_q), resamples, seed)
-    other_seeds = np.random.default_rng([seed, 1]).integers(0, len(other.unlearned_q),
-                                                            size=(resamples, len(other.unlearned_q)))
-    base = _reversion(metric, _Compared(metric, draws), baseline)
-    changed = _reversion(metric, _Compared(metric, Draws(counts=draws.counts, seeds=other_seeds)), other)
+def pooled_reversion(metric: ForgettingMetric, arms: Sequence[Arm], resamples: int = 1000,
+                     seed: int = 0) -> Estimate | None:
+    """The share of the arms' summed forgetting that the quantizer gives back (e.g. one strategy over a grid's
+    methods): 1 - sum of the effects at Q / sum at the anchors, with a 95% interval from one item resample shared
+    by every arm and each arm's seeds drawn on their own. One arm: its row's reversion. None unless the summed
+    anchor forgetting's interval lies above 0."""
+    found = _reversion(metric, list(zip(arms, _draws_per_arm(metric, arms, resamples, seed))))
+    return None if found is None else _estimate(*found)
+
+
+def reversion_difference(metric: ForgettingMetric, baseline: Sequence[Arm], other: Sequence[Arm],
+                         resamples: int = 1000, seed: int = 0) -> Estimate | None:
+    """`other`'s reversion minus `baseline`'s at one quantizer (< 0: `other` gives back less), each side one arm
+    (a method's strategy) or several pooled (`pooled_reversion`), with a 95% interval paired over items: one
+    resample of the items serves every model of both sides, so the items' own difficulty cancels; each arm's seeds
+    are drawn on their own. None unless both sides' anchor forgetting intervals lie above 0 (a share of a forgetting
+    that is not there is a ratio of noise)."""
+    arms = [*baseline, *other]
+    paired = list(zip(arms, _draws_per_arm(metric, arms, resamples, seed)))
+    base = _reversion(metric, paired[:len(baseline)])
+    changed = _reversion(metric, paired[len(baseline):])
     if base is None or changed is None:
         return None
     return _estimate(changed[0] - base[0], changed[1] - base[1])
