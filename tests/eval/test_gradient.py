@@ -100,3 +100,25 @@ def test_model_is_left_in_eval_mode_with_its_flags_and_no_grad(tiny_double):
     assert all(p.grad is None for p in model.parameters())
     name = next(n for n, p in model.named_parameters() if p is frozen)
     assert gradient[name].abs().sum() > 0  # a frozen parameter's gradient is computed all the same
+
+
+def test_passes_are_bounded_by_padded_tokens_and_sum_to_the_same_gradient(tiny_double):
+    """A token budget below two rows' length splits every batch into single-row passes (what bounds the backward
+    pass's activations, whatever the evaluation's batch size); the gradient is the same sum."""
+    model, tokenizer = tiny_double
+    prompts, answers = _items(tokenizer)
+    pad = tokenizer.pad_token_id
+    rows = []  # the rows of every embedding call with the items' tokens (not `head_gives_logits`' 2-token probe)
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[0]) if args[0].shape[1] > 2 else None)
+    try:
+        whole = answer_nll_gradient(model, prompts, answers, pad, batch_size=3, max_tokens=10_000)
+        assert rows == [3]
+        rows.clear()
+        shortest = min(len(p) + len(a) for p, a in zip(prompts, answers))
+        split = answer_nll_gradient(model, prompts, answers, pad, batch_size=3, max_tokens=shortest + 1)
+    finally:
+        handle.remove()
+    assert rows == [1, 1, 1]  # one row per backward pass
+    for name, value in whole.items():
+        torch.testing.assert_close(split[name], value, rtol=1e-5, atol=1e-7)

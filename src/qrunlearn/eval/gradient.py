@@ -15,6 +15,11 @@ from qrunlearn.eval.generation import input_device, right_pad
 from qrunlearn.models.heads import head_gives_logits, head_set_aside
 from qrunlearn.typing import HFModel
 
+# Most padded tokens in one backward pass, whatever the evaluation's batch size: the activations one pass keeps for
+# its backward grow with its tokens (RESULTS.md, "The first-order diagnostic's memory"), and the sum over items is
+# the same in any partition.
+BACKWARD_TOKENS = {"cuda": 1 << 15, "cpu": 1 << 11}
+
 
 def _check_items(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> None:
     if not prompts or len(prompts) != len(answers):
@@ -49,11 +54,29 @@ def _batch_loss(model: HFModel, prompts: Sequence[Sequence[int]], answers: Seque
     return (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
 
+def _passes(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], batch_size: int,
+            max_tokens: int) -> list[slice]:
+    """Consecutive rows per backward pass: at most `batch_size`, and at most `max_tokens` once padded to the
+    longest row of the pass (at least one row)."""
+    passes, first = [], 0
+    while first < len(prompts):
+        last, longest = first, 0
+        while last < len(prompts) and last - first < batch_size:
+            longest = max(longest, len(prompts[last]) + len(answers[last]))
+            if last > first and (last - first + 1) * longest > max_tokens:
+                break
+            last += 1
+        passes.append(slice(first, last))
+        first = last
+    return passes
+
+
 def answer_nll_gradient(model: HFModel, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                        pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
+                        pad_id: int, batch_size: int, max_tokens: int | None = None) -> dict[str, torch.Tensor]:
     """d(mean over items of `answer_nll`)/d(parameter) for every parameter of a full-precision causal LM, by name
-    as in `model.named_parameters()`, float32 on the CPU. Right-padded batches of `batch_size` items, one backward
-    pass each, accumulated. Runs in eval mode (no dropout: the loss the evaluation measures) and leaves the model in
+    as in `model.named_parameters()`, float32 on the CPU. Right-padded passes of at most `batch_size` items and
+    `max_tokens` padded tokens (default: `BACKWARD_TOKENS` for the model's device), one backward pass each,
+    accumulated. Runs in eval mode (no dropout: the loss the evaluation measures) and leaves the model in
     eval mode with its `requires_grad` flags restored and `.grad` cleared. Raises ValueError on an empty answer."""
     _check_items(prompts, answers)
     params = dict(model.named_parameters())
@@ -63,13 +86,14 @@ def answer_nll_gradient(model: HFModel, prompts: Sequence[Sequence[int]], answer
     requires = {name: param.requires_grad for name, param in params.items()}
     model.eval()
     direct = head_gives_logits(model)
+    if max_tokens is None:
+        max_tokens = BACKWARD_TOKENS["cuda" if input_device(model).type == "cuda" else "cpu"]
     try:
         for param in params.values():
             param.requires_grad_(True)
             param.grad = None
         with torch.enable_grad():  # also when the caller runs under torch.no_grad()
-            for first in range(0, len(prompts), batch_size):
-                rows = slice(first, first + batch_size)
+            for rows in _passes(prompts, answers, batch_size, max_tokens):
                 _batch_loss(model, prompts[rows], answers[rows], pad_id, direct, len(prompts)).backward()
         return {name: torch.zeros(param.shape, dtype=torch.float32) if param.grad is None
                 else param.grad.detach().to("cpu", torch.float32) for name, param in params.items()}
