@@ -215,6 +215,11 @@ def test_each_strategy_pooled_over_the_methods_and_against_full_fine_tuning():
     assert lora is not None and lora.value == pytest.approx(0.0, abs=1e-9)
     [difference] = differences
     assert (difference.method, difference.methods, difference.strategy) == ("pooled", ["ga_gdr", "npo_gdr"], "lora")
+    rows = collect_rows(_measure(), cells, ["fp", "nf4"])
+    sentence = finding_sentence(strategy_findings(rows, ["full", "lora", "qat:nf4"], ["fp", "nf4"]), "nf4", 0.25,
+                                pooled)
+    assert "full pooled over 2 methods (2 runs): KnowMem-forget reversion 0.33 [" in sentence
+    assert "lora pooled over 2 methods (2 runs): KnowMem-forget reversion 0.00 [0.00, 0.00], holds" in sentence
     assert difference.knowmem_f is not None and difference.knowmem_f.value == pytest.approx(-1 / 3)
     assert difference.knowmem_f.high is not None and difference.knowmem_f.high < 0
 

@@ -486,12 +486,28 @@ def _count_sentence(f: StrategyFinding) -> str:
             f"{_fmt(f.mean_utility_q)}")
 
 
-def finding_sentence(findings: list[StrategyFinding], low: str | None, threshold: float) -> str:
+def _pooled_sentence(pooled: PooledReversion, threshold: float) -> str:
+    """A strategy's pooled KnowMem-forget reversion with the same verdict rule as a row's (the pooled estimate
+    exists only where the summed forgetting is measurable)."""
+    side = pooled.knowmem_f.excludes(threshold) if pooled.knowmem_f is not None else None
+    said = ("its forgetting is not measurable" if pooled.knowmem_f is None else
+            f"{_fmt_estimate(pooled.knowmem_f)}, "
+            + {"above": "reverted", "below": "holds", None: "inconclusive"}[side])
+    return (f"{pooled.strategy} pooled over {len(pooled.methods)} methods ({pooled.runs} runs): KnowMem-forget "
+            f"reversion {said}")
+
+
+def finding_sentence(findings: list[StrategyFinding], low: str | None, threshold: float,
+                     pooled: Sequence[PooledReversion] = ()) -> str:
     at_low = [f for f in findings if f.precision == low]
     if low is None or not at_low:
         return "No quantized precision with an unlearning row in the grid."
-    return (f"At {low} (a row reverts when its KnowMem-forget reversion's 95% interval lies above {threshold}, "
-            f"holds when it lies below): " + "; ".join(_count_sentence(f) for f in at_low) + ".")
+    sentence = (f"At {low} (a row reverts when its KnowMem-forget reversion's 95% interval lies above {threshold}, "
+                f"holds when it lies below): " + "; ".join(_count_sentence(f) for f in at_low) + ".")
+    pooled_at_low = [p for p in pooled if p.precision == low]
+    if pooled_at_low:
+        sentence += " " + "; ".join(_pooled_sentence(p, threshold) for p in pooled_at_low) + "."
+    return sentence
 
 
 def first_order_predicts(found: list[Correlation]) -> bool:
@@ -601,7 +617,8 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
                                 references=references, cells=cells, rows=rows, low_precision=low,
                                 reversion_threshold=config.reversion_threshold, strategies=findings,
-                                correlations=found, finding=finding_sentence(findings, low, config.reversion_threshold),
+                                correlations=found,
+                                finding=finding_sentence(findings, low, config.reversion_threshold, pooled),
                                 differences=differences + pooled_differences, pooled=pooled,
                                 bootstrap_seconds=bootstrap_seconds)
     atomic_write_json(out / "results.json", results)
