@@ -8,8 +8,14 @@ update's mean |dW| in quantization steps and the share of codes it changed.
     .venv/bin/python benchmarks/regime_sweep.py --config configs/smollm2.yaml --out runs/regime-smollm2 \\
         --lrs 3e-6 1e-5 3e-5 1e-4 3e-4 --precisions fp nf4 rtn:w4g64
 
-Resumable: each lr's grid lives in OUT/lr_<lr>/ and skips its finished cells, so a killed sweep continues where it
-stopped (run it again with the same arguments). Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
+    .venv/bin/python benchmarks/regime_sweep.py --config configs/smollm2-regime-seeds.yaml \
+        --out runs/regime-seeds-npo --methods npo_gdr --no-lora --lrs 1e-5 1e-4 3e-4 3e-6 \
+        --precisions fp nf4 rtn:w4g64 --reuse-run runs/smollm2-seeds/partial     # 70 questions, 3 seeds
+
+Resumable: each lr's grid lives in OUT/full_lr_<lr>/ and skips its finished cells, so a killed sweep continues where
+it stopped (run it again with the same arguments). `--reuse-run` adds a finished grid's cells with the same
+settings (its full fine-tuning and LoRA at their own lrs) as points. Writes OUT/regime.md, OUT/regime.csv and
+OUT/plots/regime.png.
 """
 
 from __future__ import annotations
