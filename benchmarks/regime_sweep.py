@@ -30,7 +30,7 @@ from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter
 
-from qrunlearn.config import ExperimentConfig, load_config
+from qrunlearn.config import ExperimentConfig, load_config, load_resolved_config
 from qrunlearn.eval.effect import Estimate
 from qrunlearn.experiment import Experiment, run_experiment
 from qrunlearn.io import atomic_write_text
@@ -68,12 +68,19 @@ def share_references(out: Path, folder: Path) -> None:
         shutil.copyfile(done[0], mine)
 
 
-def rebuild_report(folder: Path) -> ExperimentResults:
-    """The run's report again from its finished cells, with this code's measurement (the config it ran is in its
-    results.json)."""
-    config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
+def rebuild_report(folder: Path) -> tuple[Path, ExperimentResults] | None:
+    """The run's report again from its finished cells, with this code's measurement and the config it recorded:
+    in the run folder once every cell is done, else a partial one in FOLDER/partial/ (None: no cell finished)."""
+    config = load_resolved_config(folder)
+    if config is None:
+        return None
     finished = Experiment(config, folder)
-    return build_report(folder, config, finished.references(), finished.unlearn_results())
+    if all(finished.is_done(cell) for cell in finished.cells):
+        return folder, build_report(folder, config, finished.references(), finished.unlearn_results())
+    cells = finished.finished_unlearn_results()
+    if not cells or not finished.is_done(finished.cells[0]):
+        return None
+    return folder / "partial", build_report(folder / "partial", config, finished.references(), cells)
 
 
 def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[str] | None = None,
@@ -288,10 +295,12 @@ def main() -> None:
     for label, strategy, lr in runs:
         folder = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
         if args.collect_only:
-            if (folder / "results.json").is_file():
-                results = rebuild_report(folder)
-                points += collect(folder, label, lr)
-                _pool(pairs, run_pairs(folder))
+            rebuilt = rebuild_report(folder)
+            if rebuilt is not None:
+                where, results = rebuilt
+                partial = f" (partial: {len(results.cells)} cells)" if where != folder else ""
+                points += collect(where, label + partial, lr)
+                _pool(pairs, run_pairs(where))
                 timings[label] = sum(cell.wall_seconds for cell in results.cells) + results.references.wall_seconds
             continue
         config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)

@@ -223,3 +223,5 @@ def test_regime_sweep_pools_the_same_pairs_as_the_report(grid):
     only_ga_full = sweep.run_pairs(out, methods={"ga_gdr"}, strategies={"full"}, precisions={"nf4"})
     assert reused_pairs == only_ga_full
     assert sum(map(len, only_ga_full.values())) <= sum(map(len, pairs.values()))
+    where, rebuilt = sweep.rebuild_report(out)  # --collect-only: every cell done, so the run's own report
+    assert where == out and len(rebuilt.cells) == len(results["cells"])
