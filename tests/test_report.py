@@ -220,6 +220,9 @@ def test_each_strategy_pooled_over_the_methods_and_against_full_fine_tuning():
                                 pooled)
     assert "full pooled over 2 methods (2 runs): KnowMem-forget reversion 0.33 [" in sentence
     assert "lora pooled over 2 methods (2 runs): KnowMem-forget reversion 0.00 [0.00, 0.00], holds" in sentence
+    unmeasured = pooled[0].model_copy(update={"knowmem_f": None})
+    assert "reversion none (the summed forgetting is not measurable" in finding_sentence(
+        strategy_findings(rows, ["full"], ["fp", "nf4"]), "nf4", 0.25, [unmeasured])
     assert difference.knowmem_f is not None and difference.knowmem_f.value == pytest.approx(-1 / 3)
     assert difference.knowmem_f.high is not None and difference.knowmem_f.high < 0
 

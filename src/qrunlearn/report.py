@@ -490,7 +490,8 @@ def _pooled_sentence(pooled: PooledReversion, threshold: float) -> str:
     """A strategy's pooled KnowMem-forget reversion with the same verdict rule as a row's (the pooled estimate
     exists only where the summed forgetting is measurable)."""
     side = pooled.knowmem_f.excludes(threshold) if pooled.knowmem_f is not None else None
-    said = ("its forgetting is not measurable" if pooled.knowmem_f is None else
+    said = ("none (the summed forgetting is not measurable, or the evaluations hold no per-item scores)"
+            if pooled.knowmem_f is None else
             f"{_fmt_estimate(pooled.knowmem_f)}, "
             + {"above": "reverted", "below": "holds", None: "inconclusive"}[side])
     return (f"{pooled.strategy} pooled over {len(pooled.methods)} methods ({pooled.runs} runs): KnowMem-forget "
