@@ -3,7 +3,6 @@ silently falls back to a default."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -21,6 +20,7 @@ from pydantic import (
 
 from qrunlearn.errors import UserError, validation_message
 from qrunlearn.eval.config import EvalConfig
+from qrunlearn.io import read_json_object
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 from qrunlearn.targets.config import FinetuneRecipe
 from qrunlearn.unlearn.config import LEGACY_STRATEGY_FIELDS, METHODS, REGS, TUNABLE, DefaultsName, UnlearnConfig
@@ -231,11 +231,8 @@ def load_resolved_config(out: Path) -> ExperimentConfig | None:
     path = out / RESOLVED_CONFIG_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    record = read_json_object(path)
+    if not isinstance(record.get("config"), dict):
         raise UserError(f"{path}: field 'config': expected the run's config as a mapping")
     try:
         return ExperimentConfig.model_validate(record["config"])

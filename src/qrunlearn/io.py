@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qrunlearn.errors import UserError
+
 TRACKED_PACKAGES = (
     "qrunlearn", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors",
     "bitsandbytes", "hqq", "torchao", "scipy", "numpy",
@@ -119,6 +121,18 @@ def _json_default(value: Any) -> Any:
 
 def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False) + "\n"
+
+
+def read_json_object(path: Path) -> dict:
+    """`path`'s JSON object; a one-line UserError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise UserError(f"{path}: invalid JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> Path:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qrunlearn.errors import DataError, UserError
+from qrunlearn.io import read_json_object
 
 GGUF_FILE = "model.gguf"  # the file in a folder `qrunlearn quantize --method gguf:TYPE` writes
 
@@ -60,25 +61,13 @@ def _read_json(path: Path) -> object:
         return None
 
 
-def _json_object(path: Path) -> dict:
-    """`path`'s JSON object; a one-line UserError naming the file when it is not one."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
-        raise UserError(f"{path}: invalid JSON ({reason})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def read_model_pointer(folder: Path) -> Path | None:
     """The model folder `folder`'s pointer names; None when it has no pointer. A pointer that is not a JSON object
     whose "model" names a model folder (one with a config.json) is a one-line `UserError` naming it."""
     pointer = folder / MODEL_POINTER
     if not pointer.is_file():
         return None
-    named = _json_object(pointer).get(POINTER_FIELD)
+    named = read_json_object(pointer).get(POINTER_FIELD)
     if not isinstance(named, str) or not named:
         raise DataError(pointer, "expected the model folder's path, as a string", field=POINTER_FIELD)
     model_dir = folder / named
@@ -150,7 +139,7 @@ class ModelSource:
             raise UserError(f"{path}: not a model folder or a GGUF file")
         path = resolve_model_path(path)
         config_path = path / "config.json"
-        config = _json_object(config_path)
+        config = read_json_object(config_path)
         architectures = config.get("architectures") or []
         if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
             raise UserError(f"{config_path}: field 'architectures' is {architectures}, not a causal LM")
