@@ -23,7 +23,15 @@ from qrunlearn.eval.config import EvalConfig
 from qrunlearn.io import read_json_object
 from qrunlearn.quant.spec import QuantSpec, parse_spec
 from qrunlearn.targets.config import FinetuneRecipe
-from qrunlearn.unlearn.config import LEGACY_STRATEGY_FIELDS, METHODS, REGS, TUNABLE, DefaultsName, UnlearnConfig
+from qrunlearn.unlearn.config import (
+    LEGACY_STRATEGY_FIELDS,
+    METHODS,
+    REGS,
+    TUNABLE,
+    DefaultsName,
+    UnlearnConfig,
+    rename_older_kernel_switch,
+)
 from qrunlearn.unlearn.strategy import STRATEGY_HELP, Strategy
 
 METHOD_NAME_HELP = f"a forget objective ({', '.join(METHODS)}), alone or with a retain term after '_' " \
@@ -86,10 +94,7 @@ def _older_overrides(raw: Any) -> Any:
     A strategy field that was set belongs to an entry of `strategies` now, and is named as an error."""
     if not isinstance(raw, dict) or not ({"onednn_linear", *LEGACY_STRATEGY_FIELDS} & raw.keys()):
         return raw
-    raw = dict(raw)
-    kernels = raw.pop("onednn_linear", None)
-    if kernels is not None:
-        raw.setdefault("cpu_kernels", kernels)
+    raw = rename_older_kernel_switch(raw)
     for name in LEGACY_STRATEGY_FIELDS:
         if raw.pop(name, None) is not None:
             raise ValueError(f"'{name}' is a strategy's setting now: give it in `strategies` ({STRATEGY_HELP})")

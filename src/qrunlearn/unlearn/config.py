@@ -28,6 +28,15 @@ TrainDType = Literal["auto", "float32", "bfloat16"]
 # Before strategies were typed, their settings were fields of their own; records written then still read.
 LEGACY_STRATEGY_FIELDS = ("sure_percentile", "quail_weight", "quail_spec", "quail_margin", "qat", "qat_mix")
 
+
+def rename_older_kernel_switch(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of older settings with `onednn_linear`, the kernels' switch before it was one for every stage, read as
+    `cpu_kernels`."""
+    raw = dict(raw)
+    if "onednn_linear" in raw:
+        raw.setdefault("cpu_kernels", raw.pop("onednn_linear"))
+    return raw
+
 # Retain weights alpha from the seed code's MUSE scripts (paper.md): GA 100, NPO 0.1. SimNPO is not in that
 # table; MUSE's own baselines use 1, so SimNPO gets 1.
 # The new methods' from open-unlearning's configs (configs/trainer/*.yaml at d3d7cf9): WGA, IdkDPO (DPO.yaml), UNDIAL
@@ -156,9 +165,7 @@ class UnlearnConfig(BaseModel):
         SURE's factor, so it is kept as 1), and `onednn_linear` is `cpu_kernels`."""
         if not isinstance(raw, dict) or not ({"adapter", "onednn_linear", *LEGACY_STRATEGY_FIELDS} & raw.keys()):
             return raw
-        raw = dict(raw)
-        if "onednn_linear" in raw:  # the kernels' switch before it was one for every stage
-            raw.setdefault("cpu_kernels", raw.pop("onednn_linear"))
+        raw = rename_older_kernel_switch(raw)
         if not ({"adapter", *LEGACY_STRATEGY_FIELDS} & raw.keys()):
             return raw
         strategy = raw.get("strategy")
