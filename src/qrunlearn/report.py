@@ -283,6 +283,14 @@ def strategy_differences(measure: Measurement, cells: list[UnlearnCellResult],
     return found
 
 
+def _method_arms(measure: Measurement, groups: Sequence[_Group], precision: str,
+                 anchor: str) -> dict[str, Arm]:
+    """Each method's arm (the groups of one strategy) at `precision` against `anchor`, by method, in method order;
+    methods without the evaluations are left out."""
+    found = {g.method: _arm(measure, g.cells, precision, anchor) for g in sorted(groups, key=lambda g: g.method)}
+    return {method: arm for method, arm in found.items() if arm is not None}
+
+
 def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult],
                       precisions: list[str]) -> tuple[list[PooledReversion], list[StrategyDifference]]:
     """Each strategy's reversion at each quantizer pooled over the grid's methods (two or more), and beside full
@@ -292,25 +300,23 @@ def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult],
     for group in _groups(cells):
         by_strategy.setdefault(group.strategy, []).append(group)
     base_anchor = anchor_precision(BASELINE, precisions)
+    base_arms = {} if base_anchor is None else {
+        precision: _method_arms(measure, by_strategy.get(BASELINE, []), precision, base_anchor)
+        for precision in _quantizers(BASELINE, precisions)}
     pooled, differences = [], []
     for strategy, members in by_strategy.items():
         anchor = anchor_precision(strategy, precisions)
         for precision in _quantizers(strategy, precisions):
-            found = {g.method: _arm(measure, g.cells, precision, anchor) for g in members}  # type: ignore[arg-type]
-            arms = {method: arm for method, arm in found.items() if arm is not None}
+            arms = _method_arms(measure, members, precision, anchor)  # type: ignore[arg-type]
             if len(arms) < 2:
                 continue
             pooled.append(PooledReversion(
-                strategy=strategy.label, precision=precision, methods=sorted(arms),
+                strategy=strategy.label, precision=precision, methods=list(arms),
                 runs=sum(len(arm.unlearned_q) for arm in arms.values()),
-                **_per_metric(pooled_reversion, [arms[m] for m in sorted(arms)], measure=measure)))
-            if strategy == BASELINE or base_anchor is None or precision == base_anchor:
-                continue
-            base_found = {g.method: _arm(measure, g.cells, precision, base_anchor)
-                          for g in by_strategy.get(BASELINE, [])}
-            base = {method: arm for method, arm in base_found.items() if arm is not None}
-            shared = sorted(m for m in arms if m in base)
-            if len(shared) < 2:
+                **_per_metric(pooled_reversion, list(arms.values()), measure=measure)))
+            base = base_arms.get(precision, {})
+            shared = [method for method in arms if method in base]
+            if strategy == BASELINE or len(shared) < 2:
                 continue
             estimates = _per_metric(reversion_difference, [base[m] for m in shared], [arms[m] for m in shared],
                                     measure=measure)
