@@ -36,7 +36,7 @@ from qrunlearn.experiment import Experiment, run_experiment
 from qrunlearn.io import atomic_write_text
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision
-from qrunlearn.report import Measurement, Pairs, build_report, correlations_of, diagnostic_pairs
+from qrunlearn.report import Measurement, Pairs, correlations_of, diagnostic_pairs
 from qrunlearn.results import ExperimentResults, Row
 
 
@@ -75,12 +75,10 @@ def rebuild_report(folder: Path) -> tuple[Path, ExperimentResults] | None:
     if config is None:
         return None
     finished = Experiment(config, folder)
-    if all(finished.is_done(cell) for cell in finished.cells):
-        return folder, build_report(folder, config, finished.references(), finished.unlearn_results())
-    cells = finished.finished_unlearn_results()
-    if not cells or not finished.is_done(finished.cells[0]):
+    done = [finished.is_done(cell) for cell in finished.cells]
+    if not done[0] or not any(done[1:]):
         return None
-    return folder / "partial", build_report(folder / "partial", config, finished.references(), cells)
+    return finished.report(partial=not all(done))
 
 
 def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[str] | None = None,

@@ -67,7 +67,6 @@ memory = stage("qrunlearn.unlearn.memory")
 muse = lazy_module("qrunlearn.data.muse")
 quant = stage("qrunlearn.quant")
 recipe = stage("qrunlearn.unlearn.recipe")
-report_module = stage("qrunlearn.report")
 stats = lazy_module("qrunlearn.data.stats")
 synth = lazy_module("qrunlearn.data.synth")
 target_module = stage("qrunlearn.targets.build")
@@ -489,16 +488,10 @@ def report(
     experiment_config = (load_config(config) if config is not None
                          else load_resolved_config(out) or load_config(None))
     finished = experiment.Experiment(experiment_config, out)
-    if not partial:
-        report_module.build_report(out, experiment_config, finished.references(), finished.unlearn_results())
-        typer.echo((out / "table.md").read_text())
-        return
-    cells = finished.finished_unlearn_results()
-    if not cells:
-        raise UserError(f"{out}: no unlearning cell is finished yet")
-    report_module.build_report(out / "partial", experiment_config, finished.references(), cells)
-    typer.echo((out / "partial" / "table.md").read_text())
-    typer.echo(f"partial: {len(cells)} of {len(finished.cells) - 1} unlearning cells ({out / 'partial'})")
+    where, results = finished.report(partial)
+    typer.echo((where / "table.md").read_text())
+    if partial:
+        typer.echo(f"partial: {len(results.cells)} of {len(finished.cells) - 1} unlearning cells ({where})")
 
 
 # ---- audit ----------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from qrunlearn.report import build_report
 from qrunlearn.results import (
     CellResult,
     EvalRecord,
+    ExperimentResults,
     ReferenceCellResult,
     RetrainReference,
     SurvivalRecord,
@@ -178,6 +179,16 @@ class Experiment:
     def finished_unlearn_results(self) -> list[UnlearnCellResult]:
         """The unlearning cells finished so far, in cell order (a partial report's)."""
         return [r for r in (self.load_cell(cell) for cell in self.cells[1:]) if isinstance(r, UnlearnCellResult)]
+
+    def report(self, partial: bool = False) -> tuple[Path, ExperimentResults]:
+        """The report rebuilt from the finished cells, and where it went: the run folder (every cell must be
+        done), or with `partial` OUT/partial/ from the cells finished so far (the references cell must be done)."""
+        if not partial:
+            return self.out, build_report(self.out, self.config, self.references(), self.unlearn_results())
+        cells = self.finished_unlearn_results()
+        if not cells:
+            raise UserError(f"{self.out}: no unlearning cell is finished yet")
+        return self.out / "partial", build_report(self.out / "partial", self.config, self.references(), cells)
 
     def unlearn_results(self) -> list[UnlearnCellResult]:
         results = [self.load_cell(cell) for cell in self.cells[1:]]
@@ -406,7 +417,7 @@ def run_experiment(config: ExperimentConfig, out: Path | str, *, resume: bool = 
             experiment.run_cell(cell, tick, force=force)
             bar.update(task, completed=started_units + experiment.units(cell), description=f"{cell.id} done")
     if all(experiment.is_done(c) for c in experiment.cells):
-        build_report(out, config, experiment.references(), experiment.unlearn_results())
+        experiment.report()
     return out
 
 
