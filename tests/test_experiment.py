@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from qrunlearn.cli import main
+from qrunlearn.models.identity import model_identity
 from qrunlearn.models.source import MODEL_POINTER, resolve_model_path
 from qrunlearn.unlearn.storage import RECORD_FILE
 
@@ -95,6 +97,37 @@ def test_resume_skips_finished_cells(grid):
     before = result_file.stat().st_mtime_ns
     assert main(["run", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
     assert result_file.stat().st_mtime_ns == before
+
+
+def test_every_cell_records_the_target_it_was_scored_against(grid):
+    _, out, _ = grid
+    results = json.loads((out / "results.json").read_text())
+    target = results["references"]["target"]
+    assert results["references"]["target_identity"] == model_identity(target)
+    assert {cell["target_identity"] for cell in results["cells"]} == {model_identity(target)}
+
+
+def test_a_cell_scored_against_another_target_is_never_mixed_in(grid, tmp_path, capsys):
+    """Cells restored beside a target trained again with other bits (or retrained into the same folder): the
+    report refuses them with one line naming the file, and a resumed run scores that cell again."""
+    path, out, _ = grid
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stale = copy / "cells" / "npo_klr-lora" / "result.json"
+    untouched = copy / "cells" / "ga_gdr-full" / "result.json"
+    record = json.loads(stale.read_text())
+    record["target_identity"] = "sha256:" + "0" * 64
+    stale.write_text(json.dumps(record))
+    before = untouched.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(stale) in err and "another target" in err and "--cell 4" in err
+    assert main(["run", str(path), "--out", str(copy), "--resume", "--no-progress"]) == 0
+    references = json.loads((copy / "results.json").read_text())["references"]
+    assert json.loads(stale.read_text())["target_identity"] == references["target_identity"]
+    assert untouched.stat().st_mtime_ns == before
+    assert (copy / "table.md").read_text() == (out / "table.md").read_text()
 
 
 def test_overwrite_refused(grid, capsys):
@@ -225,3 +258,26 @@ def test_regime_sweep_pools_the_same_pairs_as_the_report(grid):
     assert sum(map(len, only_ga_full.values())) <= sum(map(len, pairs.values()))
     where, rebuilt = sweep.rebuild_report(out)  # --collect-only: every cell done, so the run's own report
     assert where == out and len(rebuilt.cells) == len(results["cells"])
+
+
+def _archive_runs():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "archive_runs.py"
+    spec = importlib.util.spec_from_file_location("archive_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_archived_run_rebuilds_its_report_without_its_models(grid, tmp_path):
+    """benchmarks/archive_runs.py keeps a run's cell results and config, never its weights; the report rebuilt from
+    the archive alone is the run's own."""
+    _, out, _ = grid
+    archive = _archive_runs()
+    assert archive.copy_tree(out, tmp_path / "archive", overwrite=True)[0] == 4 + 1 + 1  # cells, references, config
+    assert not list((tmp_path / "archive").rglob("*.safetensors"))
+    restored = tmp_path / "restored"
+    assert archive.copy_tree(tmp_path / "archive", restored, overwrite=False) == (6, 0)
+    assert archive.copy_tree(tmp_path / "archive", restored, overwrite=False) == (0, 6)  # kept, not replaced
+    assert main(["report", str(restored)]) == 0
+    assert (restored / "table.md").read_text() == (out / "table.md").read_text()

@@ -37,6 +37,7 @@ from qrunlearn.eval import RETRAIN_AUC_PRESETS, EvalConfig, evaluate
 from qrunlearn.eval.gradient import answer_nll_gradient
 from qrunlearn.eval.muse import forget_answer_tokens
 from qrunlearn.io import atomic_write_json, run_metadata, set_seed, slug
+from qrunlearn.models.identity import model_identity
 from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.source import MODEL_POINTER, write_model_pointer
 from qrunlearn.quant import (
@@ -117,6 +118,7 @@ class Experiment:
         self.out = Path(out)
         self.cells = plan_cells(config)
         self._corpus: MuseCorpus | None = None
+        self._target_identity: str | None = None  # known once `prepare` has the target
 
     # ---- preparation ------------------------------------------------------------------------------------------
     @property
@@ -154,7 +156,8 @@ class Experiment:
 
     def prepare(self, progress: bool = True) -> None:
         self.corpus()
-        self.model_paths(progress=progress)
+        target, _ = self.model_paths(progress=progress)
+        self._target_identity = model_identity(target)
         atomic_write_json(self.out / RESOLVED_CONFIG_FILE,
                           run_metadata(self.config.model_dump(mode="json"), self.config.seed))
 
@@ -168,7 +171,16 @@ class Experiment:
         return read_cell(self.cell_dir(cell) / "result.json", kind)
 
     def is_done(self, cell: Cell) -> bool:
-        return self.load_cell(cell) is not None
+        """Finished, and (once `prepare` has run) scored against this run's target."""
+        result = self.load_cell(cell)
+        return result is not None and not self.is_stale(result)
+
+    def is_stale(self, result: CellResult) -> bool:
+        """A finished cell scored against a target other than the one `prepare` found: e.g. cells restored from an
+        archive beside a target trained again with different bits, or a target retrained into the same folder.
+        Such a cell is run again, never mixed into the report. Results that predate the record are trusted."""
+        return (self._target_identity is not None and result.target_identity is not None
+                and result.target_identity != self._target_identity)
 
     def references(self) -> ReferenceCellResult:
         result = self.load_cell(self.cells[0])
@@ -183,12 +195,24 @@ class Experiment:
     def report(self, partial: bool = False) -> tuple[Path, ExperimentResults]:
         """The report rebuilt from the finished cells, and where it went: the run folder (every cell must be
         done), or with `partial` OUT/partial/ from the cells finished so far (the references cell must be done)."""
-        if not partial:
-            return self.out, build_report(self.out, self.config, self.references(), self.unlearn_results())
-        cells = self.finished_unlearn_results()
+        references = self.references()
+        cells = self.finished_unlearn_results() if partial else self.unlearn_results()
         if not cells:
             raise UserError(f"{self.out}: no unlearning cell is finished yet")
-        return self.out / "partial", build_report(self.out / "partial", self.config, self.references(), cells)
+        self._check_one_target(references, cells)
+        folder = self.out / "partial" if partial else self.out
+        return folder, build_report(folder, self.config, references, cells)
+
+    def _check_one_target(self, references: ReferenceCellResult, cells: list[UnlearnCellResult]) -> None:
+        """Every cell of a report unlearned from the target its references cell evaluated (where both say which)."""
+        for result in cells:
+            if (references.target_identity is None or result.target_identity is None
+                    or result.target_identity == references.target_identity):
+                continue
+            index = next(cell.index for cell in self.cells if cell.id == result.cell)
+            raise UserError(f"{self.out / 'cells' / result.cell / 'result.json'}: unlearned from another target "
+                            f"({result.target_identity[:19]}) than the references cell evaluated "
+                            f"({references.target_identity[:19]}); score it again with --cell {index}")
 
     def unlearn_results(self) -> list[UnlearnCellResult]:
         results = [self.load_cell(cell) for cell in self.cells[1:]]
@@ -199,7 +223,7 @@ class Experiment:
 
     def run_cell(self, cell: Cell, tick: ProgressFn = lambda _msg: None, force: bool = False) -> CellResult:
         finished = None if force else self.load_cell(cell)
-        if finished is not None:
+        if finished is not None and not self.is_stale(finished):
             return finished
         for name in ("result.json", MODEL_POINTER):
             for leftover in self.cell_dir(cell).glob(f".{name}.*.tmp"):  # an earlier process killed mid-write
@@ -291,6 +315,7 @@ class Experiment:
         for record in (*target_evals.values(), *retrain_evals.values()):
             record.fill_privleak(reference.auc)
         return ReferenceCellResult(cell=self.cells[0].id, target=target, retrain=retrain,
+                                   target_identity=model_identity(target),
                                    retrain_reference=reference, target_evals=target_evals,
                                    retrain_evals=retrain_evals)
 
@@ -331,7 +356,8 @@ class Experiment:
             _prune_epoch_models(result.model_dir.parent / "epochs", keep=Path(summary.model_dir))
         return UnlearnCellResult(cell=cell.id, method=cell.method, strategy=cell.strategy, seed=config.seed,
                                  unlearn_config=config,
-                                 unlearn=summary, retrain_reference=reference, evals=evals, survival=survival)
+                                 unlearn=summary, retrain_reference=reference, evals=evals, survival=survival,
+                                 target_identity=model_identity(target))
 
     def _summary(self, result: UnlearnResult, reference: RetrainReference) -> UnlearnSummary:
         """The run, and the model to evaluate: the final one, or with `select_epoch` the first epoch whose

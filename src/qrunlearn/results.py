@@ -91,6 +91,9 @@ class ReferenceCellResult(BaseModel):
     target: str
     retrain: str | None
     retrain_reference: RetrainReference
+    # what the target was, by content (`models.identity`): every unlearning cell of a report must have been scored
+    # against this one. None in results written before it was recorded.
+    target_identity: str | None = None
     target_evals: dict[str, EvalRecord]  # by precision
     retrain_evals: dict[str, EvalRecord]  # by precision; empty without a retrain model
     wall_seconds: float = 0.0
@@ -122,6 +125,7 @@ class UnlearnCellResult(BaseModel):
     retrain_reference: RetrainReference
     evals: dict[str, EvalRecord]  # by precision
     survival: dict[str, SurvivalRecord]  # by quantized precision
+    target_identity: str | None = None  # the target it unlearned from, by content (None: written before it was)
     wall_seconds: float = 0.0
     meta: dict[str, Any] = Field(default_factory=dict)
 
