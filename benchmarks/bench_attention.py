@@ -44,12 +44,13 @@ def main() -> None:
         key = torch.randn(rows, positions, args.kv_heads, args.head_dim, generator=generator).transpose(1, 2)
         value = torch.randn(rows, positions, args.kv_heads, args.head_dim, generator=generator).transpose(1, 2)
 
-        def sdpa() -> torch.Tensor:
+        def sdpa(query: torch.Tensor = query, key: torch.Tensor = key, value: torch.Tensor = value) -> torch.Tensor:
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, is_causal=True, scale=scaling, enable_gqa=args.heads != args.kv_heads)
             return out.transpose(1, 2).contiguous()  # the (B, T, H, D) layout both return to transformers
 
-        def blocked() -> torch.Tensor:
+        def blocked(query: torch.Tensor = query, key: torch.Tensor = key,
+                    value: torch.Tensor = value) -> torch.Tensor:
             return blocked_causal_attention(query, key, value, scaling)
 
         with torch.inference_mode():

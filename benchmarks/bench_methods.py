@@ -93,7 +93,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for method, b in best.items():
         print(f"| {method} | {b['per_step']:.3f} | {b['per_step'] / base['per_step']:.2f}x | {b['tokens_s']:.0f} | "
-              f"{b['tokens_s'] / base['tokens_s']:.2f}x | {b['above_mb']:.0f} | {b['above_mb'] / base['above_mb']:.2f}x |")
+              f"{b['tokens_s'] / base['tokens_s']:.2f}x | {b['above_mb']:.0f} | "
+              f"{b['above_mb'] / base['above_mb']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from qrunlearn.quant import available_methods, parse_spec, quantize_model, quantized_codes, survival_report
 from qrunlearn.models.layers import target_linear_names
+from qrunlearn.quant import available_methods, parse_spec, quantize_model, quantized_codes, survival_report
 
 METHODS = ["rtn:w4g64", "rtn:w8g64", "nf4", "fp4", "int8", "hqq:w4g64"]
 

@@ -3,7 +3,8 @@ write no bytecode (PYTHONDONTWRITEBYTECODE=1, as in most containers), side by si
 
     eval              `qrunlearn eval` on a tiny random Llama, as shipped
     eval, hqq/torchao transformers' model code imported first, as any library user gets it (the command line
-                      otherwise loads it with hqq and torchao reported absent: `cli.skip_transformers_optional_quantizers`)
+                      otherwise loads it with hqq and torchao reported absent:
+                      `cli.skip_transformers_optional_quantizers`)
     import torch      the floor: the interpreter and torch alone
 
     .venv/bin/python benchmarks/bench_startup.py [--repeats 3]

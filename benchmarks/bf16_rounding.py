@@ -11,8 +11,8 @@ import argparse
 
 import torch
 
-from qrunlearn.models.loading import load_causal_lm
 from qrunlearn.models.layers import target_linear_names
+from qrunlearn.models.loading import load_causal_lm
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def collect(out: Path, label: str, lr: float | None, *, methods: set[str] | None
             strategy: str | None = None, precisions: set[str] | None = None) -> list[dict[str, object]]:
     """The sweep's points from one finished run's rows; the filters pick a reused grid's rows."""
     results = ExperimentResults.model_validate_json((out / "results.json").read_text())
-    points = []
+    points: list[dict[str, object]] = []
     for row in results.rows:
         if not row.group or is_full_precision(row.precision) or row.effects is None:
             continue

@@ -63,7 +63,8 @@ def main() -> None:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as out:
             unlearn(args.target, corpus, config, out, epoch_hook=hook, progress=False)
-        label = f"{method} {strategy} lr {config.effective_lr:g}" + "".join(f" {k} {v}" for k, v in spec.items() if k != "lr")
+        label = f"{method} {strategy} lr {config.effective_lr:g}" + "".join(
+            f" {k} {v}" for k, v in spec.items() if k != "lr")
         print(f"{label:<44} fp KnowMem-f/-r | {args.deploy}: " + "  ".join(rows)
               + f"   ({time.perf_counter() - started:.0f} s)", flush=True)
 
