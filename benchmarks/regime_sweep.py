@@ -26,18 +26,43 @@ import io
 import json
 import shutil
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter
 
 from qrunlearn.config import ExperimentConfig, load_config, load_resolved_config
-from qrunlearn.eval.effect import Estimate
+from qrunlearn.eval.effect import Estimate, Verdict
 from qrunlearn.experiment import Experiment, run_experiment
 from qrunlearn.io import atomic_write_text
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision
 from qrunlearn.report import Measurement, Pairs, correlations_of, diagnostic_pairs
 from qrunlearn.results import ExperimentResults, Row
+
+# the point's fields that are estimates with an interval (written to the csv as value, _low, _high)
+ESTIMATES = ("forgetting_fp", "reversion", "answer_nll_forgetting_fp", "answer_nll_reversion")
+
+
+@dataclass(frozen=True)
+class RegimePoint:
+    """One point of the sweep: a (method, strategy, quantizer) row of one run, pooled over its seeds."""
+
+    run: str  # which run: "full lr 1e-05", or a reused grid's
+    lr: float | None
+    method: str
+    strategy: str
+    precision: str
+    seeds: int
+    verdict: Verdict | None
+    forgetting_fp: Estimate | None  # KnowMem-forget points forgotten at the anchor
+    reversion: Estimate | None  # KnowMem-forget, precision-matched
+    answer_nll_forgetting_fp: Estimate | None
+    answer_nll_reversion: Estimate | None
+    dw_steps: float | None  # mean |dW| in quantization steps
+    codes_changed: float | None
+    relative_error: float | None
+    utility: float | None  # KnowMem-retain
 
 
 def sub_config(base: ExperimentConfig, prepared: Experiment, *, strategy: str, lr: float | None,
@@ -91,20 +116,19 @@ def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[
                           threshold=config.reversion_threshold)
     cells = [cell for cell in results.cells if (methods is None or cell.method in methods)
              and (strategies is None or str(cell.strategy) in strategies)]
-    if precisions is not None:
-        cells = [cell.model_copy(update={"survival": {k: v for k, v in cell.survival.items() if k in precisions}})
-                 for cell in cells]
-    return diagnostic_pairs(measure, cells, [spec.label for spec in config.precisions])
+    labels = [spec.label for spec in config.precisions]
+    return diagnostic_pairs(measure, cells, [label for label in labels
+                                             if precisions is None or label in precisions or is_full_precision(label)])
 
 
-def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[dict[str, object]], Pairs]:
+def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[RegimePoint], Pairs]:
     """A finished grid run with the sweep's base settings (e.g. the seeds grid: its full fine-tuning is the sweep's
     point at the config's lr, its LoRA the LoRA point): its rows and pairs of the sweep's methods and quantizers."""
     config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
     methods, precisions = set(args.methods), set(args.precisions)
     name = folder.parent.name if folder.name == "partial" else folder.name
     strategies = {"full"} | (set() if args.no_lora else {"lora"})
-    points: list[dict[str, object]] = []
+    points: list[RegimePoint] = []
     for strategy in sorted(strategies & {str(s) for s in config.strategies}):
         for method in sorted(methods & set(config.methods)):
             lr = config.unlearn_config(method, strategy).lr
@@ -121,10 +145,10 @@ def correlation_lines(pairs: Pairs) -> list[str]:
 
 
 def collect(out: Path, label: str, lr: float | None, *, methods: set[str] | None = None,
-            strategy: str | None = None, precisions: set[str] | None = None) -> list[dict[str, object]]:
+            strategy: str | None = None, precisions: set[str] | None = None) -> list[RegimePoint]:
     """The sweep's points from one finished run's rows; the filters pick a reused grid's rows."""
     results = ExperimentResults.model_validate_json((out / "results.json").read_text())
-    points: list[dict[str, object]] = []
+    points: list[RegimePoint] = []
     for row in results.rows:
         if not row.group or is_full_precision(row.precision) or row.effects is None:
             continue
@@ -135,15 +159,15 @@ def collect(out: Path, label: str, lr: float | None, *, methods: set[str] | None
         anchor = next(r for r in results.rows if r.group == row.group and r.precision == row.anchor)
         anchor_effect = anchor.effects.knowmem_f.effect if anchor.effects and anchor.effects.knowmem_f else None
         nll_anchor = anchor.effects.knowmem_f_answer_nll if anchor.effects else None
-        points.append({"run": label, "lr": lr, "method": row.method, "strategy": row.strategy,
-                       "precision": row.precision, "seeds": len(row.seeds), "verdict": row.verdict,
-                       "forgetting_fp": anchor_effect, "reversion": knowmem.reversion if knowmem else None,
-                       "answer_nll_forgetting_fp": nll_anchor.effect if nll_anchor else None,
-                       "answer_nll_reversion": _part(row, "knowmem_f_answer_nll"),
-                       "dw_steps": row.survival.mean_abs_dw_in_steps if row.survival else None,
-                       "codes_changed": row.survival.codes_changed_frac if row.survival else None,
-                       "relative_error": row.survival.relative_error if row.survival else None,
-                       "utility": row.metrics.knowmem_r})
+        points.append(RegimePoint(
+            run=label, lr=lr, method=row.method, strategy=row.strategy, precision=row.precision, seeds=len(row.seeds),
+            verdict=row.verdict, forgetting_fp=anchor_effect, reversion=knowmem.reversion if knowmem else None,
+            answer_nll_forgetting_fp=nll_anchor.effect if nll_anchor else None,
+            answer_nll_reversion=_part(row, "knowmem_f_answer_nll"),
+            dw_steps=row.survival.mean_abs_dw_in_steps if row.survival else None,
+            codes_changed=row.survival.codes_changed_frac if row.survival else None,
+            relative_error=row.survival.relative_error if row.survival else None,
+            utility=row.metrics.knowmem_r))
     return points
 
 
@@ -166,34 +190,32 @@ def _num(value: object, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
-def write_outputs(out: Path, points: list[dict[str, object]], timings: dict[str, float], pairs: Pairs) -> None:
+def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float], pairs: Pairs) -> None:
     header = ["run", "method", "precision", "seeds", "forgetting at fp (KnowMem-f)", "reversion KnowMem-f",
               "verdict", "forgetting at fp (answer NLL)", "reversion answer NLL", "mean |dW| / step",
               "codes changed", "relative error", "utility"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in points:
         lines.append("| " + " | ".join([
-            str(p["run"]), str(p["method"]), str(p["precision"]), str(p["seeds"]), _est(p["forgetting_fp"]),
-            _est(p["reversion"]), str(p["verdict"]), _est(p["answer_nll_forgetting_fp"]),
-            _est(p["answer_nll_reversion"]), _num(p["dw_steps"]),
-            _num(p["codes_changed"]), _num(p["relative_error"]), _num(p["utility"], 1)]) + " |")
+            p.run, p.method, p.precision, str(p.seeds), _est(p.forgetting_fp), _est(p.reversion), str(p.verdict),
+            _est(p.answer_nll_forgetting_fp), _est(p.answer_nll_reversion), _num(p.dw_steps),
+            _num(p.codes_changed), _num(p.relative_error), _num(p.utility, 1)]) + " |")
     lines += ["", "The diagnostics against the measured reversion, pooled over every run's (cell, seed, quantizer) "
               "pairs with a measurable effect:", "", *correlation_lines(pairs), "",
               "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     atomic_write_text(out / "regime.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()
-    estimates = ("forgetting_fp", "reversion", "answer_nll_forgetting_fp", "answer_nll_reversion")
-    fields = ["run", "lr", "method", "strategy", "precision", "seeds", "verdict", "dw_steps", "codes_changed",
-              "relative_error", "utility", *(f"{k}{end}" for k in estimates for end in ("", "_low", "_high"))]
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    plain = [f.name for f in fields(RegimePoint) if f.name not in ESTIMATES]
+    columns = [*plain, *(f"{k}{end}" for k in ESTIMATES for end in ("", "_low", "_high"))]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for p in points:
-        flat = {k: v for k, v in p.items() if not isinstance(v, Estimate) and v is not None}
-        for key in estimates:
-            estimate = p[key]
+        flat: dict[str, object] = {name: getattr(p, name) for name in plain}
+        for key in ESTIMATES:
+            estimate = getattr(p, key)
             if isinstance(estimate, Estimate):
                 flat.update({key: estimate.value, f"{key}_low": estimate.low, f"{key}_high": estimate.high})
-        writer.writerow({k: flat.get(k) for k in fields})
+        writer.writerow(flat)
     atomic_write_text(out / "regime.csv", buffer.getvalue())
     plot(points, out / "plots" / "regime.png")
 
@@ -206,26 +228,26 @@ def _measurable(forgetting: object) -> bool:
     return isinstance(forgetting, Estimate) and forgetting.excludes(0.0) == "above"
 
 
-def plot(points: list[dict[str, object]], path: Path) -> None:
+def plot(points: list[RegimePoint], path: Path) -> None:
     """One panel per (metric, quantizer): reversion (95% interval) against mean |dW| in steps, per method, for the
     rows whose forgetting at fp is measurable (its interval excludes 0); LoRA hollow squares."""
     plt = pyplot()
-    precisions = list(dict.fromkeys(str(p["precision"]) for p in points))
+    precisions = list(dict.fromkeys(p.precision for p in points))
     fig, axes = plt.subplots(len(PANELS), len(precisions), figsize=(5.5 * len(precisions), 4.0 * len(PANELS)),
                              squeeze=False)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = dict(zip(dict.fromkeys(str(p["method"]) for p in points), palette))
+    colors = dict(zip(dict.fromkeys(p.method for p in points), palette))
     for (metric, forgetting_key, reversion_key), row_axes in zip(PANELS, axes):
         for ax, precision in zip(row_axes, precisions):
-            here = [p for p in points if p["precision"] == precision and p["dw_steps"] is not None]
-            _panel(ax, [p for p in here if _measurable(p[forgetting_key])], reversion_key, colors)
+            here = [p for p in points if p.precision == precision and p.dw_steps is not None]
+            _panel(ax, [p for p in here if _measurable(getattr(p, forgetting_key))], reversion_key, colors)
             # where it was looked for and nothing was forgotten: grey marks on the 0 line
-            absent = [p for p in here if not _measurable(p[forgetting_key])]
+            absent = [p for p in here if not _measurable(getattr(p, forgetting_key))]
             if absent:
-                ax.scatter([p["dw_steps"] for p in absent], [0.0] * len(absent), marker="x", color="grey",
+                ax.scatter([p.dw_steps for p in absent], [0.0] * len(absent), marker="x", color="grey",
                            label="no measurable forgetting at fp")
             if here:
-                steps = [float(p["dw_steps"]) for p in here]  # type: ignore[arg-type]
+                steps = [p.dw_steps for p in here if p.dw_steps is not None]
                 ax.set_xlim(min(steps) / 1.5, max(steps) * 1.5)
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             handles, labels = ax.get_legend_handles_labels()
@@ -238,17 +260,17 @@ def plot(points: list[dict[str, object]], path: Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def _panel(ax, points: list[dict[str, object]], key: str, colors: dict[str, str]) -> None:
+def _panel(ax, points: list[RegimePoint], key: str, colors: dict[str, str]) -> None:
     for p in points:
-        estimate = p[key]
-        if not isinstance(estimate, Estimate) or estimate.value is None or p["dw_steps"] is None:
+        estimate = getattr(p, key)
+        if not isinstance(estimate, Estimate) or estimate.value is None or p.dw_steps is None:
             continue
         low = estimate.low if estimate.low is not None else estimate.value
         high = estimate.high if estimate.high is not None else estimate.value
-        lora = p["strategy"] != "full"
-        ax.errorbar(p["dw_steps"], estimate.value, yerr=[[estimate.value - low], [high - estimate.value]],
-                    fmt="s" if lora else "o", mfc="none" if lora else colors[str(p["method"])],
-                    color=colors[str(p["method"])], capsize=3, label=f"{p['method']} {'LoRA' if lora else 'full'}")
+        lora = p.strategy != "full"
+        ax.errorbar(p.dw_steps, estimate.value, yerr=[[estimate.value - low], [high - estimate.value]],
+                    fmt="s" if lora else "o", mfc="none" if lora else colors[p.method],
+                    color=colors[p.method], capsize=3, label=f"{p.method} {'LoRA' if lora else 'full'}")
     ax.axhline(0.0, color="black", lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")
@@ -287,7 +309,7 @@ def main() -> None:
     runs: list[tuple[str, str, float | None]] = [(f"full lr {lr:g}", "full", lr) for lr in args.lrs]
     if not args.no_lora:
         runs.append((f"lora lr {args.lora_lr:g}" if args.lora_lr else "lora (default lr)", "lora", args.lora_lr))
-    points: list[dict[str, object]] = []
+    points: list[RegimePoint] = []
     timings: dict[str, float] = {}
     pairs: Pairs = {}
     for label, strategy, lr in runs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,7 @@ def _regime_sweep():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "regime_sweep.py"
     spec = importlib.util.spec_from_file_location("regime_sweep", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -251,13 +253,34 @@ def test_regime_sweep_pools_the_same_pairs_as_the_report(grid):
     assert sum(counted.values()) > 0  # the tiny grid's GA+GDR forgets measurably: there is something to compare
     args = argparse.Namespace(methods=["ga_gdr"], precisions=["nf4"], no_lora=True)
     points, reused_pairs = sweep.reused_points(out, args)
-    assert [(p["method"], p["strategy"], p["precision"], p["lr"]) for p in points] == [("ga_gdr", "full", "nf4", 3e-3)]
-    assert points[0]["run"] == f"full lr 0.003 ({out.name})"
+    assert [(p.method, p.strategy, p.precision, p.lr) for p in points] == [("ga_gdr", "full", "nf4", 3e-3)]
+    assert points[0].run == f"full lr 0.003 ({out.name})"
     only_ga_full = sweep.run_pairs(out, methods={"ga_gdr"}, strategies={"full"}, precisions={"nf4"})
     assert reused_pairs == only_ga_full
     assert sum(map(len, only_ga_full.values())) <= sum(map(len, pairs.values()))
+    assert sweep.run_pairs(out, precisions={"fp"}) == {}  # nf4's survival records are left out with nf4
     where, rebuilt = sweep.rebuild_report(out)  # --collect-only: every cell done, so the run's own report
     assert where == out and len(rebuilt.cells) == len(results["cells"])
+
+
+
+def test_regime_sweep_writes_its_table_csv_and_figure(grid, tmp_path):
+    import argparse
+    import csv
+    sweep = _regime_sweep()
+    _, out, _ = grid
+    points, pairs = sweep.reused_points(out, argparse.Namespace(methods=["ga_gdr", "npo_klr"], precisions=["nf4"],
+                                                                no_lora=False))
+    sweep.write_outputs(tmp_path, points, {"grid": 12.0}, pairs)
+    rows = list(csv.DictReader((tmp_path / "regime.csv").open()))
+    assert [(r["method"], r["strategy"]) for r in rows] == [(p.method, p.strategy) for p in points] and len(rows) == 4
+    for row, point in zip(rows, points):
+        assert float(row["utility"]) == point.utility
+        if point.reversion is not None and point.reversion.value is not None:
+            assert float(row["reversion"]) == point.reversion.value
+    table = (tmp_path / "regime.md").read_text()
+    assert table.count("| ga_gdr |") == 2 and "Wall time per run (s): grid 12" in table
+    assert (tmp_path / "plots" / "regime.png").stat().st_size > 10_000
 
 
 def _archive_runs():

@@ -442,8 +442,9 @@ Pairs = dict[tuple[str, str], list[tuple[float, float]]]  # (diagnostic, reversi
 
 
 def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> Pairs:
-    """Every (unlearning cell, quantized deployed precision) pair whose own anchor effect is measurable (each seed
-    its own pair): each diagnostic's value beside the measured reversion, per reversion metric."""
+    """Every (unlearning cell, quantized deployed precision among `precisions`) pair whose own anchor effect is
+    measurable (each seed its own pair): each diagnostic's value beside the measured reversion, per reversion metric.
+    A survival record at a precision not listed is left out (a reused grid's other quantizers)."""
     pairs: Pairs = {}
     for cell in cells:
         anchor = anchor_precision(cell.strategy, precisions)
@@ -451,7 +452,7 @@ def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], preci
             continue
         anchor_effects = effects_at(measure, [cell], anchor, None)
         for precision, survival in cell.survival.items():
-            if precision == anchor or precision not in cell.evals:
+            if precision == anchor or precision not in cell.evals or precision not in precisions:
                 continue
             effects = effects_at(measure, [cell], precision, anchor)
             for target in REVERSION_TARGETS:
