@@ -21,9 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs"
 ARCHIVE = ROOT / "benchmarks" / "runs"
-# what a report is rebuilt from: the finished cells, the run's config, and the retrain's reference (a lone --cell's
-# cache); never models, data or reports (the data and models are rebuilt by --prepare, the report by `report`)
-KEPT = ("result.json", "config.resolved.json", "retrain_reference.json")
+# what a report is rebuilt from: the finished cells and the run's config; never models, data or reports (--prepare
+# rebuilds the data and models, `report` the report), nor a lone --cell's cache of the retrain's reference (it does
+# not say which retrain it measured)
+KEPT = ("result.json", "config.resolved.json")
 
 
 def kept_files(run: Path) -> list[Path]:

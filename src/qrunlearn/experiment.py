@@ -281,7 +281,7 @@ class Experiment:
         """From the references cell when it is done, else from a preset, else measured now (and cached) so a
         lone `--cell N` still works."""
         references = self.load_cell(self.cells[0])
-        if isinstance(references, ReferenceCellResult):
+        if isinstance(references, ReferenceCellResult) and not self.is_stale(references):
             return references.retrain_reference
         cache = self.out / "cells" / "retrain_reference.json"
         cached = read_cell(cache, RetrainReference)
