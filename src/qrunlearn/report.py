@@ -196,7 +196,8 @@ def _row_verdict(precision: str, anchor: str | None, deployed: bool, anchor_effe
         return None
     anchor_effect = anchor_effects.knowmem_f.effect if anchor_effects and anchor_effects.knowmem_f else None
     share = effects.knowmem_f.reversion if effects.knowmem_f is not None else None
-    return verdict(anchor_effect, share, threshold)
+    gap = effects.knowmem_f.retrain_gap if effects.knowmem_f is not None else None
+    return verdict(anchor_effect, share, threshold, gap)
 
 
 def collect_rows(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Row]:
@@ -400,6 +401,10 @@ def _reversion_value(row: Row, metric: str) -> float | None:
     return estimate.value if estimate is not None else None
 
 
+# the verdicts of rows with a measurable effect at the anchor (counted by the findings, drawn by the reversion plot)
+MEASURABLE = ("reverted", "holds", "at retrain", "inconclusive")
+
+
 def strategy_findings(rows: list[Row], strategies: Sequence[str], precisions: Sequence[str]) -> list[StrategyFinding]:
     """Per strategy and quantized precision: how many (method) rows revert, hold or stay inconclusive, among those
     with a measurable effect, and the utility kept (mean over the methods)."""
@@ -408,15 +413,16 @@ def strategy_findings(rows: list[Row], strategies: Sequence[str], precisions: Se
     for strategy in strategies:
         for precision in precisions:
             group = [r for r in rows if r.strategy == strategy and r.precision == precision
-                     and r.verdict in ("reverted", "holds", "inconclusive", "no effect", "no items")]
+                     and r.verdict in (*MEASURABLE, "no effect", "no items")]
             if not group:
                 continue
-            measurable = [r for r in group if r.verdict in ("reverted", "holds", "inconclusive")]
+            measurable = [r for r in group if r.verdict in MEASURABLE]
             findings.append(StrategyFinding(
                 strategy=strategy, precision=precision, groups=len(group), measurable=len(measurable),
                 reverted=sum(r.verdict == "reverted" for r in measurable),
                 holds=sum(r.verdict == "holds" for r in measurable),
                 inconclusive=sum(r.verdict == "inconclusive" for r in measurable),
+                at_retrain=sum(r.verdict == "at retrain" for r in measurable),
                 without_items=sum(r.verdict == "no items" for r in group),
                 median_reversion_knowmem_f=_median([_reversion_value(r, "knowmem_f") for r in measurable]),
                 median_reversion_answer_nll=_median([_reversion_value(r, "knowmem_f_answer_nll") for r in measurable]),
@@ -487,9 +493,10 @@ def correlations_of(pairs: Pairs) -> list[Correlation]:
 def _count_sentence(f: StrategyFinding) -> str:
     without = f.groups - f.measurable - f.without_items
     older = f"; {f.without_items} without per-item scores, from an older run" if f.without_items else ""
-    return (f"{f.strategy}: {f.reverted} of {f.measurable} rows with a measurable effect reverted, {f.holds} held, "
-            f"{f.inconclusive} inconclusive ({without} without a measurable effect{older}); median KnowMem-forget "
-            f"reversion {_fmt(f.median_reversion_knowmem_f)}, utility {_fmt(f.mean_utility_anchor)} -> "
+    at_retrain = f", {f.at_retrain} at the retrain model's level" if f.at_retrain else ""
+    return (f"{f.strategy}: {f.reverted} of {f.measurable} rows with a measurable effect reverted, {f.holds} held"
+            f"{at_retrain}, {f.inconclusive} inconclusive ({without} without a measurable effect{older}); median "
+            f"KnowMem-forget reversion {_fmt(f.median_reversion_knowmem_f)}, utility {_fmt(f.mean_utility_anchor)} -> "
             f"{_fmt(f.mean_utility_q)}")
 
 
@@ -587,10 +594,9 @@ def plot_tradeoff(rows: list[Row], low: str | None, path: Path) -> None:
 def plot_reversion(rows: list[Row], threshold: float, path: Path) -> None:
     """KnowMem-forget reversion with its 95% interval for every quantized deployed row, threshold and 0 marked."""
     plt = pyplot()
-    shown = [r for r in rows if r.verdict in ("reverted", "holds", "inconclusive")
-             and _effect_part(r, "knowmem_f", "reversion") is not None]
+    shown = [r for r in rows if r.verdict in MEASURABLE and _effect_part(r, "knowmem_f", "reversion") is not None]
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(shown) + 1.2)))
-    colors = {"reverted": "tab:red", "holds": "tab:green", "inconclusive": "tab:grey"}
+    colors = {"reverted": "tab:red", "holds": "tab:green", "at retrain": "tab:blue", "inconclusive": "tab:grey"}
     for y, row in enumerate(shown):
         estimate = _effect_part(row, "knowmem_f", "reversion")
         assert estimate is not None and estimate.value is not None
@@ -603,7 +609,8 @@ def plot_reversion(rows: list[Row], threshold: float, path: Path) -> None:
     ax.set_yticks(range(len(shown)))
     ax.set_yticklabels([f"{r.group} @ {r.precision}" for r in shown], fontsize=7)
     ax.set_xlabel("KnowMem-forget reversion (precision-matched; 0 = all forgetting kept, 1 = all given back)")
-    ax.set_title("Reversion with 95% intervals (red: reverted, green: holds, grey: inconclusive)", fontsize=9)
+    ax.set_title("Reversion with 95% intervals (red: reverted, green: holds, blue: at the retrain model's level, "
+                 "grey: inconclusive)", fontsize=8)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
@@ -640,11 +647,12 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
 
 
 def _strategy_table(findings: list[StrategyFinding]) -> list[str]:
-    lines = ["| strategy | precision | rows | measurable | reverted | holds | inconclusive | median reversion "
-             "KnowMem-f | median reversion answer NLL | utility at anchor | utility quantized |", "|" + "---|" * 11]
+    lines = ["| strategy | precision | rows | measurable | reverted | holds | at retrain | inconclusive | median "
+             "reversion KnowMem-f | median reversion answer NLL | utility at anchor | utility quantized |",
+             "|" + "---|" * 12]
     for f in findings:
         lines.append(f"| {f.strategy} | {f.precision} | {f.groups} | {f.measurable} | {f.reverted} | {f.holds} | "
-                     f"{f.inconclusive} | {_fmt(f.median_reversion_knowmem_f)} | "
+                     f"{f.at_retrain} | {f.inconclusive} | {_fmt(f.median_reversion_knowmem_f)} | "
                      f"{_fmt(f.median_reversion_answer_nll)} | {_fmt(f.mean_utility_anchor)} | "
                      f"{_fmt(f.mean_utility_q)} |")
     return lines
@@ -695,7 +703,11 @@ DEFINITION = (
     "resampled questions and texts for every model compared; the AUC's splits resampled separately) and, with "
     "several seeds, over seeds as well (each resample draws seeds with replacement, then items; the seeds' effects "
     "are averaged). A row *reverts* when its KnowMem-forget reversion interval lies above the threshold, *holds* "
-    "when it lies below, and is *inconclusive* otherwise; a row whose anchor forgetting interval includes 0 has "
+    "when it lies below, and is *inconclusive* otherwise; it is *at retrain* when its KnowMem-forget at Q is "
+    "measurably no higher than the retrain model's at Q (the whole `KnowMem-f - retrain` interval <= 0: whatever "
+    "the quantizer did to the target, no forgotten answer came back beyond the retrain's; a bounded metric at its "
+    "floor turns the target's own quantization loss into a spurious precision-matched reversion there); a row whose "
+    "anchor forgetting interval includes 0 has "
     "*no effect* to give back and is not counted. `KnowMem-f - retrain`: the unlearned model's KnowMem-forget minus "
     "the retrain model's at the same precision (MUSE's view: 0 = as if never trained on the forget set).")
 

@@ -180,6 +180,7 @@ class StrategyFinding(BaseModel):
     reverted: int  # measurable rows whose KnowMem-forget reversion interval lies above the threshold
     holds: int  # ... below it
     inconclusive: int
+    at_retrain: int = 0  # ... whose KnowMem-forget at Q is measurably no higher than the retrain model's at Q
     without_items: int = 0  # rows from evaluations without per-item scores (written before they were kept)
     median_reversion_knowmem_f: float | None  # over the measurable rows
     median_reversion_answer_nll: float | None

@@ -155,6 +155,31 @@ def test_verdicts_only_where_the_interval_clears_the_threshold(anchor, share, ex
     assert verdict(anchor, share, threshold=0.25) == expected
 
 
+@pytest.mark.parametrize("gap, expected", [
+    (Estimate(value=-0.7, low=-2.1, high=0.0), "at retrain"),  # knows no more than the retrain at Q
+    (Estimate(value=0.0, low=0.0, high=0.0), "at retrain"),
+    (Estimate(value=1.4, low=-0.7, high=3.6), "reverted"),  # may know more: the share decides
+    (Estimate(value=-0.7), "reverted"),  # no interval: no claim
+])
+def test_at_retrain_only_where_the_whole_gap_interval_is_on_the_forgetting_side(gap, expected):
+    anchor, share = Estimate(value=30, low=10, high=50), Estimate(value=0.8, low=0.5, high=1.0)
+    assert verdict(anchor, share, threshold=0.25, retrain_gap=gap) == expected
+
+
+def test_a_floored_model_beside_a_target_that_quantization_lowers_is_at_retrain_not_reverted():
+    """Hand-computed: the unlearned model answers none of 100 questions at fp and at Q, the target 100 at fp and 80
+    at Q, the retrain none at Q: the precision-matched reversion is 1 - 80/100 = 0.2 with not one answer come back."""
+    target_a, target_q = [100.0] * 100, [100.0] * 80 + [0.0] * 20
+    floored = [0.0] * 100
+    found = precision_effect(KNOWMEM, _k(target_q), [_k(floored)], _k(target_a), [_k(floored)], retrain=_k(floored),
+                             resamples=200)
+    assert found.reversion is not None and found.reversion.value == pytest.approx(0.2)
+    assert found.retrain_gap == Estimate(value=0.0, low=0.0, high=0.0)
+    anchor = Estimate(value=100.0, low=100.0, high=100.0)
+    assert verdict(anchor, found.reversion, threshold=0.1) == "reverted"  # the share alone would say so
+    assert verdict(anchor, found.reversion, threshold=0.1, retrain_gap=found.retrain_gap) == "at retrain"
+
+
 def _arm(target_q, unlearned_q, target_a, unlearned_a) -> Arm:
     return Arm(target_q=_k(target_q), unlearned_q=[_k(u) for u in unlearned_q], target_anchor=_k(target_a),
                unlearned_anchor=[_k(u) for u in unlearned_a])

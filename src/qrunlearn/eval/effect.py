@@ -54,7 +54,8 @@ FORGETTING_METRICS: tuple[ForgettingMetric, ...] = (
 METRIC = {metric.name: metric for metric in FORGETTING_METRICS}
 HEADLINE = METRIC["knowmem_f"]  # the metric whose reversion decides a verdict
 
-Verdict = Literal["reverted", "holds", "inconclusive", "no effect", "anchor", "not deployed", "no items"]
+Verdict = Literal["reverted", "holds", "at retrain", "inconclusive", "no effect", "anchor", "not deployed",
+                  "no items"]
 
 
 class Estimate(BaseModel):
@@ -295,13 +296,23 @@ def reversion_difference(metric: ForgettingMetric, baseline: Sequence[Arm], othe
     return _estimate(changed[0] - base[0], changed[1] - base[1])
 
 
-def verdict(anchor_effect: Estimate | None, reversion: Estimate | None, threshold: float) -> Verdict:
+def verdict(anchor_effect: Estimate | None, reversion: Estimate | None, threshold: float,
+            retrain_gap: Estimate | None = None, direction: int = HEADLINE.direction) -> Verdict:
     """Reverted / holds only when the interval clears the threshold; no effect when the anchor's forgetting
-    interval does not exclude zero (nothing measurable for a quantizer to give back)."""
+    interval does not exclude zero (nothing measurable for a quantizer to give back).
+
+    *At retrain* when the quantized unlearned model is measurably no further from forgetting than the retrain model
+    quantized the same way (the whole interval of `retrain_gap`, unlearned minus retrain, on the forgetting side of
+    0). A bounded metric can hide nothing else there: an unlearned model at KnowMem-forget 0 at every precision
+    beside a target that quantization lowers from 92 to 76 keeps only 76/92 of its fp effect, a precision-matched
+    "reversion" of 0.18 with not one answer come back."""
     if anchor_effect is None or anchor_effect.low is None:
         return "no items"
     if anchor_effect.excludes(0.0) != "above":
         return "no effect"
+    if retrain_gap is not None and retrain_gap.low is not None and retrain_gap.high is not None \
+            and min(direction * retrain_gap.low, direction * retrain_gap.high) >= 0.0:
+        return "at retrain"
     if reversion is None:
         return "inconclusive"
     side = reversion.excludes(threshold)
