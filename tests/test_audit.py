@@ -28,6 +28,11 @@ def test_gate_reads_the_whole_interval():
     assert gate(forgot, Estimate(value=0.3, low=0.2, high=0.4), 0.1, "fail") == ("reverts", False)
     assert gate(forgot, Estimate(value=0.05, low=0.0, high=0.15), 0.1, "fail") == ("inconclusive", False)
     assert gate(forgot, Estimate(value=0.05, low=0.0, high=0.15), 0.1, "pass") == ("inconclusive", True)
+    # as forgotten as the retrain model at this format: passes whatever the share (a bounded metric's floor)
+    floored = Estimate(value=-0.7, low=-2.1, high=0.0)
+    assert gate(forgot, Estimate(value=0.3, low=0.2, high=0.4), 0.1, "fail", floored) == ("at retrain", True)
+    assert gate(forgot, Estimate(value=0.3, low=0.2, high=0.4), 0.1, "fail", Estimate(value=0.7, low=-1.0, high=2.1)) \
+        == ("reverts", False)
     assert gate(Estimate(value=2.0, low=-1.0, high=5.0), Estimate(value=0.0, low=0.0, high=0.0), 0.1, "pass") == (
         "no effect", False)
 

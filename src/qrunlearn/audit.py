@@ -37,7 +37,15 @@ from qrunlearn.config import no_repeats
 from qrunlearn.data.muse import MuseCorpus, load_corpus
 from qrunlearn.errors import UserError
 from qrunlearn.eval import EvalConfig, evaluate
-from qrunlearn.eval.effect import FORGETTING_METRICS, METRIC, Estimate, PrecisionEffect, has_items, precision_effect
+from qrunlearn.eval.effect import (
+    FORGETTING_METRICS,
+    METRIC,
+    Estimate,
+    PrecisionEffect,
+    has_items,
+    precision_effect,
+    verdict,
+)
 from qrunlearn.eval.relearn import probe_corpus, relearn, relearning_split
 from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, package_versions, slug
 from qrunlearn.models.identity import model_identity
@@ -47,7 +55,7 @@ from qrunlearn.quant.registry import load_quantized, require_backend
 from qrunlearn.quant.spec import CALIBRATED_METHODS, FULL_PRECISION, QuantSpec, parse_spec
 from qrunlearn.results import EvalRecord, Metrics
 
-Gate = Literal["keeps", "reverts", "inconclusive", "no effect", "anchor"]
+Gate = Literal["keeps", "reverts", "at retrain", "inconclusive", "no effect", "anchor"]
 AUDIT_FORMATS = ("fp", "bf16", "int8", "nf4", "rtn:w4g64")
 
 
@@ -175,10 +183,14 @@ class Evaluator:
 
 # ---- the gate -------------------------------------------------------------------------------------------------
 def gate(anchor_effect: Estimate | None, reversion: Estimate | None, max_reversion: float,
-         inconclusive: str) -> tuple[Gate, bool]:
-    """(the verdict, whether it passes) for one unlearned model at one quantized format."""
+         inconclusive: str, retrain_gap: Estimate | None = None, direction: int = -1) -> tuple[Gate, bool]:
+    """(the verdict, whether it passes) for one unlearned model at one quantized format. *At retrain* (passes): the
+    model at this format is measurably no less forgotten than the retrain model at it, whatever the share says (the
+    floor of a bounded metric, `eval.effect.verdict`)."""
     if anchor_effect is None or anchor_effect.excludes(0.0) != "above":
         return "no effect", False
+    if verdict(anchor_effect, None, max_reversion, retrain_gap, direction) == "at retrain":
+        return "at retrain", True
     if reversion is None or reversion.low is None or reversion.high is None:
         return "inconclusive", inconclusive == "pass"
     if reversion.high <= max_reversion:
@@ -281,8 +293,10 @@ def run_audit(config: AuditConfig, out: Path, report: Callable[[str], None] = pr
             else:
                 found = effects.get(headline.name)
                 reversion = found.reversion if found is not None else None
-                row.gate, passed = gate(fp_effect, reversion, config.max_reversion, config.inconclusive)
-                row.reason = _reason(row.gate, headline.label, fp_effect, reversion, config.max_reversion)
+                gap = found.retrain_gap if found is not None else None
+                row.gate, passed = gate(fp_effect, reversion, config.max_reversion, config.inconclusive, gap,
+                                        headline.direction)
+                row.reason = _reason(row.gate, headline.label, fp_effect, reversion, config.max_reversion, gap)
                 if not passed:
                     failures.append(f"{model} at {label}: {row.reason}")
             rows.append(row)
@@ -349,13 +363,16 @@ def short_names(paths: list[str]) -> dict[str, str]:
 
 
 def _reason(verdict: Gate, metric: str, fp_effect: Estimate | None, reversion: Estimate | None,
-            max_reversion: float) -> str:
+            max_reversion: float, retrain_gap: Estimate | None = None) -> str:
     if verdict == "no effect":
         value = f"{fp_effect.value:.2f} {_interval(fp_effect)}" if fp_effect and fp_effect.value is not None else "-"
         return f"no measurable {metric} forgetting at fp ({value}): nothing to keep"
     share = f"{reversion.value:.2f} {_interval(reversion)}" if reversion and reversion.value is not None else "-"
     if verdict == "keeps":
         return f"{metric} reversion {share}: interval at or below {max_reversion:g}"
+    if verdict == "at retrain" and retrain_gap is not None and retrain_gap.value is not None:
+        return (f"{metric} minus the retrain model's {retrain_gap.value:.2f} {_interval(retrain_gap)}: as forgotten "
+                f"as the retrain model at this format (reversion {share})")
     if verdict == "reverts":
         return f"{metric} reversion {share}: interval above {max_reversion:g}"
     return f"{metric} reversion {share}: interval straddles {max_reversion:g}"
