@@ -42,9 +42,9 @@ from qrunlearn.eval.effect import (
     METRIC,
     Estimate,
     PrecisionEffect,
+    at_retrain,
     has_items,
     precision_effect,
-    verdict,
 )
 from qrunlearn.eval.relearn import probe_corpus, relearn, relearning_split
 from qrunlearn.io import atomic_write_bytes, atomic_write_json, atomic_write_text, git_commit, package_versions, slug
@@ -189,7 +189,7 @@ def gate(anchor_effect: Estimate | None, reversion: Estimate | None, max_reversi
     floor of a bounded metric, `eval.effect.verdict`)."""
     if anchor_effect is None or anchor_effect.excludes(0.0) != "above":
         return "no effect", False
-    if verdict(anchor_effect, None, max_reversion, retrain_gap, direction) == "at retrain":
+    if at_retrain(retrain_gap, direction):
         return "at retrain", True
     if reversion is None or reversion.low is None or reversion.high is None:
         return "inconclusive", inconclusive == "pass"

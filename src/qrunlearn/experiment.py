@@ -179,8 +179,7 @@ class Experiment:
         """A finished cell scored against a target other than the one `prepare` found: e.g. cells restored from an
         archive beside a target trained again with different bits, or a target retrained into the same folder.
         Such a cell is run again, never mixed into the report. Results that predate the record are trusted."""
-        return (self._target_identity is not None and result.target_identity is not None
-                and result.target_identity != self._target_identity)
+        return not _same_target(result.target_identity, self._target_identity)
 
     def references(self) -> ReferenceCellResult:
         result = self.load_cell(self.cells[0])
@@ -206,13 +205,12 @@ class Experiment:
     def _check_one_target(self, references: ReferenceCellResult, cells: list[UnlearnCellResult]) -> None:
         """Every cell of a report unlearned from the target its references cell evaluated (where both say which)."""
         for result in cells:
-            if (references.target_identity is None or result.target_identity is None
-                    or result.target_identity == references.target_identity):
+            if _same_target(result.target_identity, references.target_identity):
                 continue
             index = next(cell.index for cell in self.cells if cell.id == result.cell)
             raise UserError(f"{self.out / 'cells' / result.cell / 'result.json'}: unlearned from another target "
-                            f"({result.target_identity[:19]}) than the references cell evaluated "
-                            f"({references.target_identity[:19]}); score it again with --cell {index}")
+                            f"({str(result.target_identity)[:19]}) than the references cell evaluated "
+                            f"({str(references.target_identity)[:19]}); score it again with --cell {index}")
 
     def unlearn_results(self) -> list[UnlearnCellResult]:
         results = [self.load_cell(cell) for cell in self.cells[1:]]
@@ -408,6 +406,11 @@ class _CellTicker:
         if 0 < self.started < self.units:
             self.advance()
         self.started += 1
+
+
+def _same_target(identity: str | None, other: str | None) -> bool:
+    """Two records of a target's identity agree, or one is unknown (results that predate the record are trusted)."""
+    return identity is None or other is None or identity == other
 
 
 def check_output_folder(out: Path, resume: bool, force: bool) -> None:

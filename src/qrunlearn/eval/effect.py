@@ -296,6 +296,13 @@ def reversion_difference(metric: ForgettingMetric, baseline: Sequence[Arm], othe
     return _estimate(changed[0] - base[0], changed[1] - base[1])
 
 
+def at_retrain(retrain_gap: Estimate | None, direction: int = HEADLINE.direction) -> bool:
+    """The whole interval of `retrain_gap` (unlearned minus retrain at one precision) on the forgetting side of 0:
+    the unlearned model is measurably no less forgotten than the retrain model there (no interval: no claim)."""
+    return (retrain_gap is not None and retrain_gap.low is not None and retrain_gap.high is not None
+            and min(direction * retrain_gap.low, direction * retrain_gap.high) >= 0.0)
+
+
 def verdict(anchor_effect: Estimate | None, reversion: Estimate | None, threshold: float,
             retrain_gap: Estimate | None = None, direction: int = HEADLINE.direction) -> Verdict:
     """Reverted / holds only when the interval clears the threshold; no effect when the anchor's forgetting
@@ -310,8 +317,7 @@ def verdict(anchor_effect: Estimate | None, reversion: Estimate | None, threshol
         return "no items"
     if anchor_effect.excludes(0.0) != "above":
         return "no effect"
-    if retrain_gap is not None and retrain_gap.low is not None and retrain_gap.high is not None \
-            and min(direction * retrain_gap.low, direction * retrain_gap.high) >= 0.0:
+    if at_retrain(retrain_gap, direction):
         return "at retrain"
     if reversion is None:
         return "inconclusive"
