@@ -203,7 +203,8 @@ def test_each_strategy_pooled_over_the_methods_and_against_full_fine_tuning():
         _cell("npo_gdr", "lora", {"fp": _eval(TARGET_FP - 10), "nf4": _eval(TARGET_NF4 - 10)}),
         _cell("ga_gdr", "qat:nf4", {"fp": _eval(TARGET_FP - 60), "nf4": _eval(TARGET_NF4 - 40)}),
     ]
-    pooled, differences = pooled_reversions(_measure(), cells, ["fp", "nf4"])
+    rows = collect_rows(_measure(), cells, ["fp", "nf4"])
+    pooled, differences = pooled_reversions(_measure(), cells, ["fp", "nf4"], rows)
     by_strategy = {p.strategy: p for p in pooled}
     assert sorted(by_strategy) == ["full", "lora"]  # QAT: one method, and nf4 is its anchor
     full = by_strategy["full"]
@@ -215,7 +216,7 @@ def test_each_strategy_pooled_over_the_methods_and_against_full_fine_tuning():
     assert lora is not None and lora.value == pytest.approx(0.0, abs=1e-9)
     [difference] = differences
     assert (difference.method, difference.methods, difference.strategy) == ("pooled", ["ga_gdr", "npo_gdr"], "lora")
-    rows = collect_rows(_measure(), cells, ["fp", "nf4"])
+    assert full.at_retrain == [] and difference.at_retrain == []
     sentence = finding_sentence(strategy_findings(rows, ["full", "lora", "qat:nf4"], ["fp", "nf4"]), "nf4", 0.25,
                                 pooled)
     assert "full pooled over 2 methods (2 runs): KnowMem-forget reversion 0.33 [" in sentence
@@ -225,6 +226,36 @@ def test_each_strategy_pooled_over_the_methods_and_against_full_fine_tuning():
         strategy_findings(rows, ["full"], ["fp", "nf4"]), "nf4", 0.25, [unmeasured])
     assert difference.knowmem_f is not None and difference.knowmem_f.value == pytest.approx(-1 / 3)
     assert difference.knowmem_f.high is not None and difference.knowmem_f.high < 0
+
+
+def test_a_method_at_the_floor_is_left_out_of_the_pooled_knowmem_figure():
+    """GA forgets every answer at every precision (the retrain model's 0): at nf4 it keeps only the 75 of 85 points
+    the quantizer leaves the target. Pooled with NPO (gives back 20 of its 40) that floor would read as reversion:
+    1 - (75 + 20) / (85 + 40) = 0.24. GA is left out and named; NPO alone gives back 0.5. The NLL metrics have no
+    floor, and LoRA beside full is compared over the methods at retrain on neither side."""
+    floor = np.zeros(N)
+    cells = [
+        _cell("ga_gdr", "full", {"fp": _eval(floor), "nf4": _eval(floor)}),
+        _cell("npo_gdr", "full", {"fp": _eval(TARGET_FP - 40), "nf4": _eval(TARGET_NF4 - 20)}),
+        _cell("ga_gdr", "lora", {"fp": _eval(floor), "nf4": _eval(floor)}),
+        _cell("npo_gdr", "lora", {"fp": _eval(TARGET_FP - 40), "nf4": _eval(TARGET_NF4 - 40)}),
+    ]
+    rows = collect_rows(_measure(), cells, ["fp", "nf4"])
+    assert _row(rows, "ga_gdr-full", "nf4").verdict == "at retrain"
+    assert _row(rows, "npo_gdr-full", "nf4").verdict == "reverted"
+    pooled, [difference] = pooled_reversions(_measure(), cells, ["fp", "nf4"], rows)
+    full = next(p for p in pooled if p.strategy == "full")
+    assert full.methods == ["ga_gdr", "npo_gdr"] and full.at_retrain == ["ga_gdr"]
+    assert full.knowmem_f is not None and full.knowmem_f.value == pytest.approx(0.5)
+    assert difference.at_retrain == ["ga_gdr"] and difference.methods == ["ga_gdr", "npo_gdr"]
+    assert difference.knowmem_f is not None and difference.knowmem_f.value == pytest.approx(-0.5)
+    lora = next(p for p in pooled if p.strategy == "lora")
+    sentence = finding_sentence(strategy_findings(rows, ["full", "lora"], ["fp", "nf4"]), "nf4", 0.25, pooled)
+    assert "full pooled over 2 methods (2 runs): KnowMem-forget reversion 0.50 [" in sentence
+    assert "ga_gdr at the retrain model's level, left out" in sentence
+    every = lora.model_copy(update={"at_retrain": ["ga_gdr", "npo_gdr"], "knowmem_f": None})
+    assert "reversion none (every method at the retrain model's level)" in finding_sentence(
+        strategy_findings(rows, ["lora"], ["fp", "nf4"]), "nf4", 0.25, [every])
 
 
 def test_rows_without_items_have_no_interval_and_no_verdict():

@@ -24,6 +24,7 @@ from qrunlearn.config import ExperimentConfig
 from qrunlearn.eval.bootstrap import LEVEL
 from qrunlearn.eval.effect import (
     FORGETTING_METRICS,
+    HEADLINE,
     METRIC,
     Arm,
     Estimate,
@@ -244,13 +245,15 @@ def _arm(measure: Measurement, cells: Sequence[UnlearnCellResult], precision: st
                target_anchor=target_a, unlearned_anchor=[c.evals[anchor].items for c in cells])  # type: ignore[misc]
 
 
-def _per_metric(estimate: Callable[..., Estimate | None], *sides: Sequence[Arm],
-                measure: Measurement) -> dict[str, Estimate | None]:
-    """`estimate(metric, *sides, resamples, seed)` for each of DIFFERENCE_METRICS whose item scores every model of
-    the sides' arms has."""
+def _per_metric(estimate: Callable[..., Estimate | None], *sides: Sequence[Arm], measure: Measurement,
+                metrics: Sequence[str] = ()) -> dict[str, Estimate | None]:
+    """`estimate(metric, *sides, resamples, seed)` for each of `metrics` (default DIFFERENCE_METRICS) whose item
+    scores every model of the sides' arms has; none where a side has no arm."""
+    if not all(sides):
+        return {}
     models = [scores for side in sides for arm in side for scores in arm.models()]
-    return {name: estimate(METRIC[name], *sides, measure.resamples, measure.seed) for name in DIFFERENCE_METRICS
-            if all(has_items(METRIC[name], scores) for scores in models)}
+    return {name: estimate(METRIC[name], *sides, measure.resamples, measure.seed)
+            for name in (metrics or DIFFERENCE_METRICS) if all(has_items(METRIC[name], scores) for scores in models)}
 
 
 def _quantizers(strategy: Strategy, precisions: list[str]) -> list[str]:
@@ -292,11 +295,17 @@ def _method_arms(measure: Measurement, groups: Sequence[_Group], precision: str,
     return {method: arm for method, arm in found.items() if arm is not None}
 
 
-def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult],
-                      precisions: list[str]) -> tuple[list[PooledReversion], list[StrategyDifference]]:
+def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str],
+                      rows: Sequence[Row]) -> tuple[list[PooledReversion], list[StrategyDifference]]:
     """Each strategy's reversion at each quantizer pooled over the grid's methods (two or more), and beside full
     fine-tuning's, the pooled difference over the methods both have: the grid's question (does this quantizer give
-    back a strategy's forgetting?) with every run's items behind one interval, where one method's is too wide."""
+    back a strategy's forgetting?) with every run's items behind one interval, where one method's is too wide.
+
+    A method whose row (`rows`) is *at retrain* at the quantizer is left out of the pooled KnowMem-forget figure and
+    named: a bounded metric at its floor keeps only the share of its effect that the quantizer leaves the target, so
+    the floored method would add the target's own loss to the pool as if it were reversion. The NLL metrics have no
+    floor and pool every method."""
+    floored = {(row.method, row.strategy, row.precision) for row in rows if row.verdict == "at retrain"}
     by_strategy: dict[Strategy, list[_Group]] = {}
     for group in _groups(cells):
         by_strategy.setdefault(group.strategy, []).append(group)
@@ -311,18 +320,28 @@ def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult],
             arms = _method_arms(measure, members, precision, anchor)  # type: ignore[arg-type]
             if len(arms) < 2:
                 continue
+            level = [method for method in arms if (method, strategy.label, precision) in floored]
             pooled.append(PooledReversion(
-                strategy=strategy.label, precision=precision, methods=list(arms),
+                strategy=strategy.label, precision=precision, methods=list(arms), at_retrain=level,
                 runs=sum(len(arm.unlearned_q) for arm in arms.values()),
-                **_per_metric(pooled_reversion, list(arms.values()), measure=measure)))
+                **{**_per_metric(pooled_reversion, list(arms.values()), measure=measure),
+                   HEADLINE.name: None,
+                   **_per_metric(pooled_reversion, [arm for m, arm in arms.items() if m not in level],
+                                 measure=measure, metrics=[HEADLINE.name])}))
             base = base_arms.get(precision, {})
             shared = [method for method in arms if method in base]
             if strategy == BASELINE or len(shared) < 2:
                 continue
-            estimates = _per_metric(reversion_difference, [base[m] for m in shared], [arms[m] for m in shared],
-                                    measure=measure)
-            differences.append(StrategyDifference(method="pooled", methods=shared, strategy=strategy.label,
-                                                  baseline=BASELINE.label, precision=precision, **estimates))
+            level = [m for m in shared if {(m, strategy.label, precision), (m, BASELINE.label, precision)} & floored]
+            kept = [m for m in shared if m not in level]
+            differences.append(StrategyDifference(
+                method="pooled", methods=shared, at_retrain=level, strategy=strategy.label, baseline=BASELINE.label,
+                precision=precision,
+                **{**_per_metric(reversion_difference, [base[m] for m in shared], [arms[m] for m in shared],
+                                 measure=measure),
+                   HEADLINE.name: None,
+                   **_per_metric(reversion_difference, [base[m] for m in kept], [arms[m] for m in kept],
+                                 measure=measure, metrics=[HEADLINE.name])}))
     return pooled, differences
 
 
@@ -502,14 +521,18 @@ def _count_sentence(f: StrategyFinding) -> str:
 
 def _pooled_sentence(pooled: PooledReversion, threshold: float) -> str:
     """A strategy's pooled KnowMem-forget reversion with the same verdict rule as a row's (the pooled estimate
-    exists only where the summed forgetting is measurable)."""
+    exists only where the summed forgetting is measurable), over the methods not at the retrain model's level."""
+    kept = [m for m in pooled.methods if m not in pooled.at_retrain]
     side = pooled.knowmem_f.excludes(threshold) if pooled.knowmem_f is not None else None
-    said = ("none (the summed forgetting is not measurable, or the evaluations hold no per-item scores)"
+    said = ("none (every method at the retrain model's level)" if not kept else
+            "none (the summed forgetting is not measurable, or the evaluations hold no per-item scores)"
             if pooled.knowmem_f is None else
             f"{_fmt_estimate(pooled.knowmem_f)}, "
             + {"above": "reverted", "below": "holds", None: "inconclusive"}[side])
+    left_out = (f"; {', '.join(pooled.at_retrain)} at the retrain model's level, left out" if pooled.at_retrain and kept
+                else "")
     return (f"{pooled.strategy} pooled over {len(pooled.methods)} methods ({pooled.runs} runs): KnowMem-forget "
-            f"reversion {said}")
+            f"reversion {said}{left_out}")
 
 
 def finding_sentence(findings: list[StrategyFinding], low: str | None, threshold: float,
@@ -626,7 +649,7 @@ def build_report(out: Path, config: ExperimentConfig, references: ReferenceCellR
     rows = collect_rows(measure, cells, precisions)
     found = correlations(measure, cells, precisions)
     differences = strategy_differences(measure, cells, precisions)
-    pooled, pooled_differences = pooled_reversions(measure, cells, precisions)
+    pooled, pooled_differences = pooled_reversions(measure, cells, precisions, rows)
     bootstrap_seconds = time.perf_counter() - started
     findings = strategy_findings(rows, [s.label for s in config.strategies], precisions)
     results = ExperimentResults(config=config, versions=package_versions(), git_commit=git_commit(),
@@ -667,6 +690,8 @@ def _difference_table(differences: list[StrategyDifference]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for d in differences:
         method = f"pooled: {', '.join(d.methods)}" if d.methods else d.method
+        if d.at_retrain:
+            method += f" (KnowMem-f without {', '.join(d.at_retrain)}: at retrain)"
         lines.append(f"| {method} | {d.strategy} | {d.precision} | {_fmt_estimate(d.knowmem_f)} | "
                      f"{_fmt_estimate(d.knowmem_f_answer_nll)} | {_fmt_estimate(d.nll_privleak_forget)} |")
     return lines + [""]
@@ -676,11 +701,14 @@ def _pooled_table(pooled: list[PooledReversion]) -> list[str]:
     if not pooled:
         return []
     lines = ["Reversion pooled over the methods (1 - the methods' summed forgetting at the quantizer / summed at the "
-             "anchor), 95% interval over items (one resample for every method) and each method's seeds:", "",
-             "| strategy | precision | methods | runs | KnowMem-f | answer NLL | forget NLL |",
-             "|---|---|---|---|---|---|---|"]
+             "anchor), 95% interval over items (one resample for every method) and each method's seeds; KnowMem-f "
+             "leaves out the methods at the retrain model's level (a floored metric would add the target's own loss "
+             "as reversion):", "",
+             "| strategy | precision | methods | runs | at retrain (not in KnowMem-f) | KnowMem-f | answer NLL | "
+             "forget NLL |", "|---|---|---|---|---|---|---|---|"]
     for p in pooled:
         lines.append(f"| {p.strategy} | {p.precision} | {', '.join(p.methods)} | {p.runs} | "
+                     f"{', '.join(p.at_retrain) or '-'} | "
                      f"{_fmt_estimate(p.knowmem_f)} | {_fmt_estimate(p.knowmem_f_answer_nll)} | "
                      f"{_fmt_estimate(p.nll_privleak_forget)} |")
     return lines + [""]

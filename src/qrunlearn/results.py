@@ -212,6 +212,7 @@ class StrategyDifference(BaseModel):
     knowmem_f_answer_nll: Estimate | None = None
     nll_privleak_forget: Estimate | None = None
     methods: list[str] | None = None
+    at_retrain: list[str] = []  # pooled methods left out of the KnowMem-forget figure: at retrain on either side
 
 
 class PooledReversion(BaseModel):
@@ -224,6 +225,7 @@ class PooledReversion(BaseModel):
     precision: str
     methods: list[str]
     runs: int  # unlearning runs pooled: methods x seeds
+    at_retrain: list[str] = []  # methods left out of the KnowMem-forget figure: at the retrain model's level here
     knowmem_f: Estimate | None = None
     knowmem_f_answer_nll: Estimate | None = None
     nll_privleak_forget: Estimate | None = None
