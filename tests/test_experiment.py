@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from qrunlearn.cli import main
+from qrunlearn.config import load_config
+from qrunlearn.experiment import Experiment
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.source import MODEL_POINTER, resolve_model_path
 from qrunlearn.unlearn.storage import RECORD_FILE
@@ -165,6 +167,14 @@ def test_a_seeds_config_lists_runs_and_resumes_its_cells(grid, tmp_path, capsys)
     assert main(["run", str(path), "--out", str(out), "--list-cells"]) == 0
     assert capsys.readouterr().out.split() == ["0", "references", "1", "ga_gdr-lora-s0", "2", "ga_gdr-lora-s1"]
     assert main(["run", str(path), "--out", str(out), "--cell", "2", "--no-progress"]) == 0
+    # a lone cell caches the retrain reference under the retrain model's identity; another model's cache is not used
+    cache = out / "cells" / "retrain_reference.json"
+    retrain = config["models"]["retrain"]
+    measured = json.loads(cache.read_text())
+    assert measured["retrain_identity"] == model_identity(retrain)
+    cache.write_text(json.dumps({**measured, "knowmem_f": 99.0, "retrain_identity": "sha256:" + "0" * 64}))
+    assert Experiment(load_config(path), out).retrain_reference().knowmem_f == measured["knowmem_f"]
+    assert json.loads(cache.read_text()) == measured
     # before the grid is done: no report, unless a partial one of the cells finished so far
     assert main(["report", str(out), "--config", str(path)]) == 2
     assert main(["run", str(path), "--out", str(out), "--cell", "0", "--no-progress"]) == 0

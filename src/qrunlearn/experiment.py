@@ -281,17 +281,20 @@ class Experiment:
         references = self.load_cell(self.cells[0])
         if isinstance(references, ReferenceCellResult) and not self.is_stale(references):
             return references.retrain_reference
-        cache = self.out / "cells" / "retrain_reference.json"
-        cached = read_cell(cache, RetrainReference)
-        if cached is not None:
-            return cached
         _, retrain = self.model_paths(progress=False)
         preset = self._preset()
         if retrain is None and preset is not None:
             return RetrainReference(auc=preset[0], knowmem_f=None, source=preset[1])
         if retrain is None:
             raise UserError("config field 'models.retrain': give a retrain model or models.retrain_auc")
+        # the cache is keyed by the retrain model's content: one retrained into the same folder is measured again
+        identity = model_identity(retrain)
+        cache = self.out / "cells" / "retrain_reference.json"
+        cached = read_cell(cache, RetrainReference)
+        if cached is not None and _same_target(cached.retrain_identity, identity):
+            return cached
         reference = self._measured_reference(retrain, self._evaluate(retrain, FULL_PRECISION, None))
+        reference = reference.model_copy(update={"retrain_identity": identity})
         atomic_write_json(cache, reference)
         return reference
 
@@ -409,7 +412,8 @@ class _CellTicker:
 
 
 def _same_target(identity: str | None, other: str | None) -> bool:
-    """Two records of a target's identity agree, or one is unknown (results that predate the record are trusted)."""
+    """Two records of a model's identity (the target's, or the retrain's) agree, or one is unknown (results that
+    predate the record are trusted)."""
     return identity is None or other is None or identity == other
 
 

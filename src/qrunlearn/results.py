@@ -76,6 +76,7 @@ class RetrainReference(BaseModel):
     knowmem_f: float | None
     source: str  # "retrain model at <path>", "preset (MUSE-News)", "config value"
     auc_measured: float | None = None  # the retrain model's own AUC when a preset overrides it
+    retrain_identity: str | None = None  # `models.identity` of the retrain model measured (a lone cell's cache)
 
 
 class SurvivalRecord(SurvivalReport):
