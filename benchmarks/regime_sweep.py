@@ -13,9 +13,11 @@ update's mean |dW| in quantization steps and the share of codes it changed.
         --precisions fp nf4 rtn:w4g64 --reuse-run runs/smollm2-seeds/partial     # 70 questions, 3 seeds
 
 Resumable: each lr's grid lives in OUT/full_lr_<lr>/ and skips its finished cells, so a killed sweep continues where
-it stopped (run it again with the same arguments). `--reuse-run` adds a finished grid's cells with the same
-settings (its full fine-tuning and LoRA at their own lrs) as points. Writes OUT/regime.md, OUT/regime.csv and
-OUT/plots/regime.png.
+it stopped (run it again with the same arguments). Or by cells: `--write-configs` writes each lr's config to
+OUT/full_lr_<lr>/config.yaml and prints the `benchmarks/run_cells.sh` queues for its unfinished cells (one thread a
+cell, each finished cell archived at once, two queues side by side); `--collect-only` then builds the outputs.
+`--reuse-run` adds a finished grid's cells with the same settings (its full fine-tuning and LoRA at their own lrs)
+as points. Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import yaml
 from matplotlib.ticker import FuncFormatter
 
 from qrunlearn.config import ExperimentConfig, load_config, load_resolved_config
@@ -40,6 +44,7 @@ from qrunlearn.quant import is_full_precision
 from qrunlearn.report import Measurement, Pairs, correlations_of, diagnostic_pairs
 from qrunlearn.results import ExperimentResults, Row
 
+RUNS = Path(__file__).resolve().parent.parent / "runs"  # benchmarks/run_cells.sh's run folders
 # the point's fields that are estimates with an interval (written to the csv as value, _low, _high)
 ESTIMATES = ("forgetting_fp", "reversion", "answer_nll_forgetting_fp", "answer_nll_reversion")
 
@@ -81,16 +86,48 @@ def sub_config(base: ExperimentConfig, prepared: Experiment, *, strategy: str, l
     return ExperimentConfig.model_validate(raw)
 
 
-def share_references(out: Path, folder: Path) -> None:
+def share_references(out: Path, folder: Path, precisions: list[str], grids: Sequence[Path] = ()) -> None:
     """Every run of the sweep evaluates the same target and retrain on the same data and precisions: the first
-    finished references cell serves them all (copied in, so each run folder stays complete on its own)."""
+    finished references cell serves them all (copied in, so each run folder stays complete on its own), the sweep's
+    own or a reused grid's (same target and eval settings) that evaluated every precision of the sweep."""
     mine = folder / "cells" / "references" / "result.json"
     if mine.is_file():
         return
-    done = sorted(out.glob("*/cells/references/result.json"))
-    if done:
-        mine.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(done[0], mine)
+    found = sorted(out.glob("*/cells/references/result.json")) + [
+        grid / "cells" / "references" / "result.json" for grid in grids]
+    for done in found:
+        if done.is_file() and set(precisions) <= set(json.loads(done.read_text()).get("target_evals", {})):
+            mine.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(done, mine)
+            return
+
+
+def run_folder(out: Path, label: str) -> Path:
+    return out / label.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def grid_folder(reused: Path) -> Path:
+    """The run folder of a --reuse-run (given as the run or as its report --partial folder)."""
+    return reused.parent if reused.name == "partial" else reused
+
+
+def write_configs(args: argparse.Namespace, base: ExperimentConfig, prepared: Experiment,
+                  runs: list[tuple[str, str, float | None]]) -> None:
+    """Each run's grid config as OUT/<run>/config.yaml, for `benchmarks/run_cells.sh` queues (one thread a cell,
+    each finished cell archived at once) instead of this script's one run after another."""
+    for label, strategy, lr in runs:
+        folder = run_folder(args.out, label)
+        config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
+        share_references(args.out, folder, list(args.precisions), [grid_folder(r) for r in args.reuse_run])
+        atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.model_dump(mode="json", exclude_none=True),
+                                                                   sort_keys=False))
+        cells = " ".join(str(cell.index) for cell in Experiment(config, folder).cells
+                         if not (folder / "cells" / cell.id / "result.json").is_file())
+        try:
+            name = str(folder.resolve().relative_to(RUNS.resolve()))
+        except ValueError:
+            name = f"(under {RUNS}: {folder})"
+        print(f"benchmarks/run_cells.sh {folder / 'config.yaml'} {name} {cells or '(every cell done)'}")
 
 
 def rebuild_report(folder: Path) -> tuple[Path, ExperimentResults] | None:
@@ -301,6 +338,9 @@ def main() -> None:
                              "at its config's lrs")
     parser.add_argument("--collect-only", action="store_true",
                         help="rebuild each finished run's report and the sweep's outputs; run nothing")
+    parser.add_argument("--write-configs", action="store_true",
+                        help="write each run's config to OUT/<run>/config.yaml and print the run_cells.sh queues "
+                             "that run its unfinished cells (then --collect-only); run nothing")
     args = parser.parse_args()
     base = load_config(args.config)
     prepared = Experiment(base, args.out / "base")
@@ -309,11 +349,14 @@ def main() -> None:
     runs: list[tuple[str, str, float | None]] = [(f"full lr {lr:g}", "full", lr) for lr in args.lrs]
     if not args.no_lora:
         runs.append((f"lora lr {args.lora_lr:g}" if args.lora_lr else "lora (default lr)", "lora", args.lora_lr))
+    if args.write_configs:
+        write_configs(args, base, prepared, runs)
+        return
     points: list[RegimePoint] = []
     timings: dict[str, float] = {}
     pairs: Pairs = {}
     for label, strategy, lr in runs:
-        folder = args.out / label.replace(" ", "_").replace("(", "").replace(")", "")
+        folder = run_folder(args.out, label)
         if args.collect_only:
             rebuilt = rebuild_report(folder)
             if rebuilt is not None:
@@ -324,7 +367,7 @@ def main() -> None:
                 timings[label] = sum(cell.wall_seconds for cell in results.cells) + results.references.wall_seconds
             continue
         config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
-        share_references(args.out, folder)
+        share_references(args.out, folder, list(args.precisions), [grid_folder(r) for r in args.reuse_run])
         started = time.perf_counter()
         run_experiment(config, folder, resume=True, progress=False)
         timings[label] = time.perf_counter() - started

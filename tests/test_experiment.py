@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from qrunlearn.cli import main
-from qrunlearn.config import load_config
+from qrunlearn.config import load_config, load_resolved_config
 from qrunlearn.experiment import Experiment
 from qrunlearn.models.identity import model_identity
 from qrunlearn.models.source import MODEL_POINTER, resolve_model_path
@@ -291,6 +291,39 @@ def test_regime_sweep_writes_its_table_csv_and_figure(grid, tmp_path):
     table = (tmp_path / "regime.md").read_text()
     assert table.count("| ga_gdr |") == 2 and "Wall time per run (s): grid 12" in table
     assert (tmp_path / "plots" / "regime.png").stat().st_size > 10_000
+
+
+def test_regime_sweep_writes_each_runs_config_for_cell_queues(grid, tmp_path, capsys):
+    """--write-configs: each lr's grid as OUT/<run>/config.yaml (what the sweep would run), the reused grid's
+    references cell shared when it evaluated every precision of the sweep, and the run_cells.sh queue printed; a
+    queued cell then runs from that config beside the shared references."""
+    import argparse
+    sweep = _regime_sweep()
+    _, out, _ = grid
+    grid_config = load_resolved_config(out)
+    base = grid_config.model_validate({**grid_config.model_dump(mode="json"), "data": {"path": str(out / "data")},
+                                       "models": {"target": str(out / "models" / "target"),
+                                                  "retrain": str(out / "models" / "retrain")}})
+    prepared = Experiment(base, tmp_path / "sweep" / "base")
+    args = argparse.Namespace(out=tmp_path / "sweep", methods=["ga_gdr"], seeds=[0], epochs=None,
+                              precisions=["fp", "nf4"], reuse_run=[out / "partial"])
+    capsys.readouterr()
+    sweep.write_configs(args, base, prepared, [("full lr 0.001", "full", 1e-3), ("full lr 0.01", "full", 1e-2)])
+    printed = capsys.readouterr().out.splitlines()
+    folder = tmp_path / "sweep" / "full_lr_0.001"
+    assert printed[0].startswith(f"benchmarks/run_cells.sh {folder / 'config.yaml'} ") and printed[0].endswith(" 1")
+    written = load_config(folder / "config.yaml")
+    assert written == sweep.sub_config(base, prepared, strategy="full", lr=1e-3, args=args)
+    assert written.unlearn_config("ga_gdr", "full").lr == 1e-3
+    shared = folder / "cells" / "references" / "result.json"
+    assert shared.read_bytes() == (out / "cells" / "references" / "result.json").read_bytes()
+    assert main(["run", str(folder / "config.yaml"), "--out", str(folder), "--cell", "1", "--no-progress"]) == 0
+    assert shared.read_bytes() == (out / "cells" / "references" / "result.json").read_bytes()  # not run again
+    where, rebuilt = sweep.rebuild_report(folder)
+    assert where == folder and [cell.cell for cell in rebuilt.cells] == ["ga_gdr-full-s0"]
+    # a grid that did not evaluate every precision of the sweep serves no references
+    sweep.share_references(tmp_path / "other", tmp_path / "other" / "run", ["fp", "int8"], [out])
+    assert not (tmp_path / "other" / "run" / "cells" / "references").exists()
 
 
 def _archive_runs():
