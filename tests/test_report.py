@@ -298,6 +298,24 @@ def test_correlations_over_cells_and_the_prediction_sentence():
     assert "predicted reversion" not in table_markdown(rows, predicted=first_order_predicts(none))
 
 
+def test_rows_at_the_floor_are_not_pairs_of_the_knowmem_correlation():
+    """Cells that forgot every answer (the retrain's 0) at every precision read a precision-matched share of 10/85
+    at nf4, the target's own loss: with the largest updates (diagnostic 2.0-2.2) and a middling "reversion", three
+    such cells would wash the eight measured cells' rank correlation of +1 out (to 0.03 [-0.60, 0.63] as pairs)."""
+    cells = []
+    for i, back in enumerate(np.linspace(0, 35, 8)):
+        unlearned = TARGET_FP - 40
+        cells.append(_cell(f"m{i}", "full", {"fp": _eval(unlearned), "nf4": _eval(unlearned - 10 + back)},
+                           survival={"nf4": _survival(float(back) / 40 + 0.01 * i)}))
+    floored = [_cell(f"ga{i}", "full", {"fp": _eval(np.zeros(N)), "nf4": _eval(np.zeros(N))},
+                     survival={"nf4": _survival(2.0 + 0.1 * i)}) for i in range(3)]
+    rows = collect_rows(_measure(), floored, ["fp", "nf4"])
+    assert {r.verdict for r in rows if r.group and r.precision == "nf4"} == {"at retrain"}
+    found = correlations(_measure(), cells + floored, ["fp", "nf4"])
+    relative = next(c for c in found if c.diagnostic == "relative_error" and c.target == "knowmem_f")
+    assert relative.pairs == 8 and relative.rho.value == pytest.approx(1.0)
+
+
 def test_the_first_order_prediction_is_printed_once_it_predicts():
     cells = []
     for i, back in enumerate(np.linspace(0, 35, 8)):

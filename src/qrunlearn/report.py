@@ -30,6 +30,7 @@ from qrunlearn.eval.effect import (
     Estimate,
     PrecisionEffect,
     Verdict,
+    at_retrain,
     has_items,
     pooled_reversion,
     precision_effect,
@@ -469,7 +470,9 @@ Pairs = dict[tuple[str, str], list[tuple[float, float]]]  # (diagnostic, reversi
 def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> Pairs:
     """Every (unlearning cell, quantized deployed precision among `precisions`) pair whose own anchor effect is
     measurable (each seed its own pair): each diagnostic's value beside the measured reversion, per reversion metric.
-    A survival record at a precision not listed is left out (a reused grid's other quantizers)."""
+    A survival record at a precision not listed is left out (a reused grid's other quantizers), and so is a
+    KnowMem-forget pair at the retrain model's level: its share there is the target's own quantization loss (the
+    floor, `eval.effect.verdict`), which a diagnostic of the update would be credited with predicting."""
     pairs: Pairs = {}
     for cell in cells:
         anchor = anchor_precision(cell.strategy, precisions)
@@ -485,6 +488,8 @@ def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], preci
                 at_anchor = getattr(anchor_effects, target)
                 if measured is None or measured.reversion is None or measured.reversion.value is None \
                         or at_anchor is None or at_anchor.effect.excludes(0.0) != "above":
+                    continue
+                if target == HEADLINE.name and at_retrain(measured.retrain_gap, HEADLINE.direction):
                     continue
                 for key, value in _diagnostics(survival).items():
                     if value is not None:
@@ -512,9 +517,9 @@ def correlations_of(pairs: Pairs) -> list[Correlation]:
 def _count_sentence(f: StrategyFinding) -> str:
     without = f.groups - f.measurable - f.without_items
     older = f"; {f.without_items} without per-item scores, from an older run" if f.without_items else ""
-    at_retrain = f", {f.at_retrain} at the retrain model's level" if f.at_retrain else ""
+    floored = f", {f.at_retrain} at the retrain model's level" if f.at_retrain else ""
     return (f"{f.strategy}: {f.reverted} of {f.measurable} rows with a measurable effect reverted, {f.holds} held"
-            f"{at_retrain}, {f.inconclusive} inconclusive ({without} without a measurable effect{older}); median "
+            f"{floored}, {f.inconclusive} inconclusive ({without} without a measurable effect{older}); median "
             f"KnowMem-forget reversion {_fmt(f.median_reversion_knowmem_f)}, utility {_fmt(f.mean_utility_anchor)} -> "
             f"{_fmt(f.mean_utility_q)}")
 
