@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs"
 ARCHIVE = ROOT / "benchmarks" / "runs"
 # what a report is rebuilt from: the finished cells and the run's config; never models, data or reports (--prepare
-# rebuilds the data and models, `report` the report), nor a lone --cell's cache of the retrain's reference (it does
-# not say which retrain it measured)
+# rebuilds the data and models, `report` the report), nor a lone --cell's cache of the retrain's reference (measured
+# again in a minute where no references cell is done)
 KEPT = ("result.json", "config.resolved.json")
 
 

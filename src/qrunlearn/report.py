@@ -257,6 +257,15 @@ def _per_metric(estimate: Callable[..., Estimate | None], *sides: Sequence[Arm],
             for name in (metrics or DIFFERENCE_METRICS) if all(has_items(METRIC[name], scores) for scores in models)}
 
 
+def _above_the_floor(estimate: Callable[..., Estimate | None], every: Sequence[Sequence[Arm]],
+                     kept: Sequence[Sequence[Arm]], measure: Measurement) -> dict[str, Estimate | None]:
+    """`_per_metric` over the sides' arms of `every` method, but the bounded headline metric over `kept`'s only (the
+    methods not at the retrain model's level, whose floor would pass the target's own loss off as reversion)."""
+    unbounded = [name for name in DIFFERENCE_METRICS if name != HEADLINE.name]
+    return {**_per_metric(estimate, *every, measure=measure, metrics=unbounded),
+            **_per_metric(estimate, *kept, measure=measure, metrics=[HEADLINE.name])}
+
+
 def _quantizers(strategy: Strategy, precisions: list[str]) -> list[str]:
     """Where a strategy's reversion is measured: every deployed precision but full precision and its anchor."""
     anchor = anchor_precision(strategy, precisions)
@@ -325,10 +334,8 @@ def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult], prec
             pooled.append(PooledReversion(
                 strategy=strategy.label, precision=precision, methods=list(arms), at_retrain=level,
                 runs=sum(len(arm.unlearned_q) for arm in arms.values()),
-                **{**_per_metric(pooled_reversion, list(arms.values()), measure=measure),
-                   HEADLINE.name: None,
-                   **_per_metric(pooled_reversion, [arm for m, arm in arms.items() if m not in level],
-                                 measure=measure, metrics=[HEADLINE.name])}))
+                **_above_the_floor(pooled_reversion, [list(arms.values())],
+                                   [[arm for method, arm in arms.items() if method not in level]], measure)))
             base = base_arms.get(precision, {})
             shared = [method for method in arms if method in base]
             if strategy == BASELINE or len(shared) < 2:
@@ -338,11 +345,8 @@ def pooled_reversions(measure: Measurement, cells: list[UnlearnCellResult], prec
             differences.append(StrategyDifference(
                 method="pooled", methods=shared, at_retrain=level, strategy=strategy.label, baseline=BASELINE.label,
                 precision=precision,
-                **{**_per_metric(reversion_difference, [base[m] for m in shared], [arms[m] for m in shared],
-                                 measure=measure),
-                   HEADLINE.name: None,
-                   **_per_metric(reversion_difference, [base[m] for m in kept], [arms[m] for m in kept],
-                                 measure=measure, metrics=[HEADLINE.name])}))
+                **_above_the_floor(reversion_difference, [[base[m] for m in shared], [arms[m] for m in shared]],
+                                   [[base[m] for m in kept], [arms[m] for m in kept]], measure)))
     return pooled, differences
 
 
