@@ -121,8 +121,9 @@ def write_configs(args: argparse.Namespace, base: ExperimentConfig, prepared: Ex
         share_references(args.out, folder, list(args.precisions), [grid_folder(r) for r in args.reuse_run])
         atomic_write_text(folder / "config.yaml", yaml.safe_dump(config.model_dump(mode="json", exclude_none=True),
                                                                    sort_keys=False))
-        cells = " ".join(str(cell.index) for cell in Experiment(config, folder).cells
-                         if not (folder / "cells" / cell.id / "result.json").is_file())
+        queued = Experiment(config, folder)
+        # is_done, not a file test: an unreadable result.json is a cell to run again, so it belongs in the queue.
+        cells = " ".join(str(cell.index) for cell in queued.cells if not queued.is_done(cell))
         try:
             name = str(folder.resolve().relative_to(RUNS.resolve()))
         except ValueError:

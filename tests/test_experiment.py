@@ -321,6 +321,12 @@ def test_regime_sweep_writes_each_runs_config_for_cell_queues(grid, tmp_path, ca
     assert shared.read_bytes() == (out / "cells" / "references" / "result.json").read_bytes()  # not run again
     where, rebuilt = sweep.rebuild_report(folder)
     assert where == folder and [cell.cell for cell in rebuilt.cells] == ["ga_gdr-full-s0"]
+    # the queue lists what is left to run: nothing now; a cell whose result is unreadable again
+    sweep.write_configs(args, base, prepared, [("full lr 0.001", "full", 1e-3)])
+    assert capsys.readouterr().out.rstrip().endswith("(every cell done)")
+    (folder / "cells" / "ga_gdr-full-s0" / "result.json").write_text("{truncated")
+    sweep.write_configs(args, base, prepared, [("full lr 0.001", "full", 1e-3)])
+    assert capsys.readouterr().out.rstrip().endswith(" 1")
     # a grid that did not evaluate every precision of the sweep serves no references
     sweep.share_references(tmp_path / "other", tmp_path / "other" / "run", ["fp", "int8"], [out])
     assert not (tmp_path / "other" / "run" / "cells" / "references").exists()
