@@ -17,7 +17,8 @@ it stopped (run it again with the same arguments). Or by cells: `--write-configs
 OUT/full_lr_<lr>/config.yaml and prints the `benchmarks/run_cells.sh` queues for its unfinished cells (one thread a
 cell, each finished cell archived at once, two queues side by side); `--collect-only` then builds the outputs.
 `--reuse-run` adds a finished grid's cells with the same settings (its full fine-tuning and LoRA at their own lrs)
-as points. Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
+as points; `--no-lora` leaves LoRA out of both (run with it, then collect without it to plot the grid's LoRA beside).
+Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
 """
 
 from __future__ import annotations
@@ -328,7 +329,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-5, 3e-5, 1e-4, 3e-4, 1e-3],
                         help="full fine-tuning learning rates")
     parser.add_argument("--lora-lr", type=float, default=None, help="LoRA's lr (default: its adapter default)")
-    parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("--no-lora", action="store_true",
+                        help="no LoRA run of the sweep's own, and a --reuse-run grid's LoRA cells left out")
     parser.add_argument("--epochs", type=int, default=None, help="epochs for every run (default: the config's)")
     parser.add_argument("--methods", nargs="+", default=["ga_gdr", "npo_gdr"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
