@@ -39,8 +39,8 @@ def figures(files: dict[str, str]) -> dict[str, object]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 functions += 1
-                longest.append((node.end_lineno - node.lineno + 1, f"{name.removeprefix('src/qrunlearn/')}:"
-                                                                   f"{node.name}"))
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                longest.append((length, f"{name.removeprefix('src/qrunlearn/')}:{node.name}"))
                 inner_imports += sum(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(node))
             if isinstance(node, ast.Call):
                 func = node.func
@@ -75,8 +75,8 @@ def main() -> None:
         found = figures(sources(revision))
         print(f"{revision}:")
         for key, value in found.items():
-            if key == "longest":
-                value = "; ".join(f"{name} {count} lines" for count, name in value)  # type: ignore[union-attr]
+            if key == "longest" and isinstance(value, list):
+                value = "; ".join(f"{name} {count} lines" for count, name in value)
             print(f"  {key}: {value}")
 
 

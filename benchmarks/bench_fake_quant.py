@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -23,7 +24,7 @@ from qrunlearn.models.layers import linear_weight, target_linear_names
 from qrunlearn.quant.fake import fake_quantize, fake_quantized
 from qrunlearn.unlearn.lora import wrap_lora
 
-SIZES = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2),
     "30M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8),
 }
@@ -32,7 +33,9 @@ SIZES = {
 def build(size: str, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
     config = LlamaConfig(vocab_size=2048, max_position_embeddings=512, tie_word_embeddings=False, **SIZES[size])
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = LlamaForCausalLM(config)
+    model.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # transformers types its wrapped `to` without self
+    return model
 
 
 def sync(device: str) -> None:
@@ -40,7 +43,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[], None], device: str) -> float:
+def timed(step: Callable[[], object], device: str) -> float:
     """Seconds of one call: CPU time of this process on CPU (wall time swings with whatever else runs on a shared
     machine; CPU time counts the work), wall time on CUDA."""
     clock = time.process_time if device == "cpu" else time.perf_counter

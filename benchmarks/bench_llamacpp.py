@@ -83,19 +83,20 @@ def main() -> None:
         started = time.perf_counter()
         result = evaluate(loaded, tokenizer, corpus, config, progress=False)
         seconds = time.perf_counter() - started
+        metrics = {k: result.metrics.get(k) for k in HEADLINE}
         entry = {"types": types.model_dump(), "make_seconds": make_seconds, "seconds": seconds,
-                 "speed_vs_torch": torch_seconds / seconds,
-                 "metrics": {k: result.metrics.get(k) for k in HEADLINE},
+                 "speed_vs_torch": torch_seconds / seconds, "metrics": metrics,
                  "generations": _generation_agreement(reference.items, result.items)}
         if name == "f32":
             texts = [t for split in ("forget", "holdout") for t in corpus.require_privleak(split)]
             entry["logprobs"] = _logprob_agreement(model, loaded, tokenizer, texts, loaded.n_ctx)
-            entry["metric_diff"] = {k: (result.metrics[k] - reference.metrics[k])
-                                    for k in HEADLINE if result.metrics.get(k) is not None}
+            entry["metric_diff"] = {k: value - before for k in HEADLINE
+                                    if (value := result.metrics.get(k)) is not None
+                                    and (before := reference.metrics.get(k)) is not None}
         record["llamacpp"][name] = entry
         print(f"gguf:{name}: made in {make_seconds:.1f} s, evaluated in {seconds:.1f} s "
               f"(torch / llama.cpp = {torch_seconds / seconds:.2f}); {types.summary()}")
-        print("   ", json.dumps({k: round(v, 4) for k, v in entry["metrics"].items() if v is not None}))
+        print("   ", json.dumps({k: round(v, 4) for k, v in metrics.items() if v is not None}))
         print("   ", json.dumps(entry["generations"]))
         if "logprobs" in entry:
             print("    agreement:", json.dumps(entry["logprobs"]), json.dumps(entry["metric_diff"]))

@@ -59,6 +59,16 @@ def child(args: argparse.Namespace) -> None:
                       "tokens": result.tokens, "tokens_per_second": result.tokens / max(result.seconds, 1e-9)}))
 
 
+def shape_of(model: str, corpus, config):
+    """The micro-batch shape the estimate models; the model folder's tokenizer is required."""
+    from qrunlearn.unlearn.memory import micro_batch_shape
+
+    shape = micro_batch_shape(model, corpus, config)
+    if shape is None:
+        sys.exit(f"{model}: no tokenizer there to measure the micro-batch shape with")
+    return shape
+
+
 def wait_for_memory(gib: float) -> None:
     """On a shared machine: start the next measured run only once `gib` GiB are available (MemAvailable)."""
     while True:
@@ -88,7 +98,7 @@ STRATEGIES = ("lora", "full", "sure", "quail", "qat:nf4", "lora+qat:nf4")
 
 def compare_strategies(args: argparse.Namespace, corpus) -> None:
     from qrunlearn.config import ExperimentConfig
-    from qrunlearn.unlearn.memory import estimate_memory, micro_batch_shape
+    from qrunlearn.unlearn.memory import estimate_memory
 
     strategies = tuple(args.only.split(",")) if args.only else STRATEGIES
     strategies = strategies if "lora" in strategies else ("lora", *strategies)
@@ -100,7 +110,7 @@ def compare_strategies(args: argparse.Namespace, corpus) -> None:
     for strategy in strategies:
         config = grid.unlearn_config("npo_klr", strategy).model_copy(update={
             "epochs": 1, "batch_size": args.batch_size, "max_length": args.max_length, "pass_cost_tokens": ONE_PASS})
-        shape = micro_batch_shape(args.model, corpus, config)
+        shape = shape_of(args.model, corpus, config)
         estimate = estimate_memory(args.model, config, 1, shape.length, "cpu", rows=shape.rows).total
         row = rows[strategy] = {**measure(args, config), "estimate": estimate}
         lora = rows["lora"]  # measured first
@@ -133,7 +143,7 @@ def main() -> None:
 
     from qrunlearn.data.muse import load_corpus
     from qrunlearn.unlearn import UnlearnConfig
-    from qrunlearn.unlearn.memory import estimate_memory, micro_batch_shape
+    from qrunlearn.unlearn.memory import estimate_memory
 
     corpus = load_corpus(args.data)
     if args.forget_docs:
@@ -154,7 +164,7 @@ def main() -> None:
             config = UnlearnConfig(method="npo", reg="klr", adapter=adapter, lr=1e-5, epochs=1,
                                    batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, alpha=1.0,
                                    dtype="float32", pass_cost_tokens=ONE_PASS, **variant)
-            shape = micro_batch_shape(args.model, corpus, config)
+            shape = shape_of(args.model, corpus, config)
             estimate = estimate_memory(args.model, config, 1, shape.length, "cpu", rows=shape.rows).total
             measured = measure(args, config)
             peak = measured["peak_above_baseline"]

@@ -46,7 +46,7 @@ def main() -> None:
     print(f"threads: {torch.get_num_threads()}")
     print(f"benchmark build ({args.size}): {synth_seconds:.2f} s")
     config = EvalConfig(metrics=("knowmem_f", "knowmem_r", "privleak"), batch_size=32, bootstrap=200)
-    summary = {"synth_seconds": synth_seconds}
+    summary: dict[str, object] = {"synth_seconds": synth_seconds}
     for name in ("target", "retrain"):
         marker = json.loads((args.out / "models" / name / MARKER).read_text())
         train = marker["train"]

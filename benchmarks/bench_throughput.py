@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+from typing import Any
 
 import torch
 from peak import matmul_peak  # benchmarks/peak.py, beside this script
@@ -90,9 +91,10 @@ def passes(cost) -> str:
     return "one padded pass per batch" if cost == ONE_PASS else "passes grouped by length"
 
 
-def trainer_configs(**settings) -> tuple[TrainConfig, ...]:
-    return tuple(TrainConfig(**settings, cpu_kernels=onednn,
-                             **({} if cost == "default" else {"pass_cost_tokens": cost})) for onednn, cost in VARIANTS)
+def trainer_configs(**settings: Any) -> tuple[TrainConfig, ...]:
+    grouping: list[dict[str, Any]] = [{} if cost == "default" else {"pass_cost_tokens": cost} for _, cost in VARIANTS]
+    return tuple(TrainConfig(**settings, cpu_kernels=onednn, **group)
+                 for (onednn, _), group in zip(VARIANTS, grouping))
 
 
 def unlearn_configs(base: UnlearnConfig, **update) -> tuple[UnlearnConfig, ...]:

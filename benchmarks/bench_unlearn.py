@@ -46,7 +46,8 @@ def _trainer_ga(model_dir: Path, corpus, config, out: Path) -> float:
     from transformers import Trainer, TrainingArguments
 
     from qrunlearn.models.loading import load_causal_lm
-    from qrunlearn.unlearn.data import collate, load_unlearn_data
+    from qrunlearn.models.train import collate
+    from qrunlearn.unlearn.data import load_unlearn_data
 
     model, tok = load_causal_lm(model_dir, dtype="float32", device="cpu")
     data = load_unlearn_data(corpus, tok, "forget", "retain1", False, config.max_length)

@@ -56,7 +56,8 @@ def write_model(folder: Path, shape: dict, corpus: MuseCorpus, dtype: torch.dtyp
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = LlamaForCausalLM(config)
+        model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers types its wrapped `to` without self
     model.save_pretrained(folder)
     del model
     if device == "cuda":

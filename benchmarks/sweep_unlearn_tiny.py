@@ -37,7 +37,7 @@ def main() -> None:
     for spec in json.loads(args.specs):
         base = UnlearnConfig.tiny_defaults(spec.pop("method"), spec.pop("reg"), spec.pop("adapter"))
         config = base.model_copy(update={"epochs": args.epochs, **spec})
-        rows = []
+        rows: list[str] = []
 
         def hook(epoch, model, tokenizer, rows=rows):
             m = evaluate(model, tokenizer, corpus, quick, progress=False).metrics
