@@ -304,12 +304,16 @@ def _panel(ax, points: list[RegimePoint], key: str, colors: dict[str, str]) -> N
         estimate = getattr(p, key)
         if not isinstance(estimate, Estimate) or estimate.value is None or p.dw_steps is None:
             continue
-        low = estimate.low if estimate.low is not None else estimate.value
-        high = estimate.high if estimate.high is not None else estimate.value
         lora = p.strategy != "full"
-        ax.errorbar(p.dw_steps, estimate.value, yerr=[[estimate.value - low], [high - estimate.value]],
-                    fmt="s" if lora else "o", mfc="none" if lora else colors[p.method],
-                    color=colors[p.method], capsize=3, label=f"{p.method} {'LoRA' if lora else 'full'}")
+        label = f"{p.method} {'LoRA' if lora else 'full'}"
+        if estimate.low is None or estimate.high is None:
+            # a point estimate without a bootstrap interval: drawn apart, never as if it were exact
+            ax.scatter(p.dw_steps, estimate.value, marker="^", facecolors="none", edgecolors=colors[p.method],
+                       label=f"{label} (no interval)")
+            continue
+        spread = [[estimate.value - estimate.low], [estimate.high - estimate.value]]
+        ax.errorbar(p.dw_steps, estimate.value, yerr=spread, fmt="s" if lora else "o",
+                    mfc="none" if lora else colors[p.method], color=colors[p.method], capsize=3, label=label)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")

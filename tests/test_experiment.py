@@ -293,6 +293,24 @@ def test_regime_sweep_writes_its_table_csv_and_figure(grid, tmp_path):
     assert (tmp_path / "plots" / "regime.png").stat().st_size > 10_000
 
 
+def test_regime_sweep_draws_a_reversion_without_interval_apart():
+    """A point estimate whose bootstrap gave no interval (a resample with no forgetting at fp) must not look exact:
+    it is drawn as a hollow triangle of its own legend entry, the measured ones with their error bars."""
+    from qrunlearn.eval.effect import Estimate
+    from qrunlearn.plotting import pyplot
+    sweep = _regime_sweep()
+    point = dict(run="r", lr=1e-5, method="npo_gdr", strategy="full", precision="nf4", seeds=1, verdict=None,
+                 forgetting_fp=Estimate(value=7.1, low=1.4, high=14.3), answer_nll_forgetting_fp=None,
+                 answer_nll_reversion=None, codes_changed=None, relative_error=None, utility=None)
+    points = [sweep.RegimePoint(**point, reversion=Estimate(value=0.1), dw_steps=0.001),
+              sweep.RegimePoint(**point, reversion=Estimate(value=0.2, low=0.05, high=0.35), dw_steps=0.03)]
+    fig, ax = pyplot().subplots()
+    sweep._panel(ax, points, "reversion", {"npo_gdr": "C0"})
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["npo_gdr full (no interval)", "npo_gdr full"]
+    assert len(ax.containers) == 1  # one error bar: the point with an interval
+
+
 def test_regime_sweep_writes_each_runs_config_for_cell_queues(grid, tmp_path, capsys):
     """--write-configs: each lr's grid as OUT/<run>/config.yaml (what the sweep would run), the reused grid's
     references cell shared when it evaluated every precision of the sweep, and the run_cells.sh queue printed; a
