@@ -92,9 +92,8 @@ def passes(cost) -> str:
 
 
 def trainer_configs(**settings: Any) -> tuple[TrainConfig, ...]:
-    grouping: list[dict[str, Any]] = [{} if cost == "default" else {"pass_cost_tokens": cost} for _, cost in VARIANTS]
-    return tuple(TrainConfig(**settings, cpu_kernels=onednn, **group)
-                 for (onednn, _), group in zip(VARIANTS, grouping))
+    return tuple(TrainConfig(**settings, cpu_kernels=onednn, pass_cost_tokens=cost if isinstance(cost, int) else None)
+                 for onednn, cost in VARIANTS)
 
 
 def unlearn_configs(base: UnlearnConfig, **update) -> tuple[UnlearnConfig, ...]:
