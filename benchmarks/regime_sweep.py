@@ -362,6 +362,7 @@ def main() -> None:
     points: list[RegimePoint] = []
     timings: dict[str, float] = {}
     pairs: Pairs = {}
+    references_seconds: float | None = None
     for label, strategy, lr in runs:
         folder = run_folder(args.out, label)
         if args.collect_only:
@@ -371,7 +372,8 @@ def main() -> None:
                 partial = f" (partial: {len(results.cells)} cells)" if where != folder else ""
                 points += collect(where, label + partial, lr)
                 _pool(pairs, run_pairs(where))
-                timings[label] = sum(cell.wall_seconds for cell in results.cells) + results.references.wall_seconds
+                timings[label] = sum(cell.wall_seconds for cell in results.cells)
+                references_seconds = results.references.wall_seconds  # one cell every lr shares: counted once
             continue
         config = sub_config(base, prepared, strategy=strategy, lr=lr, args=args)
         share_references(args.out, folder, list(args.precisions), [grid_folder(r) for r in args.reuse_run])
@@ -386,6 +388,8 @@ def main() -> None:
         reused, reused_pairs = reused_points(folder, args)
         points += reused
         _pool(pairs, reused_pairs)
+    if references_seconds is not None:
+        timings["shared references"] = references_seconds
     if args.collect_only or args.reuse_run:
         write_outputs(args.out, points, timings, pairs)
     print((args.out / "regime.md").read_text())
