@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from qrunlearn.config import ExperimentConfig, load_config, load_resolved_config
 from qrunlearn.eval.effect import Estimate, Verdict
@@ -237,8 +237,8 @@ def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float
     for p in points:
         lines.append("| " + " | ".join([
             p.run, p.method, p.precision, str(p.seeds), _est(p.forgetting_fp), _est(p.reversion), str(p.verdict),
-            _est(p.answer_nll_forgetting_fp), _est(p.answer_nll_reversion), _num(p.dw_steps),
-            _num(p.codes_changed), _num(p.relative_error), _num(p.utility, 1)]) + " |")
+            _est(p.answer_nll_forgetting_fp), _est(p.answer_nll_reversion), _num(p.dw_steps, 4),
+            _num(p.codes_changed, 4), _num(p.relative_error), _num(p.utility, 1)]) + " |")
     lines += ["", "The diagnostics against the measured reversion, pooled over every run's (cell, seed, quantizer) "
               "pairs with a measurable effect:", "", *correlation_lines(pairs), "",
               "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
@@ -288,7 +288,10 @@ def plot(points: list[RegimePoint], path: Path) -> None:
             if here:
                 steps = [p.dw_steps for p in here if p.dw_steps is not None]
                 ax.set_xlim(min(steps) / 1.5, max(steps) * 1.5)
+            # labels at 1, 2, 5 x 10^k: a sweep spanning under a decade otherwise gets crowded minor-tick labels
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             handles, labels = ax.get_legend_handles_labels()
             if handles:
                 unique = dict(zip(labels, handles))
