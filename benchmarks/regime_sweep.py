@@ -18,6 +18,8 @@ OUT/full_lr_<lr>/config.yaml and prints the `benchmarks/run_cells.sh` queues for
 cell, each finished cell archived at once, two queues side by side); `--collect-only` then builds the outputs.
 `--reuse-run` adds a finished grid's cells with the same settings (its full fine-tuning and LoRA at their own lrs)
 as points; `--no-lora` leaves LoRA out of both (run with it, then collect without it to plot the grid's LoRA beside).
+`--pool OTHER_OUT` (with `--collect-only`) adds a second correlation table: this sweep's diagnostic pairs pooled with
+another sweep's (e.g. GA+GDR's with NPO+GDR's), whether a diagnostic predicts across methods.
 Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
 """
 
@@ -176,6 +178,26 @@ def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[RegimePo
     return points, run_pairs(folder, methods=methods, strategies=strategies, precisions=precisions)
 
 
+def pooled_sweep_pairs(sweeps: Sequence[Path], reused: Sequence[Path], args: argparse.Namespace) -> Pairs:
+    """Every finished run of other sweeps (their OUT folders: each lr's run, partial ones too) as diagnostic pairs,
+    with the reused grids' cells of those sweeps' methods: pooled with this sweep's own pairs, the correlations
+    across methods (e.g. NPO+GDR's sweep pooled with GA+GDR's, both reusing the seeds grid)."""
+    pairs: Pairs = {}
+    methods: set[str] = set()
+    for sweep in sweeps:
+        for folder in sorted(path for path in sweep.iterdir() if path.is_dir() and path.name != "base"):
+            rebuilt = rebuild_report(folder)
+            if rebuilt is None:
+                continue
+            where, results = rebuilt
+            methods |= set(results.config.methods)
+            _pool(pairs, run_pairs(where))
+    extra = argparse.Namespace(**{**vars(args), "methods": sorted(methods - set(args.methods))})
+    for folder in reused:
+        _pool(pairs, reused_points(folder, extra)[1])
+    return pairs
+
+
 def correlation_lines(pairs: Pairs) -> list[str]:
     lines = ["| diagnostic | reversion of | Spearman rho [95% CI] | pairs | predicts |", "|---|---|---|---|---|"]
     for c in correlations_of(pairs):
@@ -229,7 +251,8 @@ def _num(value: object, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
-def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float], pairs: Pairs) -> None:
+def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float], pairs: Pairs,
+                  pooled: tuple[Sequence[Path], Pairs] | None = None) -> None:
     header = ["run", "method", "precision", "seeds", "forgetting at fp (KnowMem-f)", "reversion KnowMem-f",
               "verdict", "forgetting at fp (answer NLL)", "reversion answer NLL", "mean |dW| / step",
               "codes changed", "relative error", "utility"]
@@ -240,8 +263,13 @@ def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float
             _est(p.answer_nll_forgetting_fp), _est(p.answer_nll_reversion), _num(p.dw_steps, 4),
             _num(p.codes_changed, 4), _num(p.relative_error), _num(p.utility, 1)]) + " |")
     lines += ["", "The diagnostics against the measured reversion, pooled over every run's (cell, seed, quantizer) "
-              "pairs with a measurable effect:", "", *correlation_lines(pairs), "",
-              "Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
+              "pairs with a measurable effect:", "", *correlation_lines(pairs), ""]
+    if pooled is not None:
+        sweeps, pooled_pairs = pooled
+        named = ", ".join(str(sweep) for sweep in sweeps)
+        lines += [f"Pooled with the sweeps in {named} (their runs and their methods' cells of the reused grids):", "",
+                  *correlation_lines(pooled_pairs), ""]
+    lines.append("Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     atomic_write_text(out / "regime.md", "\n".join(lines) + "\n")
     buffer = io.StringIO()
     plain = [f.name for f in fields(RegimePoint) if f.name not in ESTIMATES]
@@ -346,6 +374,10 @@ def main() -> None:
                         help="a finished grid run on the same target, data and settings (its results.json, e.g. a "
                              "report --partial folder): its full and LoRA cells of --methods join the sweep as points "
                              "at its config's lrs")
+    parser.add_argument("--pool", type=Path, action="append", default=[],
+                        help="another sweep's OUT folder (with --collect-only): its runs' diagnostic pairs, and the "
+                             "reused grids' cells of its methods, pooled with this sweep's into a second correlation "
+                             "table in regime.md (a diagnostic across methods)")
     parser.add_argument("--collect-only", action="store_true",
                         help="rebuild each finished run's report and the sweep's outputs; run nothing")
     parser.add_argument("--write-configs", action="store_true",
@@ -393,8 +425,13 @@ def main() -> None:
         _pool(pairs, reused_pairs)
     if references_seconds is not None:
         timings["shared references"] = references_seconds
+    pooled = None
+    if args.pool:
+        pooled_pairs = {key: list(found) for key, found in pairs.items()}  # the sweep's own table unchanged
+        _pool(pooled_pairs, pooled_sweep_pairs(args.pool, args.reuse_run, args))
+        pooled = (args.pool, pooled_pairs)
     if args.collect_only or args.reuse_run:
-        write_outputs(args.out, points, timings, pairs)
+        write_outputs(args.out, points, timings, pairs, pooled)
     print((args.out / "regime.md").read_text())
     print(json.dumps({"runs": len(runs), "points": len(points)}))
 

@@ -274,6 +274,33 @@ def test_regime_sweep_pools_the_same_pairs_as_the_report(grid):
 
 
 
+def test_regime_sweep_pools_another_sweeps_pairs(grid, tmp_path):
+    """--pool: another sweep's runs give their diagnostic pairs, and a reused grid adds the cells of the methods the
+    pooled sweep ran and this sweep did not (this sweep's own methods are already in its own table)."""
+    import argparse
+    sweep = _regime_sweep()
+    _, out, _ = grid
+    other = tmp_path / "other-sweep"
+    other.mkdir()
+    (other / "full_lr_x").symlink_to(out, target_is_directory=True)  # one finished run of the other sweep
+    (other / "base").mkdir()  # the other sweep's prepared base: not a run
+    methods = sorted(json.loads((out / "results.json").read_text())["config"]["methods"])
+    args = argparse.Namespace(methods=methods, precisions=["fp", "nf4"], no_lora=False)
+
+    def counts(pairs):
+        return {key: len(found) for key, found in pairs.items()}
+
+    assert counts(sweep.pooled_sweep_pairs([other], [], args)) == counts(sweep.run_pairs(out))
+    # a reused grid whose methods this sweep already has adds nothing; with one method here, it adds the others'
+    assert counts(sweep.pooled_sweep_pairs([other], [out], args)) == counts(sweep.run_pairs(out))
+    one = argparse.Namespace(methods=methods[:1], precisions=["fp", "nf4"], no_lora=False)
+    others = sweep.run_pairs(out, methods=set(methods[1:]), strategies={"full", "lora"}, precisions={"fp", "nf4"})
+    assert sum(map(len, others.values())) > 0
+    expected = {key: len(sweep.run_pairs(out).get(key, [])) + len(others.get(key, []))
+                for key in {*sweep.run_pairs(out), *others}}
+    assert counts(sweep.pooled_sweep_pairs([other], [out], one)) == expected
+
+
 def test_regime_sweep_writes_its_table_csv_and_figure(grid, tmp_path):
     import argparse
     import csv
