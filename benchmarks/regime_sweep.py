@@ -162,13 +162,17 @@ def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[
                                              if precisions is None or label in precisions or is_full_precision(label)])
 
 
+def reused_strategies(args: argparse.Namespace) -> set[str]:
+    return {"full"} | (set() if args.no_lora else {"lora"})
+
+
 def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[RegimePoint], Pairs]:
     """A finished grid run with the sweep's base settings (e.g. the seeds grid: its full fine-tuning is the sweep's
     point at the config's lr, its LoRA the LoRA point): its rows and pairs of the sweep's methods and quantizers."""
     config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
     methods, precisions = set(args.methods), set(args.precisions)
     name = folder.parent.name if folder.name == "partial" else folder.name
-    strategies = {"full"} | (set() if args.no_lora else {"lora"})
+    strategies = reused_strategies(args)
     points: list[RegimePoint] = []
     for strategy in sorted(strategies & {str(s) for s in config.strategies}):
         for method in sorted(methods & set(config.methods)):
@@ -192,9 +196,11 @@ def pooled_sweep_pairs(sweeps: Sequence[Path], reused: Sequence[Path], args: arg
             where, results = rebuilt
             methods |= set(results.config.methods)
             _pool(pairs, run_pairs(where))
-    extra = argparse.Namespace(**{**vars(args), "methods": sorted(methods - set(args.methods))})
-    for folder in reused:
-        _pool(pairs, reused_points(folder, extra)[1])
+    extra = methods - set(args.methods)  # this sweep's own methods are in its own pairs already
+    if extra:
+        for folder in reused:
+            _pool(pairs, run_pairs(folder, methods=extra, strategies=reused_strategies(args),
+                                   precisions=set(args.precisions)))
     return pairs
 
 
