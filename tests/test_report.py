@@ -298,6 +298,31 @@ def test_correlations_over_cells_and_the_prediction_sentence():
     assert "predicted reversion" not in table_markdown(rows, predicted=first_order_predicts(none))
 
 
+def test_a_correlation_that_only_ranks_the_quantizers_is_said_to_be_one():
+    """int8 changes more (diagnostic 2.0-2.9) and gives back little (0-4 of 40 points), nf4 changes less
+    (0.1-0.9) and gives back much (20-34): pooled over both quantizers the diagnostic "predicts" (rho far below 0),
+    but within each quantizer it is shuffled against the reversion, so it ranks the quantizers, not the cells."""
+    order = [0.3, 0.1, 0.8, 0.2, 0.5, 0.9, 0.4, 0.6]
+    cells = []
+    for i, shuffled in enumerate(order):
+        unlearned = TARGET_FP - 40
+        evals = {"fp": _eval(unlearned), "int8": _eval(unlearned + i / 2), "nf4": _eval(TARGET_NF4 - 20 + 2 * i)}
+        cells.append(_cell(f"m{i}", "full", evals, survival={"int8": _survival(2.0 + shuffled),
+                                                             "nf4": _survival(shuffled)}))
+    found = correlations(_measure(), cells, ["fp", "int8", "nf4"])
+    pooled = next(c for c in found if c.diagnostic == "relative_error" and c.target == "knowmem_f"
+                  and c.precision is None)
+    assert pooled.pairs == 16 and pooled.predicts and pooled.rho.value is not None and pooled.rho.value < -0.6
+    within = [c for c in found if c.diagnostic == "relative_error" and c.target == "knowmem_f" and c.precision]
+    assert [(c.precision, c.pairs) for c in within] == [("int8", 8), ("nf4", 8)]
+    assert not any(c.predicts for c in within)
+    sentence = prediction_sentence(found)
+    assert "relative_error vs knowmem_f rho -0." in sentence
+    assert "Within one quantizer none does" in sentence
+    one_quantizer = correlations(_measure(), cells, ["fp", "nf4"])
+    assert all(c.precision is None for c in one_quantizer)  # nothing to separate
+
+
 def test_rows_at_the_floor_are_not_pairs_of_the_knowmem_correlation():
     """Cells that forgot every answer (the retrain's 0) at every precision read a precision-matched share of 10/85
     at nf4, the target's own loss: with the largest updates (diagnostic 2.0-2.2) and a middling "reversion", three

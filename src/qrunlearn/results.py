@@ -198,6 +198,7 @@ class Correlation(BaseModel):
     rho: Estimate
     pairs: int
     predicts: bool  # the interval excludes 0
+    precision: str | None = None  # None: pairs of every quantizer pooled; else the pairs of that quantizer only
 
 
 class StrategyDifference(BaseModel):
