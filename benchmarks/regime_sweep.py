@@ -20,7 +20,9 @@ cell, each finished cell archived at once, two queues side by side); `--collect-
 as points; `--no-lora` leaves LoRA out of both (run with it, then collect without it to plot the grid's LoRA beside).
 `--pool OTHER_OUT` (with `--collect-only`) adds a second correlation table: this sweep's diagnostic pairs pooled with
 another sweep's (e.g. GA+GDR's with NPO+GDR's), whether a diagnostic predicts across methods.
-Writes OUT/regime.md, OUT/regime.csv and OUT/plots/regime.png.
+Each correlation table gives every diagnostic over all the quantizers' pairs and within each quantizer (pooled
+over quantizers, a rank can order the quantizers rather than the cells). Writes OUT/regime.md, OUT/regime.csv and
+OUT/plots/regime.png.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ from qrunlearn.report import Measurement, Pairs, correlations_of, diagnostic_pai
 from qrunlearn.results import ExperimentResults, Row
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"  # benchmarks/run_cells.sh's run folders
+ALL = "all"  # the pairs of every quantizer of the sweep together, beside each quantizer's own
+# "all" or one quantizer's label -> its pairs: a correlation pooled over quantizers can rank the quantizers (how hard
+# each one rounds) rather than the cells, so each quantizer's own is shown beside it
+ByQuantizer = dict[str, Pairs]
 # the point's fields that are estimates with an interval (written to the csv as value, _low, _high)
 ESTIMATES = ("forgetting_fp", "reversion", "answer_nll_forgetting_fp", "answer_nll_reversion")
 
@@ -162,11 +168,24 @@ def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[
                                              if precisions is None or label in precisions or is_full_precision(label)])
 
 
+def quantizer_pairs(folder: Path, quantizers: Sequence[str], *, methods: set[str] | None = None,
+                    strategies: set[str] | None = None) -> ByQuantizer:
+    """run_pairs over the given quantizers together (ALL) and within each one."""
+    found = {ALL: run_pairs(folder, methods=methods, strategies=strategies, precisions=set(quantizers))}
+    for quantizer in quantizers:
+        found[quantizer] = run_pairs(folder, methods=methods, strategies=strategies, precisions={quantizer})
+    return found
+
+
+def quantizers_of(args: argparse.Namespace) -> list[str]:
+    return [precision for precision in args.precisions if not is_full_precision(precision)]
+
+
 def reused_strategies(args: argparse.Namespace) -> set[str]:
     return {"full"} | (set() if args.no_lora else {"lora"})
 
 
-def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[RegimePoint], Pairs]:
+def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[RegimePoint], ByQuantizer]:
     """A finished grid run with the sweep's base settings (e.g. the seeds grid: its full fine-tuning is the sweep's
     point at the config's lr, its LoRA the LoRA point): its rows and pairs of the sweep's methods and quantizers."""
     config = ExperimentResults.model_validate_json((folder / "results.json").read_text()).config
@@ -179,14 +198,14 @@ def reused_points(folder: Path, args: argparse.Namespace) -> tuple[list[RegimePo
             lr = config.unlearn_config(method, strategy).lr
             points += collect(folder, f"{strategy} lr {lr:g} ({name})", lr, methods={method},
                               strategy=strategy, precisions=precisions)
-    return points, run_pairs(folder, methods=methods, strategies=strategies, precisions=precisions)
+    return points, quantizer_pairs(folder, quantizers_of(args), methods=methods, strategies=strategies)
 
 
-def pooled_sweep_pairs(sweeps: Sequence[Path], reused: Sequence[Path], args: argparse.Namespace) -> Pairs:
+def pooled_sweep_pairs(sweeps: Sequence[Path], reused: Sequence[Path], args: argparse.Namespace) -> ByQuantizer:
     """Every finished run of other sweeps (their OUT folders: each lr's run, partial ones too) as diagnostic pairs,
     with the reused grids' cells of those sweeps' methods: pooled with this sweep's own pairs, the correlations
     across methods (e.g. NPO+GDR's sweep pooled with GA+GDR's, both reusing the seeds grid)."""
-    pairs: Pairs = {}
+    pairs: ByQuantizer = {}
     methods: set[str] = set()
     for sweep in sweeps:
         for folder in sorted(path for path in sweep.iterdir() if path.is_dir() and path.name != "base"):
@@ -195,19 +214,32 @@ def pooled_sweep_pairs(sweeps: Sequence[Path], reused: Sequence[Path], args: arg
                 continue
             where, results = rebuilt
             methods |= set(results.config.methods)
-            _pool(pairs, run_pairs(where))
+            _pool(pairs, quantizer_pairs(where, quantizers_of(args)))
     extra = methods - set(args.methods)  # this sweep's own methods are in its own pairs already
     if extra:
         for folder in reused:
-            _pool(pairs, run_pairs(folder, methods=extra, strategies=reused_strategies(args),
-                                   precisions=set(args.precisions)))
+            _pool(pairs, quantizer_pairs(folder, quantizers_of(args), methods=extra,
+                                         strategies=reused_strategies(args)))
     return pairs
 
 
-def correlation_lines(pairs: Pairs) -> list[str]:
-    lines = ["| diagnostic | reversion of | Spearman rho [95% CI] | pairs | predicts |", "|---|---|---|---|---|"]
-    for c in correlations_of(pairs):
-        lines.append(f"| {c.diagnostic} | {c.target} | {_est(c.rho)} | {c.pairs} | {'yes' if c.predicts else 'no'} |")
+def correlation_lines(pairs: ByQuantizer) -> list[str]:
+    """Each diagnostic's rank correlation over every quantizer's pairs ("all"), then within each quantizer, and how
+    many of the within-quantizer intervals exclude 0 against the ~1 in 20 that would by chance."""
+    lines = ["| quantizer | diagnostic | reversion of | Spearman rho [95% CI] | pairs | predicts |",
+             "|---|---|---|---|---|---|"]
+    within = []
+    for quantizer in sorted(pairs, key=lambda q: (q != ALL, q)):
+        for c in correlations_of(pairs[quantizer], precision=None if quantizer == ALL else quantizer):
+            lines.append(f"| {quantizer} | {c.diagnostic} | {c.target} | {_est(c.rho)} | {c.pairs} | "
+                         f"{'yes' if c.predicts else 'no'} |")
+            if quantizer != ALL and c.rho.value is not None:
+                within.append(c)
+    if within:
+        excluding = [f"{c.precision} {c.diagnostic} vs {c.target} {_est(c.rho)}" for c in within if c.predicts]
+        lines += ["", f"Within one quantizer, {len(excluding)} of {len(within)} intervals exclude 0 (about "
+                      f"{len(within) / 20:.1f} would by chance at 95%)" + (": " + "; ".join(excluding) if excluding
+                                                                              else "") + "."]
     return lines
 
 
@@ -257,8 +289,8 @@ def _num(value: object, digits: int = 3) -> str:
     return "-" if value is None else str(value)
 
 
-def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float], pairs: Pairs,
-                  pooled: tuple[Sequence[Path], Pairs] | None = None) -> None:
+def write_outputs(out: Path, points: list[RegimePoint], timings: dict[str, float], pairs: ByQuantizer,
+                  pooled: tuple[Sequence[Path], ByQuantizer] | None = None) -> None:
     header = ["run", "method", "precision", "seeds", "forgetting at fp (KnowMem-f)", "reversion KnowMem-f",
               "verdict", "forgetting at fp (answer NLL)", "reversion answer NLL", "mean |dW| / step",
               "codes changed", "relative error", "utility"]
@@ -358,9 +390,11 @@ def _panel(ax, points: list[RegimePoint], key: str, colors: dict[str, str]) -> N
     ax.grid(alpha=0.3)
 
 
-def _pool(into: Pairs, more: Pairs) -> None:
-    for key, found in more.items():
-        into.setdefault(key, []).extend(found)
+def _pool(into: ByQuantizer, more: ByQuantizer) -> None:
+    for quantizer, found_pairs in more.items():
+        mine = into.setdefault(quantizer, {})
+        for key, found in found_pairs.items():
+            mine.setdefault(key, []).extend(found)
 
 
 def main() -> None:
@@ -402,7 +436,7 @@ def main() -> None:
         return
     points: list[RegimePoint] = []
     timings: dict[str, float] = {}
-    pairs: Pairs = {}
+    pairs: ByQuantizer = {}
     references_seconds: float | None = None
     for label, strategy, lr in runs:
         folder = run_folder(args.out, label)
@@ -412,7 +446,7 @@ def main() -> None:
                 where, results = rebuilt
                 partial = f" (partial: {len(results.cells)} cells)" if where != folder else ""
                 points += collect(where, label + partial, lr)
-                _pool(pairs, run_pairs(where))
+                _pool(pairs, quantizer_pairs(where, quantizers_of(args)))
                 timings[label] = sum(cell.wall_seconds for cell in results.cells)
                 references_seconds = results.references.wall_seconds  # one cell every lr shares: counted once
             continue
@@ -422,7 +456,7 @@ def main() -> None:
         run_experiment(config, folder, resume=True, progress=False)
         timings[label] = time.perf_counter() - started
         points += collect(folder, label, lr)
-        _pool(pairs, run_pairs(folder))
+        _pool(pairs, quantizer_pairs(folder, quantizers_of(args)))
         write_outputs(args.out, points, timings, pairs)  # after each run: a partial sweep is already readable
         print(f"{label}: {timings[label]:.0f} s", flush=True)
     for folder in args.reuse_run:
@@ -433,7 +467,8 @@ def main() -> None:
         timings["shared references"] = references_seconds
     pooled = None
     if args.pool:
-        pooled_pairs = {key: list(found) for key, found in pairs.items()}  # the sweep's own table unchanged
+        pooled_pairs: ByQuantizer = {}
+        _pool(pooled_pairs, pairs)  # a copy: the sweep's own table unchanged
         _pool(pooled_pairs, pooled_sweep_pairs(args.pool, args.reuse_run, args))
         pooled = (args.pool, pooled_pairs)
     if args.collect_only or args.reuse_run:

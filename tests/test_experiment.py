@@ -267,7 +267,7 @@ def test_regime_sweep_pools_the_same_pairs_as_the_report(grid):
     assert [(p.method, p.strategy, p.precision, p.lr) for p in points] == [("ga_gdr", "full", "nf4", 3e-3)]
     assert points[0].run == f"full lr 0.003 ({out.name})"
     only_ga_full = sweep.run_pairs(out, methods={"ga_gdr"}, strategies={"full"}, precisions={"nf4"})
-    assert reused_pairs == only_ga_full
+    assert reused_pairs == {"all": only_ga_full, "nf4": only_ga_full}  # the grid's one quantizer: all = within
     assert sum(map(len, only_ga_full.values())) <= sum(map(len, pairs.values()))
     assert sweep.run_pairs(out, precisions={"fp"}) == {}  # nf4's survival records are left out with nf4
     where, rebuilt = sweep.rebuild_report(out)  # --collect-only: every cell done, so the run's own report
@@ -291,15 +291,38 @@ def test_regime_sweep_pools_another_sweeps_pairs(grid, tmp_path):
     def counts(pairs):
         return {key: len(found) for key, found in pairs.items()}
 
-    assert counts(sweep.pooled_sweep_pairs([other], [], args)) == counts(sweep.run_pairs(out))
+    pooled = sweep.pooled_sweep_pairs([other], [], args)
+    assert counts(pooled["all"]) == counts(pooled["nf4"]) == counts(sweep.run_pairs(out))
     # a reused grid whose methods this sweep already has adds nothing; with one method here, it adds the others'
-    assert counts(sweep.pooled_sweep_pairs([other], [out], args)) == counts(sweep.run_pairs(out))
+    assert counts(sweep.pooled_sweep_pairs([other], [out], args)["all"]) == counts(sweep.run_pairs(out))
     one = argparse.Namespace(methods=methods[:1], precisions=["fp", "nf4"], no_lora=False)
     others = sweep.run_pairs(out, methods=set(methods[1:]), strategies={"full", "lora"}, precisions={"fp", "nf4"})
     assert sum(map(len, others.values())) > 0
     expected = {key: len(sweep.run_pairs(out).get(key, [])) + len(others.get(key, []))
                 for key in {*sweep.run_pairs(out), *others}}
-    assert counts(sweep.pooled_sweep_pairs([other], [out], one)) == expected
+    assert counts(sweep.pooled_sweep_pairs([other], [out], one)["all"]) == expected
+
+
+def test_regime_sweep_shows_each_quantizers_correlation_beside_the_pooled_one():
+    """Two quantizers, one rounding harder than the other: pooled, the diagnostic ranks the reversion (it ranks the
+    quantizers); within each, the pairs are independent. The table must show both, and count the within-quantizer
+    intervals that exclude 0 against chance."""
+    import numpy as np
+    sweep = _regime_sweep()
+    rng = np.random.default_rng(0)
+    gentle = [(float(x), float(y)) for x, y in zip(rng.uniform(0, 1, 20), rng.uniform(0.0, 0.1, 20))]
+    harsh = [(float(x), float(y)) for x, y in zip(rng.uniform(5, 6, 20), rng.uniform(0.5, 0.6, 20))]
+    key = ("relative_error", "knowmem_f")
+    pairs: dict = {}
+    sweep._pool(pairs, {"all": {key: gentle}, "int8": {key: gentle}})
+    sweep._pool(pairs, {"all": {key: harsh}, "nf4": {key: harsh}})
+    assert pairs == {"all": {key: gentle + harsh}, "int8": {key: gentle}, "nf4": {key: harsh}}
+    lines = sweep.correlation_lines(pairs)
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if "| relative_error | knowmem_f |" in line}
+    assert set(rows) == {"all", "int8", "nf4"}
+    assert rows["all"].endswith("| 40 | yes |")
+    assert rows["int8"].endswith("| 20 | no |") and rows["nf4"].endswith("| 20 | no |")
+    assert lines[-1].startswith("Within one quantizer, 0 of 2 intervals exclude 0 (about 0.1 would by chance")
 
 
 def test_regime_sweep_writes_its_table_csv_and_figure(grid, tmp_path):
