@@ -46,7 +46,14 @@ from qrunlearn.experiment import Experiment, run_experiment
 from qrunlearn.io import atomic_write_text
 from qrunlearn.plotting import pyplot, save_figure
 from qrunlearn.quant import is_full_precision
-from qrunlearn.report import Measurement, Pairs, correlations_of, diagnostic_pairs
+from qrunlearn.report import (
+    Measurement,
+    Pairs,
+    by_chance,
+    correlations_of,
+    diagnostic_pairs_by_precision,
+    pooled_pairs,
+)
 from qrunlearn.results import ExperimentResults, Row
 
 RUNS = Path(__file__).resolve().parent.parent / "runs"  # benchmarks/run_cells.sh's run folders
@@ -153,10 +160,10 @@ def rebuild_report(folder: Path) -> tuple[Path, ExperimentResults] | None:
     return finished.report(partial=not all(done))
 
 
-def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[str] | None = None,
-              precisions: set[str] | None = None) -> Pairs:
+def run_pairs_by_quantizer(folder: Path, *, methods: set[str] | None = None, strategies: set[str] | None = None,
+                           precisions: set[str] | None = None) -> dict[str, Pairs]:
     """Each diagnostic beside the measured reversion, per (cell, quantizer) of one finished run (of the given
-    methods, strategies and quantizers only, for a reused grid)."""
+    methods, strategies and quantizers only, for a reused grid), grouped by quantizer."""
     results = ExperimentResults.model_validate_json((folder / "results.json").read_text())
     config = results.config
     measure = Measurement(references=results.references, resamples=config.eval.bootstrap, seed=config.seed,
@@ -164,17 +171,21 @@ def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[
     cells = [cell for cell in results.cells if (methods is None or cell.method in methods)
              and (strategies is None or str(cell.strategy) in strategies)]
     labels = [spec.label for spec in config.precisions]
-    return diagnostic_pairs(measure, cells, [label for label in labels
-                                             if precisions is None or label in precisions or is_full_precision(label)])
+    return diagnostic_pairs_by_precision(measure, cells, [
+        label for label in labels if precisions is None or label in precisions or is_full_precision(label)])
+
+
+def run_pairs(folder: Path, *, methods: set[str] | None = None, strategies: set[str] | None = None,
+              precisions: set[str] | None = None) -> Pairs:
+    """`run_pairs_by_quantizer`, every quantizer together."""
+    return pooled_pairs(run_pairs_by_quantizer(folder, methods=methods, strategies=strategies, precisions=precisions))
 
 
 def quantizer_pairs(folder: Path, quantizers: Sequence[str], *, methods: set[str] | None = None,
                     strategies: set[str] | None = None) -> ByQuantizer:
-    """run_pairs over the given quantizers together (ALL) and within each one."""
-    found = {ALL: run_pairs(folder, methods=methods, strategies=strategies, precisions=set(quantizers))}
-    for quantizer in quantizers:
-        found[quantizer] = run_pairs(folder, methods=methods, strategies=strategies, precisions={quantizer})
-    return found
+    """run_pairs over the given quantizers together (ALL) and within each one, from one pass over the run."""
+    by_quantizer = run_pairs_by_quantizer(folder, methods=methods, strategies=strategies, precisions=set(quantizers))
+    return {ALL: pooled_pairs(by_quantizer), **{quantizer: by_quantizer.get(quantizer, {}) for quantizer in quantizers}}
 
 
 def quantizers_of(args: argparse.Namespace) -> list[str]:
@@ -237,9 +248,8 @@ def correlation_lines(pairs: ByQuantizer) -> list[str]:
                 within.append(c)
     if within:
         excluding = [f"{c.precision} {c.diagnostic} vs {c.target} {_est(c.rho)}" for c in within if c.predicts]
-        lines += ["", f"Within one quantizer, {len(excluding)} of {len(within)} intervals exclude 0 (about "
-                      f"{len(within) / 20:.1f} would by chance at 95%)" + (": " + "; ".join(excluding) if excluding
-                                                                              else "") + "."]
+        lines += ["", f"Within one quantizer, {len(excluding)} of {len(within)} intervals exclude 0 "
+                      f"({by_chance(len(within))})" + (": " + "; ".join(excluding) if excluding else "") + "."]
     return lines
 
 

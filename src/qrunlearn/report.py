@@ -471,24 +471,25 @@ def rank_correlation(xs: Sequence[float], ys: Sequence[float], level: float = LE
 Pairs = dict[tuple[str, str], list[tuple[float, float]]]  # (diagnostic, reversion metric) -> (value, measured)
 
 
-def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str],
-                     only: str | None = None) -> Pairs:
-    """Every (unlearning cell, quantized deployed precision among `precisions`, or `only` that one) pair whose own
-    anchor effect is measurable (each seed its own pair): each diagnostic's value beside the measured reversion, per
-    reversion metric. A survival record at a precision not listed is left out (a reused grid's other quantizers),
-    and so is a KnowMem-forget pair at the retrain model's level: its share there is the target's own quantization
-    loss (the floor, `eval.effect.verdict`), which a diagnostic of the update would be credited with predicting."""
-    pairs: Pairs = {}
+def diagnostic_pairs_by_precision(measure: Measurement, cells: list[UnlearnCellResult],
+                                  precisions: list[str]) -> dict[str, Pairs]:
+    """Every (unlearning cell, quantized deployed precision among `precisions`) pair whose own anchor effect is
+    measurable (each seed its own pair), grouped by that precision: each diagnostic's value beside the measured
+    reversion, per reversion metric. A survival record at a precision not listed is left out (a reused grid's other
+    quantizers), and so is a KnowMem-forget pair at the retrain model's level: its share there is the target's own
+    quantization loss (the floor, `eval.effect.verdict`), which a diagnostic of the update would be credited with
+    predicting."""
+    by_precision: dict[str, Pairs] = {}
     for cell in cells:
         anchor = anchor_precision(cell.strategy, precisions)
         if anchor is None:
             continue
         anchor_effects = effects_at(measure, [cell], anchor, None)
         for precision, survival in cell.survival.items():
-            if precision == anchor or precision not in cell.evals or precision not in precisions \
-                    or (only is not None and precision != only):
+            if precision == anchor or precision not in cell.evals or precision not in precisions:
                 continue
             effects = effects_at(measure, [cell], precision, anchor)
+            pairs = by_precision.setdefault(precision, {})
             for target in REVERSION_TARGETS:
                 measured = getattr(effects, target)
                 at_anchor = getattr(anchor_effects, target)
@@ -500,19 +501,29 @@ def diagnostic_pairs(measure: Measurement, cells: list[UnlearnCellResult], preci
                 for key, value in _diagnostics(survival).items():
                     if value is not None:
                         pairs.setdefault((key, target), []).append((value, measured.reversion.value))
-    return pairs
+    return by_precision
+
+
+def pooled_pairs(by_precision: dict[str, Pairs]) -> Pairs:
+    """The pairs of every precision together (a rank correlation does not depend on their order)."""
+    pooled: Pairs = {}
+    for pairs in by_precision.values():
+        for key, found in pairs.items():
+            pooled.setdefault(key, []).extend(found)
+    return pooled
 
 
 def correlations(measure: Measurement, cells: list[UnlearnCellResult], precisions: list[str]) -> list[Correlation]:
     """Does a diagnostic computed before deployment predict the reversion measured by evaluating the quantized
-    models? One rank correlation per (diagnostic, reversion metric) over `diagnostic_pairs` of every quantizer, and,
-    with several quantizers, one within each: pooled pairs can rank the quantizers (int8 moves more codes and gives
-    back less than a 4-bit one) without ranking the cells a user deploys with one of them."""
-    found = correlations_of(diagnostic_pairs(measure, cells, precisions))
+    models? One rank correlation per (diagnostic, reversion metric) over `diagnostic_pairs_by_precision` of every
+    quantizer, and, with several quantizers, one within each: pooled pairs can rank the quantizers (int8 moves more
+    codes and gives back less than a 4-bit one) without ranking the cells a user deploys with one of them."""
+    by_precision = diagnostic_pairs_by_precision(measure, cells, precisions)
+    found = correlations_of(pooled_pairs(by_precision))
     quantized = [p for p in precisions if not is_full_precision(p)]
     if len(quantized) > 1:
         for precision in quantized:
-            found += correlations_of(diagnostic_pairs(measure, cells, precisions, only=precision), precision)
+            found += correlations_of(by_precision.get(precision, {}), precision)
     return found
 
 
@@ -579,6 +590,11 @@ def _pairs_phrase(c: Correlation) -> str:
     return f"{c.diagnostic} vs {c.target} rho {_fmt_estimate(c.rho)} over {c.pairs} pairs{wrong}"
 
 
+def by_chance(tested: int) -> str:
+    """How many of `tested` independent null correlations would exclude 0 at the intervals' level."""
+    return f"about {tested * (1 - LEVEL):.1f} would by chance at {LEVEL:.0%}"
+
+
 def prediction_sentence(found: list[Correlation]) -> str:
     usable = [c for c in found if c.rho.value is not None and c.precision is None]
     if not usable:
@@ -599,8 +615,8 @@ def prediction_sentence(found: list[Correlation]) -> str:
         return sentence + (" Within one quantizer none does (every interval includes 0): over all pairs they rank "
                            "the quantizers, not the cells deployed with one of them.")
     tested = [c for c in within if c.rho.value is not None]
-    return sentence + f" Within one quantizer, {len(holding)} of {len(tested)} correlations exclude 0 (about " \
-        f"{len(tested) / 20:.1f} would by chance at 95%): " + "; ".join(
+    return sentence + f" Within one quantizer, {len(holding)} of {len(tested)} correlations exclude 0 " \
+        f"({by_chance(len(tested))}): " + "; ".join(
             f"at {c.precision}, {_pairs_phrase(c)}" for c in holding) + "."
 
 
